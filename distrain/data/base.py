@@ -1,0 +1,69 @@
+"""What every dataset builder returns: train/val splits plus the shapes the model needs.
+
+A builder is any callable (named by `_target_` in `conf/data/*.yaml`) that returns `Splits`.
+When both splits are `TensorDataset`s the worker keeps them as tensors on its device and batches
+by indexing a permutation (airbench style, no per-sample `__getitem__`); otherwise it falls back
+to a `DataLoader` with worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+# Keys of `conf/data/*.yaml` that configure batching, not the dataset builder.
+LOADER_KEYS = ("batch_size", "micro_batch_size", "loader", "num_workers")
+
+BatchTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Splits:
+    """A dataset as the framework sees it.
+
+    `num_outputs` is the number of classes for classification and the target width for
+    regression. `train_transform` (optional) is applied to each *batch* of training inputs on the
+    worker's device, e.g. random crop + flip for CIFAR-10; it must be a picklable callable.
+    """
+
+    train: Dataset
+    val: Dataset
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task: str = "classification"  # or "regression"
+    train_transform: BatchTransform | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, TensorDataset) and isinstance(self.val, TensorDataset)
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+
+
+def tensor_splits(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    val_fraction: float,
+    seed: int,
+    num_outputs: int,
+    task: str = "classification",
+) -> Splits:
+    """Split in-memory features/labels into train/val with a seeded permutation."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    num_val = max(1, round(len(x) * val_fraction))
+    val_idx, train_idx = order[:num_val], order[num_val:]
+    return Splits(
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        val=TensorDataset(x[val_idx], y[val_idx]),
+        input_shape=tuple(x.shape[1:]),
+        num_outputs=num_outputs,
+        task=task,
+    )

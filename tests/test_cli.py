@@ -1,0 +1,159 @@
+"""The real command line: `python -m distrain ...` in a subprocess, then its outputs read back."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import DISTRAIN, run_cli
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+@pytest.mark.slow
+def test_train_through_the_cli_writes_metrics_and_tensorboard(
+    ray_address: str, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        f"cluster.address={ray_address}",
+        "trainer.workers=2",
+        "trainer.epochs=3",
+        "optimizer.lr=0.05",
+        "logger.log_every_n_steps=5",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in (
+        "epochs",
+        "steps",
+        "workers",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "samples_per_s",
+        "wall_s",
+        "nodes",
+    ):
+        assert key in metrics, key
+    steps_per_epoch = 1437 // 64  # digits: 1,797 samples, 20% held out, global batch 64
+    assert metrics["epochs"] == 3 and metrics["steps"] == 3 * steps_per_epoch
+    assert metrics["workers"] == 2 and len(metrics["nodes"]) == 2
+    assert metrics["val_accuracy"] > 0.9
+    assert metrics["overrides"][0].startswith("cluster.address=")
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+    series = scalars(run_dir)
+    logged_steps = list(range(5, metrics["steps"] + 1, 5))
+    if logged_steps[-1] != metrics["steps"]:
+        logged_steps.append(metrics["steps"])  # the last step is always logged
+    for tag in ("train/loss", "train/lr", "train/samples_per_s"):
+        assert [step for step, _ in series[tag]] == logged_steps, tag
+    for tag in ("epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy"):
+        assert [step for step, _ in series[tag]] == [1, 2, 3], tag
+    assert series["epoch/val_accuracy"][-1][1] == pytest.approx(metrics["val_accuracy"])
+    assert series["train/lr"][0][1] == pytest.approx(0.05)
+
+
+BAD_INPUT = {
+    "unknown group option": (["model=transformer_xxl"], "Could not find 'model/transformer_xxl'"),
+    "wrong type": (["trainer.workers=two"], "trainer.workers"),
+    "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1"),
+    "zero workers": (["trainer.workers=0"], "trainer.workers=0"),
+    "negative workers": (["trainer.workers=-1"], "trainer.workers=-1"),
+    "batch not divisible": (["trainer.workers=3", "data.batch_size=64"], "cannot be split evenly"),
+    "unreachable address": (["cluster.address=127.0.0.1:9"], "is unreachable"),
+    "bad address": (["cluster.address=nohost"], "is not a Ray address"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_fails_fast_with_one_clear_message(case: str, tmp_path: Path) -> None:
+    overrides, message = BAD_INPUT[case]
+    started = time.monotonic()
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout_s=90)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_more_workers_than_the_cluster_holds(ray_address: str, tmp_path: Path) -> None:
+    result = run_cli(
+        f"cluster.address={ray_address}",
+        "trainer.workers=16",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        timeout_s=90,
+    )
+    assert result.returncode == 2
+    assert "trainer.workers=16 needs 16 CPUs" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hydra_flags_work(tmp_path: Path) -> None:
+    result = run_cli("--cfg", "job", "trainer.workers=3", cwd=tmp_path, timeout_s=60)
+    assert result.returncode == 0, result.stderr
+    assert "workers: 3" in result.stdout
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
+    """The real default path: an embedded Ray started by the command, then SIGINT mid-training."""
+    # A Ray temp dir of our own, so its processes are recognisable; short, as Ray's unix socket
+    # paths inside it must stay under 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
+    proc = subprocess.Popen(
+        [*DISTRAIN, "trainer.epochs=1000", "logger.progress=plain", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stderr:  # wait until training is really under way
+            lines.append(line)
+            if line.startswith("epoch 2/"):
+                break
+        assert _processes_mentioning(str(ray_tmp)), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(ray_tmp)) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,49 @@
+"""The schema and validate(): every bad value is refused with a message that names it."""
+
+import pytest
+
+from distrain.config import ConfigError, validate
+from tests.conftest import compose_job
+
+
+def test_default_job_composes_and_is_valid() -> None:
+    job = compose_job()
+    validate(job)
+    assert job["trainer"]["workers"] == 2
+    assert job["data"]["_target_"] == "distrain.data.sklearn.digits"
+    assert job["data"]["seed"] == job["trainer"]["seed"]  # interpolation resolved
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.workers=0"], "trainer.workers=0"),
+        (["trainer.workers=-2"], "trainer.workers=-2"),
+        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1"),
+        (["optimizer.lr=0"], "optimizer.lr=0"),
+        (["data.batch_size=63", "trainer.workers=2"], "cannot be split evenly"),
+        (["trainer.precision=8"], "trainer.precision='8'"),
+        (["trainer.epochs=0"], "trainer.epochs=0"),
+        (["data.micro_batch_size=5"], "data.micro_batch_size=5"),
+        (["logger.progress=fancy"], "logger.progress='fancy'"),
+    ],
+)
+def test_bad_values_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate(compose_job(*overrides))
+
+
+def test_split_error_suggests_valid_batches() -> None:
+    with pytest.raises(ConfigError, match=r"e\.g\. 63 or 66"):
+        validate(compose_job("data.batch_size=64", "trainer.workers=3"))
+
+
+def test_wrong_types_and_unknown_keys_fail_at_composition() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_job("trainer.workers=two")
+    with pytest.raises(ConfigCompositionException):
+        compose_job("trainer.wrokers=2")
+    with pytest.raises(ConfigCompositionException):
+        compose_job("trainer.device=tpu")
