@@ -7,7 +7,9 @@ run exits 1; Ctrl-C exits 130. In a --multirun sweep a failed job is recorded an
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,11 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
             run_dir.write_json(run_dir.path / "failed.json", {"error": f"{kind}: {error}"})
             return None
         sys.exit(2 if isinstance(error, ConfigError) else 1)
+    except driver.Interrupted as stop:
+        print(f"distrain: interrupted: {stop}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("distrain: interrupted", file=sys.stderr)
+        print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
         sys.exit(130)
     metrics["overrides"] = list(hydra_cfg.overrides.task)
     metrics["git_revision"] = git_revision(CONF_DIR.parent)
@@ -84,6 +89,43 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return None if metrics is None else metrics.get("val_loss")
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`distrain resume=RUN [overrides]` runs RUN's own overrides plus the new ones, into RUN.
+
+    Done on the command line before Hydra starts because Hydra fixes the config and the run
+    directory at startup: the resumed run must compose exactly like the original (same groups,
+    same values) and keep writing into the original run dir, where its event files and
+    checkpoints are. The original .hydra/ record is kept; the resume's goes to .hydra/resume-*.
+    """
+    resume = [a for a in argv if _key(a) == "resume"]
+    if not resume or "--multirun" in argv or "-m" in argv:
+        return argv
+    target = Path(resume[-1].split("=", 1)[1]).expanduser().resolve()
+    run_dir = target.parent.parent if target.is_file() else target
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    original = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    given = {_key(a) for a in argv if not a.startswith("-")}
+    kept = [o for o in original if _key(o) not in given and not _key(o).startswith("hydra.")]
+    extra = []
+    if "hydra.run.dir" not in given:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        extra = [f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    return [*kept, *argv, *extra]
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    # A scheduler's SIGTERM (pre-emption, scancel, kubectl delete) stops like Ctrl-C: checkpoint.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     register_configs()
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
     _hydra_main()

@@ -64,7 +64,11 @@ def connect(cluster: dict[str, Any], runtime_env: dict[str, Any] | None = None) 
         yield
         return
     address = cluster["address"]
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "runtime_env": runtime_env}
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.WARNING,
+        "runtime_env": runtime_env,
+        "namespace": "distrain",
+    }
     if address is None:
         # "local" always starts a new Ray, even when another one runs on this machine.
         kwargs |= {

@@ -48,6 +48,12 @@ class TrainerConfig:
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker; also its torch threads
     setup_timeout_s: float = 120.0  # building workers + process group rendezvous
     step_timeout_s: float = 300.0  # a worker silent for longer is declared hung
+    checkpoint_every_n_steps: int | None = None  # also at the end of every epoch (None: only then)
+    keep_checkpoints: int = 3
+    max_failures: int = 3  # worker/node losses recovered from the last checkpoint before giving up
+    min_workers: int | None = None  # elastic: continue on fewer workers (>= this) if nodes are lost
+    nan_policy: str = "stop"  # stop | skip_step: what a NaN/inf loss or gradient does
+    stop_timeout_s: float = 60.0  # Ctrl-C: how long to wait for the workers' final checkpoint
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    resume: str | None = None  # a run dir or checkpoint file to continue from
 
 
 def register_configs() -> None:
@@ -107,8 +114,30 @@ def validate(job: dict[str, Any]) -> None:
         trainer["cpus_per_worker"] > 0,
         f"trainer.cpus_per_worker={trainer['cpus_per_worker']} must be > 0.",
     )
-    for key in ("setup_timeout_s", "step_timeout_s"):
+    for key in ("setup_timeout_s", "step_timeout_s", "stop_timeout_s"):
         _require(trainer[key] > 0, f"trainer.{key}={trainer[key]} must be > 0 seconds.")
+    every = trainer["checkpoint_every_n_steps"]
+    _require(
+        every is None or every >= 1,
+        f"trainer.checkpoint_every_n_steps={every} must be >= 1, or null (epoch ends only).",
+    )
+    _require(
+        trainer["keep_checkpoints"] >= 1,
+        f"trainer.keep_checkpoints={trainer['keep_checkpoints']} must be at least 1.",
+    )
+    _require(
+        trainer["max_failures"] >= 0,
+        f"trainer.max_failures={trainer['max_failures']} must be >= 0.",
+    )
+    low = trainer["min_workers"]
+    _require(
+        low is None or 1 <= low <= workers,
+        f"trainer.min_workers={low} must be between 1 and trainer.workers={workers}, or null.",
+    )
+    _require(
+        trainer["nan_policy"] in ("stop", "skip_step"),
+        f"trainer.nan_policy={trainer['nan_policy']!r} is not one of stop, skip_step.",
+    )
     _require(
         logger["log_every_n_steps"] >= 1,
         f"logger.log_every_n_steps={logger['log_every_n_steps']} must be at least 1.",

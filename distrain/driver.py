@@ -1,39 +1,48 @@
-"""The driver: check the job, reserve the cluster, start the workers, watch them, record results.
+"""The driver: check the job, start a worker group, supervise it, record results.
 
-It does not take part in training steps: workers run the loop (SPMD) and report to a sink that
-the driver drains a few times a second into TensorBoard, the terminal and metrics.json.
+It does not take part in training steps: workers run the loop (SPMD) and report to a sink that the
+driver drains a few times a second into TensorBoard, the terminal, checkpoints and metrics.json.
+When a worker dies, hangs or its node is lost, the supervisor tears the group down and starts a
+new one from the last checkpoint (`trainer.max_failures` times), on fewer workers if the cluster
+shrank and `trainer.min_workers` allows it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
+import threading
 import time
 from typing import Any
 
 import ray
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distrain import build, cluster, config
-from distrain.aggregators.base import GradientAggregator
+from distrain import build, checkpoint, cluster, config
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
+from distrain.group import GroupFailed, WorkerGroup
+from distrain.loop import NonFiniteError
 from distrain.metrics import EpochMetrics, MetricsCollector
-from distrain.progress import ProgressView, make_progress
-from distrain.reporting import MetricsSink
+from distrain.progress import make_progress
 from distrain.rundir import RunDirectory
 from distrain.tensorboard_writer import TensorBoardWriter
-from distrain.worker import Worker
 
 log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
+# Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
+RESUME_MUST_MATCH = ("model", "loss", "aggregator")
 
 
 class TrainingFailed(RuntimeError):
-    """A worker died or hung; the message names the ranks and nodes."""
+    """The run cannot go on: the message says why and where the last checkpoint is."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM handled: the message says how to resume."""
 
 
 def dry_build(job: dict[str, Any]) -> Splits:
@@ -62,143 +71,371 @@ def _explain(group: str, make: Any) -> Any:
         raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
 
 
+def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint named by `resume=`, checked against this job."""
+    if not job.get("resume"):
+        return None
+    path = checkpoint.resolve_resume(job["resume"])
+    payload = checkpoint.load(path)
+    saved = payload.get("job", {})
+    for group in RESUME_MUST_MATCH:
+        if group in saved and saved[group] != job[group]:
+            raise config.ConfigError(
+                f"resume={job['resume']}: checkpoint {path.name} was written with {group}="
+                f"{saved[group]}, but this run has {group}={job[group]}; a resumed run must keep "
+                f"its {group}."
+            )
+    payload["path"] = str(path)
+    return payload
+
+
 def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
     """Run one job end to end; returns the metrics also written to metrics.json."""
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
     splits = dry_build(job)
-    trainer, cluster_cfg = job["trainer"], job["cluster"]
-    placement = cluster_cfg["placement"]
-    with cluster.connect(cluster_cfg):
-        device_type = choose_device_type(trainer["device"], ray.cluster_resources().get("GPU", 0.0))
-        need = cluster.WorkerResources(
-            trainer["workers"], trainer["cpus_per_worker"], gpus_per_worker(device_type)
+    resume = load_resume(job)
+    with cluster.connect(job["cluster"]):
+        device_type = choose_device_type(
+            job["trainer"]["device"], ray.cluster_resources().get("GPU", 0.0)
         )
-        cluster.check_resources(need, placement)
-        group = cluster.reserve(need, placement, timeout_s=cluster_cfg["connect_timeout_s"])
-        progress = make_progress(job["logger"]["progress"])
-        board = TensorBoardWriter(run_dir.path)
-        epochs, max_steps = trainer["epochs"], trainer["max_steps"]
-        total_steps = epochs * (len(splits.train) // job["data"]["batch_size"])
-        try:
-            progress.start(min(total_steps, max_steps or total_steps), epochs)
-            board.add_text("config", f"```\n{OmegaConf.to_yaml(job)}\n```")
-            result = _run_workers(job, group, device_type, splits.task, progress, board)
-        finally:
-            progress.stop()
-            board.close()
-            remove_placement_group(group)
+        supervisor = Supervisor(job, run_dir, splits, device_type)
+        result = supervisor.run(resume)
     metrics = {
-        **result["summary"],
-        "workers": trainer["workers"],
+        **result,
         "device": device_type,
-        "nodes": result["nodes"],
-        "startup_s": result["startup_s"],
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
     }
-    torch.save(result["state_dict"], run_dir.model_path)
     run_dir.write_metrics(metrics)
     return metrics
 
 
-def _run_workers(
-    job: dict[str, Any],
-    group: PlacementGroup,
-    device_type: str,
-    task: str,
-    progress: ProgressView,
-    board: TensorBoardWriter,
-) -> dict[str, Any]:
-    trainer = job["trainer"]
-    world_size = trainer["workers"]
-    sink = MetricsSink.remote()
-    actor = ray.remote(Worker)
-    workers = [
-        actor.options(
-            num_cpus=trainer["cpus_per_worker"],
-            num_gpus=gpus_per_worker(device_type),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=rank
-            ),
-        ).remote(rank, world_size, job, device_type, sink)
-        for rank in range(world_size)
-    ]
-    try:
-        aggregator_cls: type[GradientAggregator] = get_object(job["aggregator"]["_target_"])
-        started = time.perf_counter()
-        nodes = _get([w.node.remote() for w in workers], trainer["setup_timeout_s"], "start")
-        actors_s = time.perf_counter() - started
-        rendezvous = aggregator_cls.rendezvous(workers, job["aggregator"])
-        _get([w.setup.remote(rendezvous) for w in workers], trainer["setup_timeout_s"], "set up")
-        setup_s = time.perf_counter() - started - actors_s
-        collector = MetricsCollector(world_size, task)
-        results = _watch(workers, nodes, sink, collector, progress, board, trainer)
-    finally:
-        for handle in [*workers, sink]:
-            ray.kill(handle)
-    rank0 = next(r for r in results if r["rank"] == 0)
-    return {
-        "summary": collector.summary(),
-        "nodes": [n["node_id"] for n in nodes],
-        # Where start-up time goes: actor processes starting, then building + rendezvous.
-        "startup_s": {"actors": actors_s, "setup": setup_s},
-        "state_dict": rank0["state_dict"],
-    }
+def job_for_workers(job: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The job on `world_size` workers, same global batch: fewer workers accumulate more
+    micro-batches of the original per-worker size, so memory per step stays where it was."""
+    if world_size == job["trainer"]["workers"]:
+        return job
+    data = dict(job["data"])
+    data["micro_batch_size"] = data.get("micro_batch_size") or (
+        data["batch_size"] // job["trainer"]["workers"]
+    )
+    return {**job, "data": data, "trainer": {**job["trainer"], "workers": world_size}}
 
 
-def _watch(
-    workers: list[Any],
-    nodes: list[dict[str, Any]],
-    sink: Any,
-    collector: MetricsCollector,
-    progress: ProgressView,
-    board: TensorBoardWriter,
-    trainer: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """Wait for the workers' `fit`, streaming their metrics; a dead or silent worker is fatal."""
-    refs = {w.fit.remote(): rank for rank, w in enumerate(workers)}
-    pending, results = list(refs), []
-    last_progress_s = {rank: time.time() for rank in range(len(workers))}
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-        for ref in done:
+class Supervisor:
+    """Runs worker groups until training completes, restarting after infrastructure failures."""
+
+    def __init__(
+        self, job: dict[str, Any], run_dir: RunDirectory, splits: Splits, device_type: str
+    ) -> None:
+        self.job, self.run_dir, self.device_type = job, run_dir, device_type
+        self.trainer = job["trainer"]
+        self.task = splits.task
+        self.store = checkpoint.CheckpointStore(
+            run_dir.checkpoints, self.trainer["keep_checkpoints"]
+        )
+        self.progress = make_progress(job["logger"]["progress"])
+        self.history: list[EpochMetrics] = []
+        self.failures: list[dict[str, Any]] = []
+        self.last_checkpoint: dict[str, Any] | None = None
+        steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
+        total = self.trainer["epochs"] * steps_per_epoch
+        self.total_steps = min(total, self.trainer["max_steps"] or total)
+
+    def run(self, resume: dict[str, Any] | None) -> dict[str, Any]:
+        payload = resume
+        self.board = TensorBoardWriter(self.run_dir.path, purge_step=_purge_step(payload))
+        if payload is None:
+            self.board.add_text("config", f"```\n{OmegaConf.to_yaml(self.job)}\n```")
+        else:
+            self.history = [EpochMetrics(**e) for e in payload.get("history", [])]
+            self.progress.message(f"resuming from {payload['path']} (step {payload['step']})")
+        self.progress.start(self.total_steps, self.trainer["epochs"])
+        try:
+            while True:
+                group_job, world_size = self._plan_group()
+                group = WorkerGroup(group_job, world_size, self.device_type)
+                try:
+                    ref = ray.put(payload) if payload is not None else None
+                    try:
+                        group.start(self._need(world_size), ref)
+                    except config.ConfigError as error:
+                        if not self.failures:
+                            raise
+                        # After a loss the cluster may still be settling (a dead node's
+                        # resources are released late): a further restart, not a config error.
+                        raise GroupFailed(str(error)) from None
+                    self.run_dir.write_json(
+                        self.run_dir.path / "workers.json", {"workers": group.describe()}
+                    )
+                    if self.failures:  # seconds from noticing the failure to training again
+                        last = self.failures[-1]
+                        last["recovery_s"] = time.monotonic() - last.pop("detected_s")
+                    results = self._watch(group)
+                    return self._result(group, results)
+                except GroupFailed as failure:
+                    payload = self._recover(failure)
+                finally:
+                    group.shutdown()
+        finally:
+            self.progress.stop()
+            self.board.close()
+
+    def _need(self, world_size: int) -> cluster.WorkerResources:
+        return cluster.WorkerResources(
+            world_size, self.trainer["cpus_per_worker"], gpus_per_worker(self.device_type)
+        )
+
+    def _plan_group(self) -> tuple[dict[str, Any], int]:
+        """The configured worker count, or the most that fit (>= trainer.min_workers)."""
+        configured = self.trainer["workers"]
+        placement = self.job["cluster"]["placement"]
+        low = self.trainer["min_workers"] or configured
+        # Divisors of the configured count keep the original per-worker batch a whole number of
+        # micro-batches on fewer workers.
+        for world_size in (w for w in range(configured, low - 1, -1) if configured % w == 0):
             try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayError as error:
-                rank = refs[ref]
-                raise TrainingFailed(
-                    f"worker rank {rank} on node {nodes[rank]['node_ip']} failed: {error}"
-                ) from error
-        for record in ray.get(sink.drain.remote()):
-            last_progress_s[record["rank"]] = time.time()
-            metrics = collector.add(record)
-            if metrics is None:
+                cluster.check_resources(self._need(world_size), placement)
+            except config.ConfigError as error:
+                if world_size == low or not self.failures:
+                    raise
+                log.debug("cannot place %d workers: %s", world_size, error)
                 continue
-            if isinstance(metrics, EpochMetrics):
-                board.log_epoch(metrics)
-                progress.epoch(metrics)
-            else:
-                board.log_step(metrics)
-                progress.step(metrics)
-        running = {refs[ref] for ref in pending}
-        silent = [
-            r for r in running if time.time() - last_progress_s[r] > trainer["step_timeout_s"]
-        ]
-        if silent:
-            where = ", ".join(f"rank {r} on node {nodes[r]['node_ip']}" for r in sorted(silent))
+            if world_size < configured:
+                self.progress.message(
+                    f"elastic: continuing on {world_size} of {configured} workers (at least "
+                    f"trainer.min_workers={low}), "
+                    f"same global batch {self.job['data']['batch_size']}"
+                )
+            return job_for_workers(self.job, world_size), world_size
+        raise AssertionError("unreachable: the loop ends at world_size == low")
+
+    def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
+        self.failures.append({"error": str(failure), "detected_s": time.monotonic()})
+        restarts, limit = len(self.failures), self.trainer["max_failures"]
+        latest = self.store.latest()
+        if restarts > limit:
+            kept = f"the last checkpoint is {latest}" if latest else "no checkpoint was written"
             raise TrainingFailed(
-                f"no progress for {trainer['step_timeout_s']:g} s (trainer.step_timeout_s) from "
-                f"{where}: the worker is hung or its node is lost."
+                f"{failure} — gave up after trainer.max_failures={limit} restarts; {kept}"
+                + (f" (continue with resume={self.run_dir.path})." if latest else ".")
+            ) from None
+        payload = self.last_checkpoint
+        step = payload["step"] if payload else 0
+        self.progress.message(
+            f"restart {restarts}/{limit}: {failure}; resuming from "
+            + (f"the checkpoint of step {step}" if payload else "the start")
+        )
+        # Reopen the event file so the steps after the checkpoint, logged again, replace the old.
+        self.board.close()
+        self.board = TensorBoardWriter(self.run_dir.path, purge_step=step + 1)
+        self.board.add_text("faults", f"restart {restarts} at step {step}: {failure}", step)
+        self.board.add_scalar("faults/restarts", restarts, step)
+        self.history = [e for e in self.history if e.step <= step]
+        return payload
+
+    def _watch(self, group: WorkerGroup) -> list[dict[str, Any]]:
+        """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group."""
+        collector = MetricsCollector(group.world_size, self.task, self.history)
+        refs = group.fit()
+        pending, results = list(refs), []
+        last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
+        pending_checkpoints: dict[int, dict[int, dict[str, Any]]] = {}
+        epoch_end_checkpoint: dict[str, Any] | None = None
+        stop_deadline: float | None = None
+        with StopRequest() as stop:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+                for ref in done:
+                    results.append(self._result_of(ref, refs[ref], group))
+                for record in group.drain():
+                    last_seen_s[record["rank"]] = time.monotonic()
+                    if record["kind"] == "checkpoint":
+                        payload = self._assemble(record, group.world_size, pending_checkpoints)
+                        if payload is not None and not payload["epoch_end"]:
+                            self._save(payload)
+                        elif payload is not None:  # saved once its epoch is in the history
+                            epoch_end_checkpoint = payload
+                    elif record["kind"] != "heartbeat":
+                        metrics = collector.add(record)
+                        if isinstance(metrics, EpochMetrics) and epoch_end_checkpoint:
+                            self._save(epoch_end_checkpoint)  # before TensorBoard shows the epoch
+                            epoch_end_checkpoint = None
+                        self._show(metrics)
+                self._check_hang({refs[r] for r in pending}, last_seen_s, group)
+                if stop.requested and stop_deadline is None:
+                    self.progress.message(
+                        "stopping: the workers write a checkpoint at the next boundary "
+                        f"(up to {self.trainer['stop_timeout_s']:g} s; Ctrl-C again to stop now)"
+                    )
+                    group.sink.request_stop.remote()
+                    stop_deadline = time.monotonic() + self.trainer["stop_timeout_s"]
+                if stop_deadline is not None and time.monotonic() > stop_deadline:
+                    break
+        if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
+            latest = self.store.latest()
+            raise Interrupted(
+                f"stopped at step {self.last_checkpoint['step'] if self.last_checkpoint else 0}; "
+                + (
+                    f"checkpoint {latest}. Continue with: distrain resume={self.run_dir.path}"
+                    if latest
+                    else "no checkpoint was written."
+                )
             )
-    return results
+        return results
+
+    def _result_of(self, ref: Any, rank: int, group: WorkerGroup) -> dict[str, Any]:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as error:  # the process or its node is gone
+            raise GroupFailed(f"{group.where(rank)} died: {_first_line(error)}") from None
+        except ray.exceptions.RayTaskError as error:
+            cause = error.cause
+            if isinstance(cause, NonFiniteError):
+                raise TrainingFailed(str(cause)) from None
+            if _is_collective_failure(cause):
+                # A collective broke because a peer went away: infrastructure, so restart. The
+                # peer's own death may be reported a moment later; name it if it is.
+                dead = _dead_peers(group, exclude=rank)
+                raise GroupFailed(
+                    ", ".join(f"{group.where(r)} died" for r in dead)
+                    or f"{group.where(rank)}: {_first_line(cause)}"
+                ) from None
+            raise TrainingFailed(
+                f"{group.where(rank)} raised {type(cause).__name__}: {cause} "
+                "(its traceback is printed above)"
+            ) from None
+
+    def _check_hang(
+        self, running: set[int], last_seen_s: dict[int, float], group: WorkerGroup
+    ) -> None:
+        timeout_s = self.trainer["step_timeout_s"]
+        now = time.monotonic()
+        silent = [r for r in running if now - last_seen_s[r] > timeout_s]
+        if silent:
+            silent.sort(key=last_seen_s.get)  # the first to fall silent is the likely culprit
+            names = ", ".join(
+                f"{group.where(r)}, silent {now - last_seen_s[r]:.0f} s" for r in silent
+            )
+            raise GroupFailed(
+                f"no progress within trainer.step_timeout_s={timeout_s:g} s from {names}: "
+                "the worker is hung (stuck collective, frozen process) or its node is lost"
+            )
+
+    def _assemble(
+        self, record: dict[str, Any], world_size: int, pending: dict[int, dict[int, Any]]
+    ) -> dict[str, Any] | None:
+        """One checkpoint from every rank's share, once all ranks have sent theirs."""
+        ranks = pending.setdefault(record["step"], {})
+        ranks[record["rank"]] = record
+        if len(ranks) < world_size:
+            return None
+        del pending[record["step"]]
+        states = ray.get([ranks[r]["state"][0] for r in range(world_size)])
+        position = dict(states[0]["position"])
+        position["epoch_loss_sum"] = sum(s["position"]["epoch_loss_sum"] for s in states)
+        position["epoch_batches"] = sum(s["position"]["epoch_batches"] for s in states)
+        payload = {
+            **{k: states[0][k] for k in ("model", "optimizer", "scheduler", "scaler")},
+            "step": position["step"],
+            "epoch": position["epoch"],
+            "step_in_epoch": position["step_in_epoch"],
+            "position": position,
+            "rng": [s["rng"] for s in states],
+            "world_size": world_size,
+            "job": {group: self.job[group] for group in RESUME_MUST_MATCH},
+            "epoch_end": record["epoch_end"],
+        }
+        return payload
+
+    def _save(self, payload: dict[str, Any]) -> None:
+        payload["history"] = [dataclasses.asdict(e) for e in self.history]
+        started = time.perf_counter()
+        path = self.store.save(payload)
+        log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - started)
+        self.last_checkpoint = {**payload, "path": str(path)}
+
+    def _show(self, metrics: Any) -> None:
+        if metrics is None:
+            return
+        if isinstance(metrics, EpochMetrics):
+            self.board.log_epoch(metrics)
+            self.progress.epoch(metrics)
+        else:
+            self.board.log_step(metrics)
+            self.progress.step(metrics)
+
+    def _result(self, group: WorkerGroup, results: list[dict[str, Any]]) -> dict[str, Any]:
+        rank0 = next(r for r in results if r["rank"] == 0)
+        torch.save(rank0["state_dict"], self.run_dir.model_path)
+        summary = MetricsCollector(group.world_size, self.task, self.history).summary()
+        return {
+            **summary,
+            "steps": rank0["steps"],
+            "workers": group.world_size,
+            "nodes": [n["node_id"] for n in group.nodes],
+            "startup_s": group.startup_s,
+            "skipped_steps": rank0["skipped_steps"],
+            "restarts": len(self.failures),
+            "failures": self.failures,
+        }
 
 
-def _get(refs: list[Any], timeout_s: float, what: str) -> Any:
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TrainingFailed(
-            f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
-        ) from None
+class StopRequest:
+    """Ctrl-C and SIGTERM while workers train: the first asks for a checkpoint and a clean stop,
+    the second stops at once (KeyboardInterrupt). A flag, not an exception, so the driver never
+    loses records it was in the middle of writing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """gloo and NCCL report a vanished peer as DistError or a RuntimeError naming the backend."""
+    if isinstance(error, torch.distributed.DistError | ConnectionError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed")
+    )
+
+
+def _dead_peers(group: WorkerGroup, exclude: int, grace_s: float = 3.0) -> list[int]:
+    """Ranks whose actor is dead, waiting up to `grace_s` for Ray to report it."""
+    probes = {w.node.remote(): r for r, w in enumerate(group.workers) if r != exclude}
+    dead = []
+    for ref, rank in probes.items():
+        try:
+            ray.get(ref, timeout=grace_s)
+        except ray.exceptions.RayActorError:
+            dead.append(rank)
+        except ray.exceptions.GetTimeoutError:
+            pass  # busy (in a collective) or frozen: alive as far as Ray knows
+    return dead
+
+
+def _purge_step(payload: dict[str, Any] | None) -> int | None:
+    return payload["step"] + 1 if payload else None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__

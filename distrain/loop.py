@@ -38,8 +38,13 @@ class Parts:
     task: str  # classification | regression
 
 
-def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on the local batch; returns the local mean loss (detached)."""
+def train_step(
+    parts: Parts, x: torch.Tensor, y: torch.Tensor, *, skip_non_finite: bool = False
+) -> tuple[torch.Tensor, bool]:
+    """One optimizer step on the local batch.
+
+    Returns the local mean loss (detached) and whether the step's gradient was finite.
+    """
     model, optimizer, aggregator, scaler = (
         parts.train_model,
         parts.optimizer,
@@ -56,11 +61,15 @@ def train_step(parts: Parts, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scaler.scale(loss).backward()
         total_loss += loss.detach().float()
     aggregator.synchronize()
-    scaler.step(optimizer)
-    scaler.update()
+    # fp16's scaler skips non-finite steps by itself (that is its job); otherwise check here.
+    finite = scaler.is_enabled() or grads_are_finite(parts.model)
+    if finite or not skip_non_finite:
+        scaler.step(optimizer)
+        scaler.update()
+    # A skipped step still advances the schedule, which stays a function of the step count.
     if parts.scheduler is not None:
         parts.scheduler.step()
-    return total_loss
+    return total_loss, finite
 
 
 @torch.no_grad()
@@ -80,55 +89,105 @@ def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
     return {"val_loss_sum": loss_sum, "val_correct": correct, "val_count": count}
 
 
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint records and a resume starts from."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0  # steps of `epoch` done
+    epoch_loss_sum: float = 0.0  # this rank's share of the epoch's summed step losses so far
+    epoch_batches: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped (trainer.nan_policy=skip_step)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient under trainer.nan_policy=stop (not retried: it would recur)."""
+
+
+# Called at every checkpoint boundary with the position there; True means "stop now".
+Boundary = Callable[[Position, bool], bool]
+
+
+def grads_are_finite(model: nn.Module) -> bool:
+    """After aggregation every rank holds the same averaged gradient, so all ranks agree."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
 def fit(
     parts: Parts,
     *,
     epochs: int,
     max_steps: int | None,
     log_every_n_steps: int,
+    checkpoint_every_n_steps: int | None,
+    nan_policy: str,
+    heartbeat_s: float,
+    start: Position,
+    at_boundary: Boundary,
     report: Report,
-) -> int:
-    """Train `epochs` epochs (or until `max_steps`), reporting step and epoch records.
+) -> tuple[Position, bool]:
+    """Train from `start` to the end of `epochs` (or `max_steps`), reporting step and epoch records.
 
-    Returns the number of optimizer steps taken.
+    Checkpoint boundaries are every `checkpoint_every_n_steps` steps and every epoch end; there
+    `at_boundary` may capture a checkpoint and decide to stop. Returns the final position and
+    whether training stopped early.
     """
     batches = parts.batches
-    step = 0
+    pos = Position(**vars(start))
     total_steps = epochs * batches.steps_per_epoch
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
+    last_report_s = time.monotonic()
+
+    def send(record: dict[str, Any]) -> None:
+        nonlocal last_report_s
+        report(record)
+        last_report_s = time.monotonic()
+
     parts.train_model.train()
-    for epoch in range(epochs):
-        if step >= total_steps:
-            break
-        epoch_start = time.perf_counter()
+    while pos.epoch < epochs and pos.step < total_steps:
+        epoch, epoch_start = pos.epoch, time.perf_counter()
         # Losses stay on the device and are read (.item(), a GPU sync) only when reported.
         epoch_loss = torch.zeros((), device=batches.device)
         interval_loss, interval_steps = torch.zeros((), device=batches.device), 0
         timings = {"data_s": 0.0, "compute_s": 0.0}
         interval_start = tick = time.perf_counter()
-        epoch_steps = 0
-        for x, y in batches.train_batches(epoch):
+        for x, y in batches.train_batches(epoch, pos.step_in_epoch):
             timings["data_s"] += time.perf_counter() - tick
             compute_start = time.perf_counter()
-            loss = train_step(parts, x, y)
+            loss, finite = train_step(parts, x, y, skip_non_finite=nan_policy == "skip_step")
             timings["compute_s"] += time.perf_counter() - compute_start
-            step += 1
-            epoch_steps += 1
-            epoch_loss += loss
-            interval_loss += loss
-            interval_steps += 1
-            if step % log_every_n_steps == 0 or step == total_steps:
+            pos.step += 1
+            pos.step_in_epoch += 1
+            if not finite:
+                if nan_policy == "stop":
+                    raise NonFiniteError(
+                        f"step {pos.step} (epoch {epoch + 1}): the loss or the averaged gradient "
+                        "is NaN or inf. Lower optimizer.lr, check the data for NaN/inf, or set "
+                        "trainer.nan_policy=skip_step to skip such steps."
+                    )
+                pos.skipped_steps += 1
+            else:
+                epoch_loss += loss
+                interval_loss += loss
+                pos.epoch_batches += 1
+                interval_steps += 1
+            if pos.step % log_every_n_steps == 0 or pos.step == total_steps:
                 now = time.perf_counter()
-                report(
+                send(
                     {
                         "kind": "step",
-                        "step": step,
+                        "step": pos.step,
                         "epoch": epoch,
-                        "loss": (interval_loss / interval_steps).item(),
+                        "loss": (interval_loss / max(interval_steps, 1)).item(),
                         "lr": parts.optimizer.param_groups[0]["lr"],
                         "samples": interval_steps * batches.local_batch,
                         "interval_s": now - interval_start,
+                        "skipped_steps": pos.skipped_steps,
                         **timings,
                     }
                 )
@@ -136,20 +195,33 @@ def fit(
                 interval_steps = 0
                 timings = {"data_s": 0.0, "compute_s": 0.0}
                 interval_start = now
-            if step >= total_steps:
+            elif time.monotonic() - last_report_s > heartbeat_s:
+                send({"kind": "heartbeat", "step": pos.step})
+            if pos.step >= total_steps or pos.step_in_epoch == batches.steps_per_epoch:
                 break
+            if checkpoint_every_n_steps and pos.step % checkpoint_every_n_steps == 0:
+                pos.epoch_loss_sum += epoch_loss.item()
+                epoch_loss.zero_()
+                if at_boundary(pos, False):
+                    return pos, True
             tick = time.perf_counter()
-        train_s = time.perf_counter() - epoch_start
-        report(
-            {
-                "kind": "epoch",
-                "epoch": epoch,
-                "step": step,
-                "train_loss_sum": epoch_loss.item(),
-                "train_batches": epoch_steps,
-                "samples": epoch_steps * batches.local_batch,
-                "train_s": train_s,
-                **evaluate(parts, batches.val_batches()),
-            }
-        )
-    return step
+        pos.epoch_loss_sum += epoch_loss.item()
+        epoch_record = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": pos.step,
+            "train_loss_sum": pos.epoch_loss_sum,
+            "train_batches": pos.epoch_batches,
+            "samples": pos.step_in_epoch * batches.local_batch,
+            "train_s": time.perf_counter() - epoch_start,
+            **evaluate(parts, batches.val_batches()),
+        }
+        if pos.step_in_epoch == batches.steps_per_epoch:  # not when max_steps ended it early
+            pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)
+        # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
+        # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.
+        stop = at_boundary(pos, True)
+        send(epoch_record)
+        if stop:
+            return pos, pos.epoch < epochs and pos.step < total_steps
+    return pos, False

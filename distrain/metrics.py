@@ -36,11 +36,12 @@ class EpochMetrics:
 class MetricsCollector:
     """Buffers records until every rank has reported a step/epoch, then yields the global one."""
 
-    def __init__(self, world_size: int, task: str) -> None:
+    def __init__(self, world_size: int, task: str, epochs: list[EpochMetrics] | None = None):
         self.world_size = world_size
         self.task = task
         self._pending: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
-        self.epochs: list[EpochMetrics] = []
+        # Shared with the supervisor, so the history survives restarts of the worker group.
+        self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
         self.last_step: StepMetrics | None = None
 
     def add(self, record: dict[str, Any]) -> StepMetrics | EpochMetrics | None:
@@ -93,7 +94,7 @@ class MetricsCollector:
         last = self.epochs[-1]
         train_s = sum(e.train_s for e in self.epochs)
         summary: dict[str, Any] = {
-            "epochs": len(self.epochs),
+            "epochs": last.epoch + 1,
             "steps": last.step,
             "train_loss": last.train_loss,
             "val_loss": last.val_loss,

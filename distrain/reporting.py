@@ -1,12 +1,14 @@
-"""How workers' metrics reach the driver without the driver joining every step.
+"""How workers and the driver talk without the driver joining every step.
 
-Workers fire-and-forget small records (one per `logger.log_every_n_steps` and one per epoch) to a
-`MetricsSink` actor; the driver drains it a few times a second. A record is a plain dict.
+Workers fire-and-forget small records (one per `logger.log_every_n_steps`, one per epoch, a
+heartbeat when otherwise silent, their state at checkpoint boundaries) to a `MetricsSink` actor;
+the driver drains it a few times a second. The sink is also where the workers agree on stopping:
+at a checkpoint boundary the first rank to ask fixes the answer for every rank, so all ranks stop
+at the same step even though the driver's stop request reaches them at different moments.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import ray
@@ -16,16 +18,22 @@ import ray
 class MetricsSink:
     def __init__(self) -> None:
         self._records: list[dict[str, Any]] = []
-        self._last_seen_s: dict[int, float] = {}
+        self._stop_requested = False
+        self._decisions: dict[int, bool] = {}
 
     def push(self, record: dict[str, Any]) -> None:
         self._records.append(record)
-        self._last_seen_s[record["rank"]] = time.time()
 
     def drain(self) -> list[dict[str, Any]]:
         records, self._records = self._records, []
         return records
 
-    def last_seen_s(self) -> dict[int, float]:
-        """Wall-clock time each rank last reported: the driver's hang detector reads this."""
-        return dict(self._last_seen_s)
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def decide_stop(self, step: int) -> bool:
+        """Whether to stop at the boundary after `step`: the same answer for every rank."""
+        return self._decisions.setdefault(step, self._stop_requested)
+
+    def flush(self) -> None:
+        """A no-op: once it returns, every earlier push from the same caller has been stored."""

@@ -15,7 +15,7 @@ from distrain import build
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
-from distrain.loop import Parts, fit
+from distrain.loop import Parts, Position, fit
 
 log = logging.getLogger("distrain.worker")
 
@@ -53,8 +53,12 @@ class Worker:
             "pid": os.getpid(),
         }
 
-    def setup(self, rendezvous: dict[str, Any]) -> None:
-        """Join the aggregator's group and build model, data, optimizer on this device."""
+    def setup(self, rendezvous: dict[str, Any], checkpoint: list[Any] | None = None) -> None:
+        """Join the aggregator's group and build model, data, optimizer on this device.
+
+        `checkpoint` is `[ObjectRef]` of a checkpoint payload to start from (in a list, so Ray
+        hands over the reference rather than fetching it for every actor up front).
+        """
         job, trainer, data = self.job, self.job["trainer"], self.job["data"]
         aggregator: GradientAggregator = instantiate(self.job["aggregator"], _convert_="all")
         aggregator.connect(
@@ -62,7 +66,9 @@ class Worker:
             world_size=self.world_size,
             device=self.device,
             rendezvous=rendezvous,
-            timeout_s=trainer["step_timeout_s"],
+            # Twice the driver's hang timeout: the driver names the silent rank first, and a
+            # collective stuck on a dead peer still raises instead of waiting 30 minutes.
+            timeout_s=2 * trainer["step_timeout_s"],
         )
         splits = build.build_splits(data)
         batches = ShardBatches(
@@ -100,21 +106,99 @@ class Worker:
             micro_batch_size=data.get("micro_batch_size") or batches.local_batch,
             task=splits.task,
         )
+        self.start = Position()
+        if checkpoint:
+            self.start = self._restore(ray.get(checkpoint[0]))
+
+    def _restore(self, payload: dict[str, Any]) -> Position:
+        parts = self.parts
+        parts.model.load_state_dict(payload["model"])
+        parts.optimizer.load_state_dict(payload["optimizer"])
+        if parts.scheduler is not None and payload.get("scheduler") is not None:
+            parts.scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("scaler") is not None:
+            parts.scaler.load_state_dict(payload["scaler"])
+        rng = payload.get("rng") or []
+        if len(rng) == self.world_size:  # same worker count: continue each rank's stream exactly
+            torch.set_rng_state(rng[self.rank]["cpu"])
+            if self.device.type == "cuda" and rng[self.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rng[self.rank]["cuda"])
+        else:  # a new worker count has new streams, still a function of (seed, rank, step)
+            torch.manual_seed(self.job["trainer"]["seed"] + 1 + self.rank + 7919 * payload["step"])
+        # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
+        position = payload["position"]
+        if self.rank != 0:
+            position = {**position, "epoch_loss_sum": 0.0, "epoch_batches": 0}
+        return Position(**position)
+
+    def _capture(self, position: Position) -> dict[str, Any]:
+        """This rank's share of a checkpoint: everything on rank 0, the RNG state on every rank."""
+        parts = self.parts
+        optimizer = parts.optimizer
+        if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
+            optimizer.consolidate_state_dict(to=0)
+        state: dict[str, Any] = {
+            "position": vars(position).copy(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            },
+        }
+        if self.rank == 0:
+            state |= {
+                "model": parts.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": parts.scheduler.state_dict() if parts.scheduler else None,
+                "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
+            }
+        return _to_cpu(state)
+
+    def _at_boundary(self, position: Position, epoch_end: bool) -> bool:
+        stop = ray.get(self.sink.decide_stop.remote(position.step))
+        every = self.job["trainer"]["checkpoint_every_n_steps"]
+        if epoch_end or stop or (every and position.step % every == 0):
+            state = ray.put(self._capture(position))
+            record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
+            self._report({**record, "state": [state]})
+        return stop
 
     def fit(self) -> dict[str, Any]:
         trainer = self.job["trainer"]
-        steps = fit(
+        position, stopped = fit(
             self.parts,
             epochs=trainer["epochs"],
             max_steps=trainer["max_steps"],
             log_every_n_steps=self.job["logger"]["log_every_n_steps"],
+            checkpoint_every_n_steps=trainer["checkpoint_every_n_steps"],
+            nan_policy=trainer["nan_policy"],
+            # Report at least this often, so the driver can tell a slow step from a hung worker.
+            heartbeat_s=min(5.0, trainer["step_timeout_s"] / 5),
+            start=self.start,
+            at_boundary=self._at_boundary,
             report=self._report,
         )
-        result: dict[str, Any] = {"rank": self.rank, "steps": steps}
+        ray.get(self.sink.flush.remote())  # every record of this rank is in the sink now
+        result: dict[str, Any] = {
+            "rank": self.rank,
+            "steps": position.step,
+            "stopped": stopped,
+            "skipped_steps": position.skipped_steps,
+        }
         if self.rank == 0:
-            result["state_dict"] = {k: v.cpu() for k, v in self.parts.model.state_dict().items()}
+            result["state_dict"] = _to_cpu(self.parts.model.state_dict())
         self.parts.aggregator.close()
         return result
 
     def _report(self, record: dict[str, Any]) -> None:
         self.sink.push.remote({**record, "rank": self.rank})
+
+
+def _to_cpu(value: Any) -> Any:
+    """Tensors (nested in dicts/lists) on the CPU: a checkpoint must load where there is no GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

@@ -29,6 +29,11 @@ class GradientAggregator(ABC):
         """Driver side, before `connect`: what every worker needs to join the group."""
         return {}
 
+    @classmethod
+    def actors(cls, rendezvous: dict[str, Any]) -> list[Any]:
+        """Driver side: actors `rendezvous` started, killed with the worker group."""
+        return []
+
     @abstractmethod
     def connect(
         self,

@@ -1,0 +1,122 @@
+"""One group of worker actors: reserved together, started together, torn down together.
+
+A failure anywhere ends the whole group; the driver's supervisor then starts a new one from the
+last checkpoint. Keeping the group's lifecycle in one place makes "no orphan actors" a property of
+`shutdown()`, called from a `finally`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import ray
+from hydra.utils import get_object
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from distrain import cluster
+from distrain.aggregators.base import GradientAggregator
+from distrain.reporting import MetricsSink
+from distrain.worker import Worker
+
+NAMESPACE = "distrain"  # worker actors are named, so `ray.get_actor(name, NAMESPACE)` finds them
+
+
+class GroupFailed(RuntimeError):
+    """Infrastructure failure (a worker died, hung or could not start): worth a restart."""
+
+
+class WorkerGroup:
+    def __init__(self, job: dict[str, Any], world_size: int, device_type: str) -> None:
+        self.job = job
+        self.world_size = world_size
+        self.device_type = device_type
+        self.workers: list[Any] = []
+        self.nodes: list[dict[str, Any]] = []
+        self.sink: Any = None
+        self.placement_group: Any = None
+        self.rendezvous: dict[str, Any] = {}
+        self.startup_s: dict[str, float] = {}
+
+    def start(self, need: cluster.WorkerResources, checkpoint_ref: Any | None) -> None:
+        """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s."""
+        trainer, placement = self.job["trainer"], self.job["cluster"]["placement"]
+        self.placement_group = cluster.reserve(
+            need, placement, timeout_s=self.job["cluster"]["connect_timeout_s"]
+        )
+        started = time.perf_counter()
+        # The sink lives on the driver's node: losing another node must not take the metrics.
+        self.sink = MetricsSink.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            )
+        ).remote()
+        actor = ray.remote(Worker)
+        group_id = uuid.uuid4().hex[:8]
+        self.names = [f"distrain-{group_id}-rank{rank}" for rank in range(self.world_size)]
+        self.workers = [
+            actor.options(
+                name=self.names[rank],
+                namespace=NAMESPACE,
+                num_cpus=need.cpus,
+                num_gpus=need.gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=rank
+                ),
+            ).remote(rank, self.world_size, self.job, self.device_type, self.sink)
+            for rank in range(self.world_size)
+        ]
+        timeout_s = trainer["setup_timeout_s"]
+        self.nodes = self._get([w.node.remote() for w in self.workers], timeout_s, "start")
+        actors_s = time.perf_counter() - started
+        aggregator: type[GradientAggregator] = get_object(self.job["aggregator"]["_target_"])
+        self.rendezvous = aggregator.rendezvous(self.workers, self.job["aggregator"])
+        checkpoint = [checkpoint_ref] if checkpoint_ref is not None else None
+        self._get(
+            [w.setup.remote(self.rendezvous, checkpoint) for w in self.workers], timeout_s, "set up"
+        )
+        # Where start-up time goes: actor processes starting, then building + rendezvous.
+        self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Rank, node, pid and actor name of every worker: written to the run dir's workers.json."""
+        return [{**node, "actor": name} for node, name in zip(self.nodes, self.names)]
+
+    def drain(self) -> list[dict[str, Any]]:
+        try:
+            return ray.get(self.sink.drain.remote())
+        except ray.exceptions.RayActorError as error:
+            raise GroupFailed(f"the metrics sink died: {error}") from None
+
+    def fit(self) -> dict[Any, int]:
+        """Start training on every rank; returns {ObjectRef: rank}."""
+        return {w.fit.remote(): rank for rank, w in enumerate(self.workers)}
+
+    def where(self, rank: int) -> str:
+        node = self.nodes[rank] if rank < len(self.nodes) else {}
+        return f"rank {rank} (node {node.get('node_ip', '?')}, pid {node.get('pid', '?')})"
+
+    def _get(self, refs: list[Any], timeout_s: float, what: str) -> Any:
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise GroupFailed(
+                f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
+            ) from None
+        except ray.exceptions.RayActorError as error:
+            raise GroupFailed(f"a worker died while it was to {what}: {error}") from None
+
+    def shutdown(self) -> None:
+        """Kill every actor of the group and free its reservation; safe to call twice."""
+        aggregator_cls = get_object(self.job["aggregator"]["_target_"])
+        for handle in [*self.workers, self.sink, *aggregator_cls.actors(self.rendezvous)]:
+            if handle is not None:
+                ray.kill(handle)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+        self.workers, self.sink, self.placement_group = [], None, None
