@@ -155,24 +155,8 @@ class Supervisor:
         self.progress.start(self.total_steps, self.trainer["epochs"])
         try:
             while True:
-                group_job, world_size = self._plan_group()
-                group = WorkerGroup(group_job, world_size, self.device_type)
+                group = self._start_group(payload)
                 try:
-                    ref = ray.put(payload) if payload is not None else None
-                    try:
-                        group.start(self._need(world_size), ref)
-                    except config.ConfigError as error:
-                        if not self.failures:
-                            raise
-                        # After a loss the cluster may still be settling (a dead node's
-                        # resources are released late): a further restart, not a config error.
-                        raise GroupFailed(str(error)) from None
-                    self.run_dir.write_json(
-                        self.run_dir.path / "workers.json", {"workers": group.describe()}
-                    )
-                    if self.failures:  # seconds from noticing the failure to training again
-                        last = self.failures[-1]
-                        last["recovery_s"] = time.monotonic() - last.pop("detected_s")
                     results = self._watch(group)
                     return self._result(group, results)
                 except GroupFailed as failure:
@@ -188,8 +172,53 @@ class Supervisor:
             world_size, self.trainer["cpus_per_worker"], gpus_per_worker(self.device_type)
         )
 
+    def _start_group(self, payload: dict[str, Any] | None) -> WorkerGroup:
+        """Start a worker group; after a failure, keep trying for trainer.setup_timeout_s.
+
+        Right after a node is lost Ray still counts it (and its freed CPUs) for a while, until
+        its heartbeats are missed: placing the group can fail a few times before the cluster's
+        view settles, and that is not a configuration error.
+        """
+        ref = ray.put(payload) if payload is not None else None
+        deadline = time.monotonic() + self.trainer["setup_timeout_s"]
+        while True:
+            group: WorkerGroup | None = None
+            try:
+                group_job, world_size = self._plan_group()
+                group = WorkerGroup(group_job, world_size, self.device_type)
+                group.start(self._need(world_size), ref)
+            except (config.ConfigError, GroupFailed) as error:
+                if group is not None:
+                    group.shutdown()
+                if not self.failures:
+                    raise
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"could not start a new worker group within trainer.setup_timeout_s="
+                        f"{self.trainer['setup_timeout_s']:g} s after a failure: {error}"
+                    ) from None
+                time.sleep(1.0)
+                continue
+            except BaseException:
+                if group is not None:
+                    group.shutdown()
+                raise
+            self.run_dir.write_json(
+                self.run_dir.path / "workers.json", {"workers": group.describe()}
+            )
+            if self.failures:  # seconds from noticing the failure to training again
+                last = self.failures[-1]
+                last["recovery_s"] = time.monotonic() - last.pop("detected_s")
+            if world_size < self.trainer["workers"]:
+                self.progress.message(
+                    f"elastic: continuing on {world_size} of {self.trainer['workers']} workers "
+                    f"(trainer.min_workers={self.trainer['min_workers']}), same global batch "
+                    f"{self.job['data']['batch_size']}"
+                )
+            return group
+
     def _plan_group(self) -> tuple[dict[str, Any], int]:
-        """The configured worker count, or the most that fit (>= trainer.min_workers)."""
+        """The configured worker count; after a failure, the most that fit (>= min_workers)."""
         configured = self.trainer["workers"]
         placement = self.job["cluster"]["placement"]
         low = self.trainer["min_workers"] or configured
@@ -198,17 +227,10 @@ class Supervisor:
         for world_size in (w for w in range(configured, low - 1, -1) if configured % w == 0):
             try:
                 cluster.check_resources(self._need(world_size), placement)
-            except config.ConfigError as error:
+            except config.ConfigError:
                 if world_size == low or not self.failures:
                     raise
-                log.debug("cannot place %d workers: %s", world_size, error)
                 continue
-            if world_size < configured:
-                self.progress.message(
-                    f"elastic: continuing on {world_size} of {configured} workers (at least "
-                    f"trainer.min_workers={low}), "
-                    f"same global batch {self.job['data']['batch_size']}"
-                )
             return job_for_workers(self.job, world_size), world_size
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
@@ -333,7 +355,11 @@ class Supervisor:
         if len(ranks) < world_size:
             return None
         del pending[record["step"]]
-        states = ray.get([ranks[r]["state"][0] for r in range(world_size)])
+        try:
+            states = ray.get([ranks[r]["state"][0] for r in range(world_size)])
+        except ray.exceptions.RayError as error:  # its owner (a worker) died before we read it
+            step = record["step"]
+            raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}") from None
         position = dict(states[0]["position"])
         position["epoch_loss_sum"] = sum(s["position"]["epoch_loss_sum"] for s in states)
         position["epoch_batches"] = sum(s["position"]["epoch_batches"] for s in states)

@@ -193,3 +193,167 @@ def test_too_many_failures_stop_with_the_last_checkpoint_intact(
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
     assert str(latest) in stderr
     assert torch.load(latest, weights_only=True)["step"] > 0
+
+
+def test_corrupt_checkpoint_is_named_and_an_older_one_resumes(
+    ray_address: str, tmp_path: Path
+) -> None:
+    run_dir = RunDirectory(tmp_path / "run")
+    short = ["trainer.epochs=2", "trainer.checkpoint_every_n_steps=10", "logger.progress=none"]
+    driver.train(compose_job(*short, f"hydra.run.dir={run_dir.path}"), run_dir)
+    checkpoints = sorted((run_dir.checkpoints).glob("step-*.pt"))
+    assert len(checkpoints) == 3  # trainer.keep_checkpoints
+    checkpoints[-1].write_bytes(checkpoints[-1].read_bytes()[:1000])  # truncated
+    # The run dir has no .hydra/ (it was run in-process), so the job is given in full again.
+    broken = run_cli(
+        *short, f"resume={run_dir.path}", f"cluster.address={ray_address}", cwd=tmp_path
+    )
+    assert broken.returncode == 2
+    assert f"checkpoint {checkpoints[-1]} cannot be read" in broken.stderr
+    assert f"resume={checkpoints[-2]}" in broken.stderr  # the way out is named
+    assert "Traceback" not in broken.stderr
+
+    older = run_cli(
+        *short, f"resume={checkpoints[-2]}", f"cluster.address={ray_address}", cwd=tmp_path
+    )
+    assert older.returncode == 0, older.stderr[-3000:]
+    assert json.loads(run_dir.metrics_path.read_text())["steps"] == 44
+
+
+def test_garbage_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    from distrain import checkpoint
+    from distrain.config import ConfigError
+
+    bad = tmp_path / "step-000000001.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.load(bad)
+    torch.save({"weights": torch.zeros(2)}, bad)  # loadable, but not ours
+    with pytest.raises(ConfigError, match="not a distrain checkpoint"):
+        checkpoint.load(bad)
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from distrain.checkpoint import CheckpointStore
+store = CheckpointStore(Path(sys.argv[1]), keep=3)
+store.save({"step": 1, "model": {"w": torch.ones(4)}})
+print("first", flush=True)
+store.save({"step": 2, "model": {"w": torch.randn(60_000_000)}})  # 240 MB: killed during this
+"""
+
+
+def test_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
+    import sys
+
+    from distrain.checkpoint import CheckpointStore
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "first"
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 0 for p in tmp_path.glob(".step-000000002.pt.tmp-*")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the write never began"
+            time.sleep(0.01)
+        proc.kill()  # SIGKILL in the middle of writing step 2
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    store = CheckpointStore(tmp_path, keep=3)
+    assert [p.name for p in store.all()] == ["step-000000001.pt"]
+    latest = store.latest()
+    assert latest is not None and latest.name == "step-000000001.pt"
+    assert torch.equal(torch.load(latest, weights_only=True)["model"]["w"], torch.ones(4))
+
+
+def _nan_dataset(path: Path) -> None:
+    """digits-sized random data with one NaN in a training sample (not in the validation split)."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    x = generator.normal(size=(640, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    # distrain.data.tensors splits with torch.randperm(seed); index order[-1] is a training sample
+    order = torch.randperm(640, generator=torch.Generator().manual_seed(0))
+    x[order[-1].item(), 3] = np.nan
+    np.savez(path, x=x, y=y)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_step"])
+def test_nan_in_the_data(ray_address: str, tmp_path: Path, policy: str) -> None:
+    data = tmp_path / "nan.npz"
+    _nan_dataset(data)
+    result = run_cli(
+        "data._target_=distrain.data.tensors.tensors",
+        f"+data.path={data}",
+        "data.batch_size=64",
+        "trainer.epochs=3",
+        f"trainer.nan_policy={policy}",
+        f"cluster.address={ray_address}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    if policy == "stop":
+        assert result.returncode == 1
+        assert "is NaN or inf" in result.stderr and "step " in result.stderr
+        assert "trainer.nan_policy=skip_step" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # The NaN sample is in one batch per epoch, unless it fell in an epoch's left-over tail.
+    assert 1 <= metrics["skipped_steps"] <= 3
+    assert metrics["val_loss"] == metrics["val_loss"]  # finite: the skipped steps did no harm
+    from tests.test_cli import scalars
+
+    assert scalars(tmp_path / "run")["faults/skipped_steps"][-1][1] == metrics["skipped_steps"]
+
+
+@pytest.fixture
+def two_nodes() -> object:
+    """A real two-node Ray cluster on this machine: a head and one more node, 1 CPU each."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, node
+    finally:
+        cluster.shutdown()
+
+
+def test_node_lost_continues_elastically_on_fewer_workers(
+    two_nodes: object, tmp_path: Path, reference: dict
+) -> None:
+    cluster, node = two_nodes
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            *DISTRAIN,
+            *JOB,
+            f"cluster.address={cluster.address}",
+            "cluster.placement=STRICT_SPREAD",
+            "trainer.workers=2",
+            "trainer.min_workers=1",
+            "cluster.connect_timeout_s=5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(first_checkpoint(run_dir), proc)
+    workers = json.loads((run_dir / "workers.json").read_text())["workers"]
+    assert len({w["node_id"] for w in workers}) == 2  # one worker per node
+    cluster.remove_node(node, allow_graceful=False)  # the node is gone, as if pre-empted
+    stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "elastic: continuing on 1 of 2 workers" in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["workers"] == 1 and metrics["restarts"] >= 1 and metrics["steps"] == STEPS
+    # Same global batch on one worker (accumulating two micro-batches): the same training.
+    assert_same_parameters(run_dir, reference)
