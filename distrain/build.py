@@ -120,14 +120,24 @@ def _check_loss_fits(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, tas
         "use loss=cross_entropy (or loss=nll with a log-softmax output) for classification "
         "and loss=mse for regression"
     )
+    # Checked by type first: cross-entropy takes float targets as class probabilities and MSE
+    # broadcasts, so on the wrong task either may run without an error and learn nonsense.
+    wrong = (
+        (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+        if task == "classification"
+        else (nn.CrossEntropyLoss, nn.NLLLoss)
+    )
+    if isinstance(loss_fn, wrong):
+        raise ValueError(f"the loss {loss_name} does not fit a {task} dataset: {advice}.")
     try:
         with torch.no_grad():
             loss = loss_fn(out, y)
     except Exception as error:  # shapes or dtypes the loss cannot take: the wrong loss
+        # Not chained: the driver reports a chained error's cause, and this message is the news.
         raise ValueError(
             f"the loss {loss_name} cannot compare the model's output {tuple(out.shape)} with the "
             f"{task} targets (shape {tuple(y.shape)}, {y.dtype}): {error}. {advice}."
-        ) from error
+        ) from None
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(
             f"the loss {loss_name} returned {getattr(loss, 'shape', type(loss).__name__)}, not a "
@@ -143,12 +153,3 @@ def _check_loss_fits(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, tas
                 "set model.log_softmax=true (mlp, cnn, resnet18, rnn), end your own model with "
                 "nn.LogSoftmax(dim=1), or use loss=cross_entropy on raw logits."
             )
-    # Both would run on the wrong task without an error: MSE on one-hot-sized outputs is caught
-    # above by the shapes, but cross-entropy accepts float targets as class probabilities.
-    wrong = (
-        (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
-        if task == "classification"
-        else (nn.CrossEntropyLoss, nn.NLLLoss)
-    )
-    if isinstance(loss_fn, wrong):
-        raise ValueError(f"the loss {loss_name} does not fit a {task} dataset: {advice}.")

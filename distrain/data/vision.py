@@ -220,7 +220,8 @@ def cifar10(
     transform = RandomCropFlip(padding=crop_padding, flip=True) if augment else None
     dataset_cls = _cifar10_class(check_integrity)
     problem = (
-        "missing, or not matching the MD5 checksums of the official release"
+        "missing, or not matching the MD5 checksums of the official release; for a re-packed "
+        "copy set data.check_integrity=false"
         if check_integrity
         else "one or more are missing; data.check_integrity=false skipped the MD5 check"
     )
