@@ -8,6 +8,7 @@ worker calls them again on its own device.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +16,11 @@ from hydra.utils import get_object, instantiate
 from torch import nn
 
 from distrain.data.base import LOADER_KEYS, Splits
+
+log = logging.getLogger("distrain")
+# Keys of `conf/optimizer/*.yaml` that distrain reads; the torch optimizer never sees them.
+LR_SCALING_KEYS = ("lr_scaling", "reference_batch")
+DEFAULT_REFERENCE_BATCH = 256
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -44,8 +50,31 @@ def build_model(model: dict[str, Any], splits: Splits) -> nn.Module:
     return instantiate(model, **kwargs, _convert_="all")
 
 
-def build_optimizer(optimizer: dict[str, Any], model: nn.Module) -> torch.optim.Optimizer:
-    make = instantiate(optimizer, _convert_="all")  # `_partial_: true`: params come last
+def scaled_lr(optimizer: dict[str, Any], global_batch: int) -> float | None:
+    """The lr the optimizer gets: `optimizer.lr`, times global batch / reference batch when
+    `optimizer.lr_scaling=linear` (the linear scaling rule of Goyal et al., 2017)."""
+    lr = optimizer.get("lr")
+    if optimizer.get("lr_scaling", "none") != "linear" or lr is None:
+        return lr
+    return lr * global_batch / optimizer.get("reference_batch", DEFAULT_REFERENCE_BATCH)
+
+
+def build_optimizer(
+    optimizer: dict[str, Any], model: nn.Module, *, global_batch: int
+) -> torch.optim.Optimizer:
+    """`optimizer` is a `_partial_: true` config; `global_batch` is data.batch_size, for scaling."""
+    torch_kwargs = {k: v for k, v in optimizer.items() if k not in LR_SCALING_KEYS}
+    if "lr" in optimizer:
+        torch_kwargs["lr"] = scaled_lr(optimizer, global_batch)
+        if torch_kwargs["lr"] != optimizer["lr"]:
+            log.info(
+                "optimizer.lr_scaling=linear: lr %g x global batch %d / reference batch %d = %g",
+                optimizer["lr"],
+                global_batch,
+                optimizer.get("reference_batch", DEFAULT_REFERENCE_BATCH),
+                torch_kwargs["lr"],
+            )
+    make = instantiate(torch_kwargs, _convert_="all")  # `_partial_: true`: params come last
     return make(model.parameters())
 
 
@@ -69,7 +98,7 @@ def build_loss(loss: dict[str, Any]) -> nn.Module:
 
 
 def check_model_fits_data(model: nn.Module, splits: Splits, loss_fn: nn.Module) -> None:
-    """Forward two real samples on CPU: the output must be (2, num_outputs) and the loss finite."""
+    """Forward two real samples on CPU: the output must be (2, num_outputs) and fit the loss."""
     x = torch.stack([splits.train[i][0] for i in range(2)])
     y = torch.stack([torch.as_tensor(splits.train[i][1]) for i in range(2)])
     with torch.no_grad():
@@ -82,4 +111,45 @@ def check_model_fits_data(model: nn.Module, splits: Splits, loss_fn: nn.Module) 
             f"expected {expected}. Let the model take num_outputs from the data "
             "(do not set it in the model config)."
         )
-    loss_fn(out, y)
+    _check_loss_fits(loss_fn, out, y, splits.task)
+
+
+def _check_loss_fits(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, task: str) -> None:
+    loss_name = type(loss_fn).__name__
+    advice = (
+        "use loss=cross_entropy (or loss=nll with a log-softmax output) for classification "
+        "and loss=mse for regression"
+    )
+    # Checked by type first: cross-entropy takes float targets as class probabilities and MSE
+    # broadcasts, so on the wrong task either may run without an error and learn nonsense.
+    wrong = (
+        (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+        if task == "classification"
+        else (nn.CrossEntropyLoss, nn.NLLLoss)
+    )
+    if isinstance(loss_fn, wrong):
+        raise ValueError(f"the loss {loss_name} does not fit a {task} dataset: {advice}.")
+    try:
+        with torch.no_grad():
+            loss = loss_fn(out, y)
+    except Exception as error:  # shapes or dtypes the loss cannot take: the wrong loss
+        # Not chained: the driver reports a chained error's cause, and this message is the news.
+        raise ValueError(
+            f"the loss {loss_name} cannot compare the model's output {tuple(out.shape)} with the "
+            f"{task} targets (shape {tuple(y.shape)}, {y.dtype}): {error}. {advice}."
+        ) from None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"the loss {loss_name} returned {getattr(loss, 'shape', type(loss).__name__)}, not a "
+            "scalar: use reduction='mean' (the default)."
+        )
+    if isinstance(loss_fn, nn.NLLLoss):
+        # NLLLoss takes log-probabilities; on raw logits it minimises -logit without bound and
+        # training diverges silently. Log-probabilities have logsumexp 0 in every row.
+        total = out.float().logsumexp(dim=1)
+        if not torch.allclose(total, torch.zeros_like(total), atol=1e-3):
+            raise ValueError(
+                "loss=nll (NLLLoss) needs log-probabilities, but the model's outputs are not: "
+                "set model.log_softmax=true (mlp, cnn, resnet18, rnn), end your own model with "
+                "nn.LogSoftmax(dim=1), or use loss=cross_entropy on raw logits."
+            )

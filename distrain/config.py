@@ -35,6 +35,7 @@ class Placement(Enum):
 
 
 PRECISIONS = ("32", "bf16", "16")
+LR_SCALINGS = ("none", "linear")  # optimizer.lr_scaling (read by build.build_optimizer)
 
 
 @dataclass
@@ -153,6 +154,21 @@ def validate(job: dict[str, Any]) -> None:
         lr is None or (isinstance(lr, int | float) and lr > 0),
         f"optimizer.lr={lr} is not allowed: the learning rate must be a number > 0.",
     )
+    scaling = job["optimizer"].get("lr_scaling", "none")
+    _require(
+        scaling in LR_SCALINGS,
+        f"optimizer.lr_scaling={scaling!r} is not one of {', '.join(LR_SCALINGS)} (linear: lr x "
+        "data.batch_size / optimizer.reference_batch).",
+    )
+    reference = job["optimizer"].get("reference_batch", 256)
+    _require(
+        isinstance(reference, int) and not isinstance(reference, bool) and reference >= 1,
+        f"optimizer.reference_batch={reference} must be a whole number of samples >= 1.",
+    )
+    _require(
+        scaling == "none" or lr is not None,
+        "optimizer.lr_scaling=linear scales optimizer.lr, but this optimizer has no lr key.",
+    )
     for key in ("_target_",):
         for group in ("model", "data", "optimizer", "loss", "aggregator"):
             _require(
@@ -180,6 +196,11 @@ def validate(job: dict[str, Any]) -> None:
         or (isinstance(micro, int) and 1 <= micro <= per_worker and per_worker % micro == 0),
         f"data.micro_batch_size={micro} must divide the per-worker batch "
         f"{per_worker} (= data.batch_size {batch_size} / trainer.workers {workers}), or be null.",
+    )
+    num_workers = data.get("num_workers", 0)
+    _require(
+        isinstance(num_workers, int) and num_workers >= 0,
+        f"data.num_workers={num_workers} must be a whole number >= 0 (DataLoader processes).",
     )
     loader = data.get("loader", "auto")
     _require(

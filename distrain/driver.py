@@ -50,7 +50,11 @@ def dry_build(job: dict[str, Any]) -> Splits:
     splits: Splits = _explain("data", lambda: build.build_splits(job["data"]))
     model = _explain("model", lambda: build.build_model(job["model"], splits))
     loss_fn = _explain("loss", lambda: build.build_loss(job["loss"]))
-    _explain("optimizer", lambda: build.build_optimizer(job["optimizer"], model))
+    batch_size, trainer = job["data"]["batch_size"], job["trainer"]
+    optimizer = _explain(
+        "optimizer",
+        lambda: build.build_optimizer(job["optimizer"], model, global_batch=batch_size),
+    )
     _explain("aggregator", lambda: instantiate(job["aggregator"], _convert_="all"))
     _explain("model", lambda: build.check_model_fits_data(model, splits, loss_fn))
     if len(splits.train) < job["data"]["batch_size"]:
@@ -58,6 +62,15 @@ def dry_build(job: dict[str, Any]) -> Splits:
             f"data.batch_size={job['data']['batch_size']} is larger than the training set "
             f"({len(splits.train)} samples): lower data.batch_size."
         )
+    steps_per_epoch = len(splits.train) // batch_size
+    total_steps = trainer["epochs"] * steps_per_epoch  # as the worker counts them
+    total_steps = min(total_steps, trainer["max_steps"] or total_steps)
+    _explain(
+        "scheduler",
+        lambda: build.build_scheduler(
+            job["scheduler"], optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+        ),
+    )
     return splits
 
 

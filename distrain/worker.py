@@ -84,7 +84,7 @@ class Worker:
         torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
         model = build.build_model(job["model"], splits).to(self.device)
         torch.manual_seed(trainer["seed"] + 1 + self.rank)  # distinct dropout/augmentation streams
-        optimizer = build.build_optimizer(job["optimizer"], model)
+        optimizer = build.build_optimizer(job["optimizer"], model, global_batch=data["batch_size"])
         epochs, max_steps = trainer["epochs"], trainer["max_steps"]
         total_steps = epochs * batches.steps_per_epoch
         scheduler = build.build_scheduler(

@@ -2,6 +2,7 @@
 
 Sized for MNIST / CIFAR-like inputs: 1- or 3-channel (or any channel count) images of at least
 8x8 pixels. Each block halves height and width, so the flatten width follows from `input_shape`.
+`log_softmax=True` ends the head with LogSoftmax, for `loss=nll` (as in pytorch/examples' MNIST).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class CNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         dropout: float = 0.0,
+        log_softmax: bool = False,
     ) -> None:
         super().__init__()
         shape = tuple(int(d) for d in input_shape)
@@ -56,6 +58,8 @@ class CNN(nn.Module):
         if dropout > 0:
             head.append(nn.Dropout(dropout))
         head.append(nn.Linear(hidden, num_outputs))
+        if log_softmax:
+            head.append(nn.LogSoftmax(dim=1))
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

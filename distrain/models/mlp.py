@@ -1,4 +1,7 @@
-"""A multi-layer perceptron of any depth: Flatten, (Linear, activation, dropout) x N, Linear."""
+"""A multi-layer perceptron of any depth: Flatten, (Linear, activation, dropout) x N, Linear.
+
+`log_softmax=True` appends LogSoftmax, for `loss=nll`; it does not change the argmax.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class MLP(nn.Sequential):
         hidden_sizes: Sequence[int] = (256, 256),
         activation: str = "relu",
         dropout: float = 0.0,
+        log_softmax: bool = False,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -29,4 +33,6 @@ class MLP(nn.Sequential):
                 layers.append(nn.Dropout(dropout))
             width = hidden
         layers.append(nn.Linear(width, num_outputs))
+        if log_softmax:
+            layers.append(nn.LogSoftmax(dim=1))  # no parameters: state_dict keys unchanged
         super().__init__(*layers)

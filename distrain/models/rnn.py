@@ -28,6 +28,7 @@ class RNNClassifier(nn.Module):
         hidden_size: int = 64,
         num_layers: int = 1,
         bidirectional: bool = False,
+        log_softmax: bool = False,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -48,6 +49,7 @@ class RNNClassifier(nn.Module):
         )
         self.num_directions = 2 if bidirectional else 1
         self.head = nn.Linear(self.num_directions * hidden_size, num_outputs)
+        self.log_softmax = log_softmax  # for loss=nll
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(len(x), self.num_steps, self.num_features)
@@ -55,4 +57,5 @@ class RNNClassifier(nn.Module):
         hidden = state[0] if isinstance(state, tuple) else state  # LSTM returns (h_n, c_n)
         # h_n is (num_layers * directions, N, H); the last layer's directions are the last rows.
         last_layer = hidden[-self.num_directions :]
-        return self.head(last_layer.transpose(0, 1).reshape(len(x), -1))
+        out = self.head(last_layer.transpose(0, 1).reshape(len(x), -1))
+        return out.log_softmax(dim=1) if self.log_softmax else out

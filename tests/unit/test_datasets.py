@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import struct
-from pathlib import Path
-from typing import ClassVar
-
 import numpy as np
 import pytest
 import torch
@@ -16,32 +11,9 @@ from distrain.data.image_folder import image_folder
 from distrain.data.synthetic import synthetic
 from distrain.data.tensors import tensors
 from distrain.data.vision import RandomCropFlip, cifar10, fashion_mnist, mnist
+from tests.fakedata import write_cifar, write_mnist, write_pngs
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX)
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """The IDX format: big-endian magic (0x08 = uint8 in byte 3, ndim in byte 4), dims, data."""
-    assert array.dtype == np.uint8
-    header = struct.pack(">i", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
-def _write_mnist(root: Path, folder: str, num_train: int = 6, num_test: int = 4) -> dict:
-    # torchvision reads the uncompressed files from <root>/<class name>/raw and, for MNIST,
-    # checks only that they exist (the MD5s it lists are for the .gz downloads).
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    out = {}
-    for split, n in (("train", num_train), ("t10k", num_test)):
-        images = rng.integers(1, 255, size=(n, 28, 28), dtype=np.uint8)
-        images[0, 0, 0], images[0, 0, 1] = 255, 0  # known pixels for the normalisation check
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-        out[split] = (images, labels)
-    return out
 
 
 @pytest.mark.parametrize(
@@ -49,7 +21,7 @@ def _write_mnist(root: Path, folder: str, num_train: int = 6, num_test: int = 4)
     [(mnist, "MNIST", 0.1307, 0.3081), (fashion_mnist, "FashionMNIST", 0.2860, 0.3530)],
 )
 def test_mnist_like_reads_idx_files(tmp_path, builder, folder, mean, std):
-    written = _write_mnist(tmp_path, folder)
+    written = write_mnist(tmp_path, folder)
     splits = builder(root=str(tmp_path))
 
     assert splits.in_memory and splits.train_transform is None
@@ -65,7 +37,7 @@ def test_mnist_like_reads_idx_files(tmp_path, builder, folder, mean, std):
 
 
 def test_mnist_limits_and_home_expansion(tmp_path, monkeypatch):
-    _write_mnist(tmp_path, "MNIST")
+    write_mnist(tmp_path, "MNIST")
     monkeypatch.setenv("HOME", str(tmp_path))
     splits = mnist(root="~", limit_train=3, limit_val=2)
     assert len(splits.train) == 3 and len(splits.val) == 2
@@ -85,50 +57,10 @@ def test_mnist_missing_files_names_path_and_fix(tmp_path):
 # ---------------------------------------------------------------- CIFAR-10 (pickled batches)
 
 
-def _write_cifar(root: Path, per_batch: int = 2, num_test: int = 3) -> dict:
-    """The python-version CIFAR-10 layout: pickled dicts with uint8 rows of R, G, B planes."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    out = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for index, name in enumerate(names):
-        n = num_test if name == "test_batch" else per_batch
-        data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
-        if index == 0:  # image 0, pixel (0, 0): R=255, G=0, B=51 (0.2)
-            data[0, 0], data[0, 1024], data[0, 2048] = 255, 0, 51
-        labels = [int(v) for v in rng.integers(0, 10, size=n)]
-        batch = {"batch_label": name, "labels": labels, "data": data, "filenames": ["x.png"] * n}
-        (folder / name).write_bytes(pickle.dumps(batch))
-        out[name] = (data, labels)
-    meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
-    return out
-
-
-@pytest.fixture
-def unchecked_cifar10(monkeypatch):
-    """torchvision's real CIFAR10 class, with only the MD5s of the official files removed.
-
-    CIFAR10 compares every batch file against the MD5 of the official 160 MB release, which a
-    tiny test file cannot match. With md5=None, torchvision's `check_integrity` checks that the
-    file exists and the rest (unpickling, reshaping, meta) is the real loading code.
-    """
-    from torchvision import datasets
-
-    real = datasets.CIFAR10
-
-    class UncheckedCIFAR10(real):
-        train_list: ClassVar = [[name, None] for name, _ in real.train_list]
-        test_list: ClassVar = [[name, None] for name, _ in real.test_list]
-        meta: ClassVar = {**real.meta, "md5": None}
-
-    monkeypatch.setattr(datasets, "CIFAR10", UncheckedCIFAR10)
-
-
-def test_cifar10_reads_pickled_batches(tmp_path, unchecked_cifar10):
-    written = _write_cifar(tmp_path)
-    splits = cifar10(root=str(tmp_path))
+def test_cifar10_reads_pickled_batches(tmp_path):
+    written = write_cifar(tmp_path)
+    # The tiny files cannot match the official MD5s; everything else is torchvision's real code.
+    splits = cifar10(root=str(tmp_path), check_integrity=False)
 
     assert splits.in_memory and splits.input_shape == (3, 32, 32) and splits.num_outputs == 10
     x, y = splits.train.tensors
@@ -145,7 +77,9 @@ def test_cifar10_reads_pickled_batches(tmp_path, unchecked_cifar10):
 
     assert isinstance(splits.train_transform, RandomCropFlip)
     assert splits.train_transform.padding == 4
-    plain = cifar10(root=str(tmp_path), augment=False, limit_train=4, limit_val=1)
+    plain = cifar10(
+        root=str(tmp_path), augment=False, limit_train=4, limit_val=1, check_integrity=False
+    )
     assert plain.train_transform is None and len(plain.train) == 4 and len(plain.val) == 1
 
 
@@ -157,9 +91,13 @@ def test_cifar10_missing_or_corrupt_files_name_path(tmp_path):
     assert "data_batch_1" in message and "test_batch" in message
     assert "data.download=true" in message
     # The unmodified class rejects files whose MD5 is not the official one: same clear error.
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     with pytest.raises(FileNotFoundError, match="MD5 checksums"):
         cifar10(root=str(tmp_path))
+    # Without the MD5 check a missing file is still refused, and the message says the check is off.
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="check_integrity=false skipped the MD5 check"):
+        cifar10(root=str(tmp_path), check_integrity=False)
 
 
 # ---------------------------------------------------------------- RandomCropFlip
@@ -206,18 +144,9 @@ def test_random_crop_flip_crops_shifted_windows():
 # ---------------------------------------------------------------- ImageFolder
 
 
-def _write_pngs(root: Path, colours: dict[str, tuple[int, int, int]], per_class: int) -> None:
-    from PIL import Image
-
-    for name, colour in colours.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (12, 10), colour).save(root / name / f"{i}.png")
-
-
 def test_image_folder_reads_class_folders(tmp_path):
     colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
-    _write_pngs(tmp_path / "train", colours, per_class=4)
+    write_pngs(tmp_path / "train", colours, per_class=4)
     splits = image_folder(
         root=str(tmp_path / "train"), image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, seed=1
     )
@@ -233,7 +162,7 @@ def test_image_folder_reads_class_folders(tmp_path):
             expected[2 - label] = 1.0
             torch.testing.assert_close(image, expected)
 
-    _write_pngs(tmp_path / "val", colours, per_class=1)
+    write_pngs(tmp_path / "val", colours, per_class=1)
     with_val = image_folder(root=str(tmp_path / "train"), val_root=str(tmp_path / "val"))
     assert len(with_val.train) == 12 and len(with_val.val) == 3
 
@@ -245,8 +174,8 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no usable images") as info:
         image_folder(root=str(tmp_path / "empty"))
     assert str(tmp_path / "empty") in str(info.value)
-    _write_pngs(tmp_path / "a", {"cat": (1, 2, 3), "dog": (4, 5, 6)}, per_class=2)
-    _write_pngs(tmp_path / "b", {"cat": (1, 2, 3), "eel": (4, 5, 6)}, per_class=1)
+    write_pngs(tmp_path / "a", {"cat": (1, 2, 3), "dog": (4, 5, 6)}, per_class=2)
+    write_pngs(tmp_path / "b", {"cat": (1, 2, 3), "eel": (4, 5, 6)}, per_class=1)
     with pytest.raises(ValueError, match="must be the same"):
         image_folder(root=str(tmp_path / "a"), val_root=str(tmp_path / "b"))
 
