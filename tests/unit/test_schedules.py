@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distrain import build, schedules
+from distrain.cli import CONF_DIR
 from distrain.config import ConfigError, validate
 from tests.conftest import compose_job
 
@@ -72,7 +73,23 @@ def test_onecycle_peaks_at_pct_start_and_survives_the_workers_step_count() -> No
     assert lrs[-1] < BASE_LR / 25 / 100
 
 
-@pytest.mark.parametrize("name", ["step", "cosine", "warmup_cosine", "onecycle"])
+# Every conf/scheduler/*.yaml but the constant one, so a new schedule config is tested too.
+SCHEDULES = sorted(
+    path.stem for path in (CONF_DIR / "scheduler").glob("*.yaml") if path.stem != "none"
+)
+
+
+def test_the_schedules_are_listed() -> None:
+    assert {"cosine", "onecycle", "step", "warmup_cosine"} <= set(SCHEDULES)  # the glob works
+    assert (
+        build.build_scheduler(
+            compose_job()["scheduler"], _optimizer(), steps_per_epoch=3, total_steps=9
+        )
+        is None
+    )
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
 def test_a_resumed_schedule_continues_exactly(name: str) -> None:
     """The lr is a function of the step count: a scheduler restored from its state_dict after k
     steps gives the same remaining lrs as one that never stopped."""
