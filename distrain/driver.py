@@ -69,14 +69,12 @@ def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
     torch.manual_seed(job["trainer"]["seed"])
     splits = dry_build(job)
     trainer, cluster_cfg = job["trainer"], job["cluster"]
-    placement = cluster_cfg["placement"]
     with cluster.connect(cluster_cfg):
         device_type = choose_device_type(trainer["device"], ray.cluster_resources().get("GPU", 0.0))
         need = cluster.WorkerResources(
             trainer["workers"], trainer["cpus_per_worker"], gpus_per_worker(device_type)
         )
-        cluster.check_resources(need, placement)
-        group = cluster.reserve(need, placement, timeout_s=cluster_cfg["connect_timeout_s"])
+        group = cluster.place(need, cluster_cfg)
         progress = make_progress(job["logger"]["progress"])
         board = TensorBoardWriter(run_dir.path)
         epochs, max_steps = trainer["epochs"], trainer["max_steps"]
@@ -201,4 +199,8 @@ def _get(refs: list[Any], timeout_s: float, what: str) -> Any:
     except ray.exceptions.GetTimeoutError:
         raise TrainingFailed(
             f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
+        ) from None
+    except ray.exceptions.RayActorError as error:  # e.g. a node that cannot import distrain
+        raise TrainingFailed(
+            f"a worker did not {what}: {cluster.describe_worker_error(error)}"
         ) from None
