@@ -187,3 +187,30 @@ def test_a_failed_job_does_not_stop_the_sweep_and_reruns(ray_address: str, tmp_p
     assert _finished(sweep_dir / "0")
     rows = json.loads((sweep_dir / "summary.json").read_text())
     assert [r["status"] for r in rows] == ["finished", "skipped (finished before)"]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_summarises(ray_address: str, tmp_path: Path) -> None:
+    """hparams_search=optuna: Hydra's Optuna sweeper picks the values, distrain's return value
+    (val_loss) is its objective. Optional: skipped where hydra-optuna-sweeper is not installed."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep_dir = tmp_path / "search"
+    result = run_cli(
+        "--multirun",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=3",
+        "trainer.epochs=1",
+        "logger.progress=none",
+        f"cluster.address={ray_address}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    losses = [json.loads((sweep_dir / str(n) / "metrics.json").read_text()) for n in (0, 1)]
+    best = (sweep_dir / "optimization_results.yaml").read_text()
+    assert f"best_value: {min(m['val_loss'] for m in losses)}" in best
+    for row in rows:
+        assert any(o.startswith("optimizer.lr=") for o in row["overrides"])
