@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
@@ -47,7 +48,8 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
-    """A plain TCP connect first: ray.init on a dead address retries for a minute or more."""
+    """A plain TCP connect, then a gRPC handshake: ray.init on a dead address retries for a
+    minute or more, and on a port that is not Ray's it waits for minutes."""
     target = _host_port(address)
     if target is None:
         return
@@ -70,8 +72,6 @@ def _check_speaks_grpc(address: str, target: tuple[str, int], timeout_s: float) 
     for minutes, so it is refused here."""
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return  # a TLS handshake needs Ray's certificates; leave the check to ray.init
-    import grpc
-
     channel = grpc.insecure_channel(f"{target[0]}:{target[1]}")
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
@@ -180,8 +180,6 @@ def keep_connected(cluster: dict[str, Any]) -> None:
     if ray.is_initialized():
         return
     _init(cluster)
-    if _kept is None:
-        atexit.register(release)
     _kept = key
 
 
@@ -191,6 +189,9 @@ def release() -> None:
     if _kept is not None and ray.is_initialized():
         ray.shutdown()
     _kept = None
+
+
+atexit.register(release)  # a sweep ended by an error or Ctrl-C leaves no Ray behind
 
 
 @dataclass(frozen=True)
