@@ -1,7 +1,8 @@
 """`distrain`: the Hydra application. Composes conf/ + overrides, resolves, hands off to the driver.
 
 User mistakes end as one paragraph on stderr and exit code 2, not a traceback; a failed training
-run exits 1; Ctrl-C exits 130. In a --multirun sweep a failed job is recorded and the sweep goes on.
+run exits 1; Ctrl-C exits 130. In a --multirun sweep a failed job is recorded and the sweep goes on
+(the sweep then exits 1); see distrain/sweep.py for how a sweep is resumed and summarised.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from distrain import driver
-from distrain.config import ConfigError, register_configs
+from distrain import cluster, driver, sweep
+from distrain.config import ConfigError, register_configs, validate
 from distrain.rundir import RunDirectory, git_revision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -43,16 +45,12 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig) -> dict[str, Any] | None:
     hydra_cfg = HydraConfig.get()
     run_dir = RunDirectory(hydra_cfg.runtime.output_dir)
-    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return _run_sweep_job(cfg, run_dir)
     try:
-        job = resolve(cfg)
-        metrics = driver.train(job, run_dir)
+        metrics = driver.train(resolve(cfg), run_dir)
     except (ConfigError, driver.TrainingFailed) as error:
-        kind = "configuration error" if isinstance(error, ConfigError) else "training failed"
-        print(f"distrain: {kind}: {error}", file=sys.stderr)
-        if sweeping:  # one bad job must not end the sweep; its run dir says what happened
-            run_dir.write_json(run_dir.path / "failed.json", {"error": f"{kind}: {error}"})
-            return None
+        print(f"distrain: {_kind(error)}: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     except driver.Interrupted as stop:
         print(f"distrain: interrupted: {stop}", file=sys.stderr)
@@ -60,11 +58,60 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     except KeyboardInterrupt:
         print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
         sys.exit(130)
-    metrics["overrides"] = list(hydra_cfg.overrides.task)
+    _finish(metrics, run_dir)
+    return metrics
+
+
+def _kind(error: BaseException) -> str:
+    if isinstance(error, ConfigError):
+        return "configuration error"
+    if isinstance(error, driver.TrainingFailed):
+        return "training failed"
+    return f"unexpected error ({type(error).__name__})"
+
+
+def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | None:
+    """One job of a --multirun sweep: skipped if it finished before, resumed if it has a
+    checkpoint, else run. A failure is recorded in failed.json and the sweep goes on."""
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    label = f"job {hydra_cfg.job.num} ({' '.join(overrides) or 'no overrides'})"
+    failed = run_dir.path / "failed.json"
+    try:
+        job = resolve(cfg)
+        action, earlier = sweep.plan(run_dir.path, overrides)
+        if action == sweep.SKIP:
+            print(f"distrain: {label}: skipped (finished) in {run_dir.path}", file=sys.stderr)
+            return earlier
+        failed.unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
+        if action == sweep.RESUME and job.get("resume") is None:
+            job["resume"] = str(run_dir.path)
+            print(f"distrain: {label}: resuming from its last checkpoint", file=sys.stderr)
+        validate(job)  # a mistake in the job's values fails before any Ray is started for it
+        # One Ray for all the jobs: the driver finds it initialised and leaves it running.
+        cluster.keep_connected(job["cluster"])
+        metrics = driver.train(job, run_dir)
+    except KeyboardInterrupt:
+        print(f"distrain: interrupted in {label}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # one bad job must not end the sweep; its run dir says why
+        kind = _kind(error)
+        record = {"error": f"{kind}: {error}", "overrides": overrides}
+        if not isinstance(error, ConfigError | driver.TrainingFailed):
+            record["traceback"] = traceback.format_exc()
+            traceback.print_exc()
+        run_dir.write_json(failed, record)
+        print(f"distrain: {label} failed: {kind}: {error}", file=sys.stderr)
+        return None
+    _finish(metrics, run_dir)
+    return metrics
+
+
+def _finish(metrics: dict[str, Any], run_dir: RunDirectory) -> None:
+    metrics["overrides"] = list(HydraConfig.get().overrides.task)
     metrics["git_revision"] = git_revision(CONF_DIR.parent)
     run_dir.write_metrics(metrics)
     _print_summary(metrics)
-    return metrics
 
 
 def _print_summary(metrics: dict[str, Any]) -> None:
@@ -129,3 +176,5 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
     _hydra_main()
+    if sweep.last_summary is not None and any(r["status"] == "FAILED" for r in sweep.last_summary):
+        sys.exit(1)  # a sweep with a failed job is not a success, for scripts and CI

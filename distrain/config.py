@@ -66,6 +66,7 @@ class ClusterConfig:
     connect_timeout_s: float = 15.0
     socket_ifname: str | None = None  # sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME in workers
     runtime_env_working_dir: bool = False  # ship the project dir to the cluster with the job
+    scale_up_timeout_s: float = 600.0  # wait this long for an autoscaler to add nodes
 
 
 @dataclass
@@ -147,7 +148,8 @@ def validate(job: dict[str, Any]) -> None:
         logger["progress"] in ("auto", "rich", "plain", "none"),
         f"logger.progress={logger['progress']!r} is not one of auto, rich, plain, none.",
     )
-    _require(cluster["connect_timeout_s"] > 0, "cluster.connect_timeout_s must be > 0 seconds.")
+    for key in ("connect_timeout_s", "scale_up_timeout_s"):
+        _require(cluster[key] > 0, f"cluster.{key}={cluster[key]} must be > 0 seconds.")
 
     lr = job["optimizer"].get("lr")
     _require(

@@ -45,10 +45,8 @@ class WorkerGroup:
 
     def start(self, need: cluster.WorkerResources, checkpoint_ref: Any | None) -> None:
         """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s."""
-        trainer, placement = self.job["trainer"], self.job["cluster"]["placement"]
-        self.placement_group = cluster.reserve(
-            need, placement, timeout_s=self.job["cluster"]["connect_timeout_s"]
-        )
+        trainer = self.job["trainer"]
+        self.placement_group = cluster.place(need, self.job["cluster"])
         started = time.perf_counter()
         # The sink lives on the driver's node: losing another node must not take the metrics.
         self.sink = MetricsSink.options(
@@ -108,8 +106,10 @@ class WorkerGroup:
             raise GroupFailed(
                 f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
             ) from None
-        except ray.exceptions.RayActorError as error:
-            raise GroupFailed(f"a worker died while it was to {what}: {error}") from None
+        except ray.exceptions.RayActorError as error:  # e.g. a node that cannot import distrain
+            raise GroupFailed(
+                f"a worker died while it was to {what}: {cluster.describe_worker_error(error)}"
+            ) from None
 
     def shutdown(self) -> None:
         """Kill every actor of the group and free its reservation; safe to call twice."""

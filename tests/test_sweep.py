@@ -1,0 +1,216 @@
+"""--multirun sweeps: one run dir per job, the summary, and a sweep continued after Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distrain.config import ConfigError
+from distrain.sweep import RESUME, RUN, SKIP, job_row, markdown_table, plan
+from tests.conftest import DISTRAIN, run_cli
+
+FINISHED = {"wall_s": 12.5, "val_accuracy": 0.9, "samples_per_s": 1000.0, "steps": 22}
+
+
+def _write(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+
+
+def test_plan_skips_a_finished_job(tmp_path: Path) -> None:
+    _write(tmp_path / "metrics.json", {**FINISHED, "overrides": ["optimizer.lr=0.1"]})
+    assert plan(tmp_path, ["optimizer.lr=0.1"]) == (
+        SKIP,
+        {**FINISHED, "overrides": ["optimizer.lr=0.1"]},
+    )
+    # Continuing on another cluster or with another display is the same job.
+    moved = ["optimizer.lr=0.1", "cluster.address=10.0.0.1:6379", "logger.progress=none"]
+    assert plan(tmp_path, moved)[0] == SKIP
+
+
+def test_plan_refuses_a_finished_run_of_other_overrides(tmp_path: Path) -> None:
+    _write(tmp_path / "metrics.json", {**FINISHED, "overrides": ["optimizer.lr=0.1"]})
+    with pytest.raises(ConfigError, match=r"other overrides \(optimizer.lr=0.1\).*new hydra"):
+        plan(tmp_path, ["optimizer.lr=0.5"])
+
+
+def test_plan_resumes_from_a_checkpoint_and_reruns_the_rest(tmp_path: Path) -> None:
+    assert plan(tmp_path, []) == (RUN, None)  # never started
+    _write(tmp_path / "failed.json", {"error": "training failed: worker died"})
+    assert plan(tmp_path, []) == (RUN, None)  # failed: run again
+    _write(tmp_path / "metrics.json", '{"wall_s": 1.0')  # not JSON: not finished
+    assert plan(tmp_path, []) == (RUN, None)
+    _write(tmp_path / "metrics.json", {"epochs": 1})  # no wall time: not a finished run's
+    assert plan(tmp_path, []) == (RUN, None)
+    _write(tmp_path / "checkpoints" / "latest", "step-000100")
+    assert plan(tmp_path, []) == (RESUME, None)
+
+
+def test_summary_rows_and_table(tmp_path: Path) -> None:
+    _write(tmp_path / "0" / "metrics.json", FINISHED)
+    _write(tmp_path / "1" / "failed.json", {"error": "configuration error: bad\nsecond line"})
+    (tmp_path / "2").mkdir()
+    common = ["trainer.epochs=1"]
+    rows = [
+        job_row(n, [f"optimizer.lr={n}", *common], tmp_path / str(n), time.time() + 60)
+        for n in range(3)
+    ]
+    assert [r["status"] for r in rows] == [
+        "skipped (finished before)",  # its metrics.json is older than the sweep's start
+        "FAILED",
+        "incomplete",
+    ]
+    assert rows[0]["val_accuracy"] == 0.9 and rows[1]["error"].startswith("configuration error")
+    table = markdown_table(rows).splitlines()
+    header = [cell.strip() for cell in table[0].split("|")[1:-1]]
+    assert header == ["job", "overrides", "val_accuracy", "samples/s", "wall_s", "status"]
+    assert "trainer.epochs=1" not in "\n".join(table)  # shared by every job: not a column value
+    assert table[2].split("|")[2].strip() == "optimizer.lr=0"
+    assert "0.9000" in table[2] and "1,000" in table[2] and "12.5" in table[2]
+    assert "FAILED: configuration error: bad" in table[3] and "second line" not in table[3]
+
+
+def _sweep_command(ray_address: str, sweep_dir: Path) -> list[str]:
+    return [
+        *DISTRAIN,
+        "--multirun",
+        "optimizer.lr=0.05,0.1",
+        "trainer.workers=1,2",
+        "trainer.epochs=1",
+        "model.hidden_sizes=[32]",
+        "logger.progress=plain",
+        f"cluster.address={ray_address}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+
+
+def _finished(job_dir: Path) -> bool:
+    try:
+        return "overrides" in json.loads((job_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_continues_with_only_what_is_missing(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """4 jobs; Ctrl-C once job 1 has finished; the same command again skips jobs 0 and 1 and
+    runs 2 and 3, into the same numbered run dirs, then prints and writes the summary."""
+    sweep_dir = tmp_path / "sweep"
+    command = _sweep_command(ray_address, sweep_dir)
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not _finished(sweep_dir / "1") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        assert _finished(sweep_dir / "1"), "job 1 did not finish in time"
+        proc.send_signal(signal.SIGINT)
+        _, first_err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert _finished(sweep_dir / "0") and not _finished(sweep_dir / "2"), first_err[-3000:]
+    assert not (sweep_dir / "3").exists() and not (sweep_dir / "summary.json").exists()
+    mtimes = {n: (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns for n in (0, 1)}
+
+    again = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    for n in (0, 1):
+        assert f"distrain: job {n} (" in again.stderr and "skipped (finished)" in again.stderr
+        assert (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns == mtimes[n]
+    assert again.stderr.count("skipped (finished)") == 2, again.stderr[-3000:]
+
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert [r["job"] for r in rows] == [0, 1, 2, 3]
+    assert [r["status"] for r in rows] == ["skipped (finished before)"] * 2 + ["finished"] * 2
+    for n, row in enumerate(rows):
+        metrics = json.loads((sweep_dir / str(n) / "metrics.json").read_text())
+        assert row["overrides"] == metrics["overrides"]
+        assert row["val_accuracy"] == metrics["val_accuracy"]
+        assert metrics["workers"] == len(metrics["nodes"]) == (1 if n % 2 == 0 else 2)
+        assert (sweep_dir / str(n) / "model.pt").exists()
+    # Job numbers follow the overrides in order, so a continued sweep meets the same jobs.
+    expected = [(lr, w) for lr in ("0.05", "0.1") for w in ("1", "2")]
+    for n, (lr, workers) in enumerate(expected):
+        assert rows[n]["overrides"][:2] == [f"optimizer.lr={lr}", f"trainer.workers={workers}"]
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "optimizer.lr=0.1 trainer.workers=2" in summary
+    assert "sweep " in again.stdout and "| 3   |" in again.stdout  # the table, printed
+
+
+@pytest.mark.slow
+def test_a_failed_job_does_not_stop_the_sweep_and_reruns(ray_address: str, tmp_path: Path) -> None:
+    """Job 0 names a model module that is not there yet (a file not copied, say); job 1 runs.
+    The sweep exits 1 with job 0 marked; once the file exists the same sweep runs only job 0."""
+    sweep_dir = tmp_path / "sweep"
+    overrides = [
+        "--multirun",
+        "model._target_=tiny_model.make,distrain.models.mlp.MLP",
+        "model.hidden_sizes=[16]",
+        "trainer.workers=1",
+        "trainer.epochs=1",
+        "trainer.max_steps=3",
+        "logger.progress=none",
+        f"cluster.address={ray_address}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    first = run_cli(*overrides, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "distrain: job 0 (" in first.stderr and "failed: configuration error" in first.stderr
+    assert "tiny_model" in json.loads((sweep_dir / "0" / "failed.json").read_text())["error"]
+    assert _finished(sweep_dir / "1")
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["FAILED", "finished"]
+    assert "FAILED: configuration error" in first.stdout
+
+    # The driver imports it from its working directory, Ray's workers from the same path.
+    (tmp_path / "tiny_model.py").write_text(
+        "from distrain.models.mlp import MLP\n\n\ndef make(**kwargs):\n    return MLP(**kwargs)\n"
+    )
+    second = run_cli(*overrides, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not (sweep_dir / "0" / "failed.json").exists()
+    assert _finished(sweep_dir / "0")
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["finished", "skipped (finished before)"]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_summarises(ray_address: str, tmp_path: Path) -> None:
+    """hparams_search=optuna: Hydra's Optuna sweeper picks the values, distrain's return value
+    (val_loss) is its objective. Optional: skipped where hydra-optuna-sweeper is not installed."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep_dir = tmp_path / "search"
+    result = run_cli(
+        "--multirun",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=3",
+        "trainer.epochs=1",
+        "logger.progress=none",
+        f"cluster.address={ray_address}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    losses = [json.loads((sweep_dir / str(n) / "metrics.json").read_text()) for n in (0, 1)]
+    best = (sweep_dir / "optimization_results.yaml").read_text()
+    assert f"best_value: {min(m['val_loss'] for m in losses)}" in best
+    for row in rows:
+        assert any(o.startswith("optimizer.lr=") for o in row["overrides"])
