@@ -192,8 +192,7 @@ def test_a_failed_job_does_not_stop_the_sweep_and_reruns(ray_address: str, tmp_p
 @pytest.mark.slow
 def test_optuna_search_runs_trials_and_summarises(ray_address: str, tmp_path: Path) -> None:
     """hparams_search=optuna: Hydra's Optuna sweeper picks the values, distrain's return value
-    (val_loss) is its objective. Optional: skipped where hydra-optuna-sweeper is not installed."""
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    (val_loss) is its objective. hydra-optuna-sweeper comes with the dev extras."""
     sweep_dir = tmp_path / "search"
     result = run_cli(
         "--multirun",
