@@ -19,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from distrain import driver
 from distrain.config import ConfigError, register_configs
+from distrain.progress import print_summary
 from distrain.rundir import RunDirectory, git_revision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -44,7 +45,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         job = resolve(cfg)
-        metrics = driver.train(job, run_dir)
+        metrics = driver.train(job, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (ConfigError, driver.TrainingFailed) as error:
         kind = "configuration error" if isinstance(error, ConfigError) else "training failed"
         print(f"distrain: {kind}: {error}", file=sys.stderr)
@@ -58,23 +59,8 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     metrics["overrides"] = list(hydra_cfg.overrides.task)
     metrics["git_revision"] = git_revision(CONF_DIR.parent)
     run_dir.write_metrics(metrics)
-    _print_summary(metrics)
+    print_summary(metrics, cfg.logger.progress)
     return metrics
-
-
-def _print_summary(metrics: dict[str, Any]) -> None:
-    keys = ("epochs", "steps", "workers", "train_loss", "val_loss", "val_accuracy")
-    figures = "  ".join(
-        f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-        for k in keys
-        if k in metrics
-    )
-    print(
-        f"distrain: done in {metrics['wall_s']:.1f} s, {metrics['samples_per_s']:,.0f} samples/s. "
-        f"{figures}\n  run dir: {metrics['run_dir']}\n"
-        f"  watch:   tensorboard --logdir {metrics['run_dir']}",
-        file=sys.stderr,
-    )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

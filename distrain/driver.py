@@ -21,11 +21,12 @@ from distrain import build, cluster, config
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
-from distrain.metrics import EpochMetrics, MetricsCollector
+from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
 from distrain.progress import ProgressView, make_progress
 from distrain.reporting import MetricsSink
 from distrain.rundir import RunDirectory
-from distrain.tensorboard_writer import TensorBoardWriter
+from distrain.stragglers import StragglerDetector
+from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
 from distrain.worker import Worker
 
 log = logging.getLogger("distrain")
@@ -62,8 +63,13 @@ def _explain(group: str, make: Any) -> Any:
         raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
 
 
-def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
-    """Run one job end to end; returns the metrics also written to metrics.json."""
+def train(
+    job: dict[str, Any], run_dir: RunDirectory, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run one job end to end; returns the metrics also written to metrics.json.
+
+    `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
+    """
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
@@ -80,11 +86,16 @@ def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
         progress = make_progress(job["logger"]["progress"])
         board = TensorBoardWriter(run_dir.path)
         epochs, max_steps = trainer["epochs"], trainer["max_steps"]
-        total_steps = epochs * (len(splits.train) // job["data"]["batch_size"])
+        steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
+        total_steps = epochs * steps_per_epoch
         try:
-            progress.start(min(total_steps, max_steps or total_steps), epochs)
+            progress.start(min(total_steps, max_steps or total_steps), epochs, steps_per_epoch)
             board.add_text("config", f"```\n{OmegaConf.to_yaml(job)}\n```")
+            board.start_session(hparams_of(job, overrides or []))
+            if job["logger"]["log_graph"]:
+                board.add_graph(build.build_model(job["model"], splits), splits.train[0][0][None])
             result = _run_workers(job, group, device_type, splits.task, progress, board)
+            board.end_session({**result["summary"], "wall_s": time.perf_counter() - started})
         finally:
             progress.stop()
             board.close()
@@ -95,6 +106,7 @@ def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
         "device": device_type,
         "nodes": result["nodes"],
         "startup_s": result["startup_s"],
+        "stragglers": result["stragglers"],
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
     }
@@ -134,7 +146,13 @@ def _run_workers(
         _get([w.setup.remote(rendezvous) for w in workers], trainer["setup_timeout_s"], "set up")
         setup_s = time.perf_counter() - started - actors_s
         collector = MetricsCollector(world_size, task)
-        results = _watch(workers, nodes, sink, collector, progress, board, trainer)
+        logger = job["logger"]
+        stragglers = StragglerDetector(
+            [n["node_ip"] for n in nodes],
+            threshold=logger["straggler_threshold"],
+            patience=logger["straggler_patience"],
+        )
+        results = _watch(workers, nodes, sink, collector, stragglers, progress, board, trainer)
     finally:
         for handle in [*workers, sink]:
             ray.kill(handle)
@@ -145,6 +163,7 @@ def _run_workers(
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         "startup_s": {"actors": actors_s, "setup": setup_s},
         "state_dict": rank0["state_dict"],
+        "stragglers": [s.as_dict() for s in stragglers.reports],
     }
 
 
@@ -153,6 +172,7 @@ def _watch(
     nodes: list[dict[str, Any]],
     sink: Any,
     collector: MetricsCollector,
+    stragglers: StragglerDetector,
     progress: ProgressView,
     board: TensorBoardWriter,
     trainer: dict[str, Any],
@@ -179,9 +199,15 @@ def _watch(
             if isinstance(metrics, EpochMetrics):
                 board.log_epoch(metrics)
                 progress.epoch(metrics)
+            elif isinstance(metrics, HistogramMetrics):
+                board.log_histograms(metrics)
             else:
-                board.log_step(metrics)
+                straggler = stragglers.update(metrics)
+                board.log_step(metrics, straggler_rank=stragglers.flagged)
                 progress.step(metrics)
+                if straggler is not None:
+                    progress.message(straggler.message)
+                    board.log_straggler(straggler)
         running = {refs[ref] for ref in pending}
         silent = [
             r for r in running if time.time() - last_progress_s[r] > trainer["step_timeout_s"]

@@ -99,16 +99,21 @@ class Worker:
             scaler=devices.grad_scaler(self.device.type, self.precision),
             micro_batch_size=data.get("micro_batch_size") or batches.local_batch,
             task=splits.task,
+            num_outputs=splits.num_outputs,
         )
 
     def fit(self) -> dict[str, Any]:
-        trainer = self.job["trainer"]
+        trainer, logger = self.job["trainer"], self.job["logger"]
+        slowed = trainer["debug_delay_rank"] == self.rank  # test only: a simulated straggler
         steps = fit(
             self.parts,
             epochs=trainer["epochs"],
             max_steps=trainer["max_steps"],
-            log_every_n_steps=self.job["logger"]["log_every_n_steps"],
+            log_every_n_steps=logger["log_every_n_steps"],
             report=self._report,
+            # Histograms are the same on every rank after aggregation: rank 0 sends them.
+            histogram_every_n_steps=logger["histogram_every_n_steps"] if self.rank == 0 else 0,
+            debug_delay_s=trainer["debug_delay_s"] if slowed else 0.0,
         )
         result: dict[str, Any] = {"rank": self.rank, "steps": steps}
         if self.rank == 0:
