@@ -4,7 +4,7 @@ In synchronous training every worker waits for the slowest at each all-reduce, s
 step is the same everywhere; what differs is the *busy* time (data + forward/backward + optimizer,
 distrain/metrics.py). A worker whose busy time per step stays above the median of the others'
 by more than `threshold` for `patience` consecutive logged intervals is a straggler: reported
-once, with its node, until it falls back under the threshold (then it can be reported again).
+once, with its node; it can be reported again after `patience` intervals back under the threshold.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class StragglerDetector:
         self.node_ips = node_ips
         self.threshold = threshold
         self.patience = patience
-        self._streak: dict[int, int] = {}
+        self._above: dict[int, int] = {}  # the current slowest rank: intervals above threshold
+        self._below = 0  # intervals the flagged rank has been back under the threshold
         self.flagged: int | None = None  # the rank currently reported as straggling
         self.reports: list[Straggler] = []
 
@@ -56,15 +57,20 @@ class StragglerDetector:
             rank: busy_s / max(statistics.median(v for r, v in busy.items() if r != rank), 1e-12)
             for rank, busy_s in busy.items()
         }
+        if self.flagged is not None:
+            # The same patience to clear as to declare: a noisy worker is not re-reported at
+            # every other interval.
+            self._below = self._below + 1 if ratios[self.flagged] <= self.threshold else 0
+            if self._below >= self.patience:
+                self.flagged = None
         slowest = max(ratios, key=ratios.__getitem__)
         if ratios[slowest] <= self.threshold:
-            self._streak.clear()
-            self.flagged = None
+            self._above.clear()
             return None
-        self._streak = {slowest: self._streak.get(slowest, 0) + 1}
-        if self._streak[slowest] < self.patience or self.flagged == slowest:
+        self._above = {slowest: self._above.get(slowest, 0) + 1}
+        if self._above[slowest] < self.patience or self.flagged == slowest:
             return None
-        self.flagged = slowest
+        self.flagged, self._below = slowest, 0
         others = [v for r, v in busy.items() if r != slowest]
         report = Straggler(
             rank=slowest,
@@ -73,7 +79,7 @@ class StragglerDetector:
             busy_s=busy[slowest],
             others_busy_s=statistics.median(others),
             step=metrics.step,
-            intervals=self._streak[slowest],
+            intervals=self._above[slowest],
         )
         self.reports.append(report)
         return report

@@ -76,11 +76,22 @@ def test_straggler_needs_patience_and_is_reported_once() -> None:
     assert "rank 2 on node 10.0.0.3" in straggler.message and "1.90x" in straggler.message
     assert found[3] is None and found[4] is None  # still slow: not repeated
     assert detector.flagged == 2
-    # It recovers, then falls behind again: a new report.
-    detector.update(interval(60, {0: 0.010, 1: 0.010, 2: 0.010}))
+    # It recovers for `patience` intervals, then falls behind again: a new report.
+    even = {0: 0.010, 1: 0.010, 2: 0.010}
+    for i in range(3):
+        assert detector.flagged == 2
+        detector.update(interval(60 + 10 * i, even))
     assert detector.flagged is None
-    again = [detector.update(interval(70 + 10 * i, slow)) for i in range(3)]
+    again = [detector.update(interval(90 + 10 * i, slow)) for i in range(3)]
     assert again[2] is not None and len(detector.reports) == 2
+
+
+def test_a_noisy_worker_is_not_reported_again_and_again() -> None:
+    detector = StragglerDetector(["a", "b"], threshold=1.3, patience=2)
+    slow, even = {0: 0.010, 1: 0.020}, {0: 0.010, 1: 0.010}
+    pattern = [slow, slow] + [even, slow, slow] * 5  # one good interval between bad stretches
+    found = [detector.update(interval(i + 1, busy)) for i, busy in enumerate(pattern)]
+    assert sum(f is not None for f in found) == 1
 
 
 def test_no_straggler_below_threshold_or_for_blips() -> None:
