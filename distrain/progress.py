@@ -79,7 +79,7 @@ class RichProgress:
             "training", total=total_steps, count=f"epoch 1/{epochs}", stats=""
         )
         self.iterations: TaskID = self.progress.add_task(
-            "epoch 1", total=self._epoch_steps(0), count="", stats=""
+            "epoch 1", total=self._epoch_steps(0), count=f"0/{self._epoch_steps(0)} it", stats=""
         )
         self.progress.start()
 
@@ -89,8 +89,12 @@ class RichProgress:
     def _enter_epoch(self, epoch: int) -> None:
         if epoch != self.current_epoch:
             self.current_epoch = epoch
+            total = self._epoch_steps(epoch)
             self.progress.reset(
-                self.iterations, total=self._epoch_steps(epoch), description=f"epoch {epoch + 1}"
+                self.iterations,
+                total=total,
+                description=f"epoch {epoch + 1}",
+                count=f"0/{total} it",
             )
 
     def step(self, metrics: StepMetrics) -> None:

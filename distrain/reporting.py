@@ -1,7 +1,8 @@
 """How workers' metrics reach the driver without the driver joining every step.
 
 Workers fire-and-forget small records (one per `logger.log_every_n_steps` and one per epoch) to a
-`MetricsSink` actor; the driver drains it a few times a second. A record is a plain dict.
+`MetricsSink` actor, in batches (distrain/worker.py `REPORT_EVERY_S`); the driver drains it a few
+times a second. A record is a plain dict.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class MetricsSink:
     def push(self, record: dict[str, Any]) -> None:
         self._records.append(record)
         self._last_seen_s[record["rank"]] = time.time()
+
+    def push_many(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.push(record)
 
     def drain(self) -> list[dict[str, Any]]:
         records, self._records = self._records, []

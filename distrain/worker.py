@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -18,6 +19,9 @@ from distrain.data.batches import ShardBatches
 from distrain.loop import Parts, fit
 
 log = logging.getLogger("distrain.worker")
+# Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
+# the worker and the sink CPU that the step needs when workers fill every core.
+REPORT_EVERY_S = 0.25
 
 
 class Worker:
@@ -104,6 +108,8 @@ class Worker:
 
     def fit(self) -> dict[str, Any]:
         trainer, logger = self.job["trainer"], self.job["logger"]
+        self._outbox: list[dict[str, Any]] = []
+        self._next_report_s = time.monotonic()
         slowed = trainer["debug_delay_rank"] == self.rank  # test only: a simulated straggler
         steps = fit(
             self.parts,
@@ -115,11 +121,19 @@ class Worker:
             histogram_every_n_steps=logger["histogram_every_n_steps"] if self.rank == 0 else 0,
             debug_delay_s=trainer["debug_delay_s"] if slowed else 0.0,
         )
+        self._report(None)
         result: dict[str, Any] = {"rank": self.rank, "steps": steps}
         if self.rank == 0:
             result["state_dict"] = {k: v.cpu() for k, v in self.parts.model.state_dict().items()}
         self.parts.aggregator.close()
         return result
 
-    def _report(self, record: dict[str, Any]) -> None:
-        self.sink.push.remote({**record, "rank": self.rank})
+    def _report(self, record: dict[str, Any] | None) -> None:
+        """Queue a record; send the queue if it is due. `None` sends what is queued."""
+        if record is not None:
+            self._outbox.append({**record, "rank": self.rank})
+        now = time.monotonic()
+        due = record is None or record["kind"] == "epoch" or now >= self._next_report_s
+        if due and self._outbox:
+            self.sink.push_many.remote(self._outbox)
+            self._outbox, self._next_report_s = [], now + REPORT_EVERY_S
