@@ -1,5 +1,6 @@
 """What per-iteration logging costs: the same job with `logger.log_every_n_steps` at the default
-(10), at 1, and off (an interval longer than the run: only the last step is logged).
+(10, `default`), at 1 (`every_step`), and `off` (an interval longer than the run: only the last
+step is logged).
 
 One process, one Ray (`ray.init` once; every job joins it), repetitions alternating between the
 settings so drifting load on a shared machine hits them alike. The figure is the median of each
@@ -7,6 +8,7 @@ setting's training samples/s (metrics.json's `samples_per_s`: training loops onl
 start-up excluded) divided by the median with logging off.
 
     PYTHONPATH=$PWD python benchmarks/logging_overhead.py [--reps 7] [--epochs 20]
+        [--settings default,off,every_step]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from distrain.cli import CONF_DIR, resolve
 from distrain.config import register_configs
 from distrain.rundir import RunDirectory
 
-SETTINGS = {"every 10 (default)": 10, "every step": 1, "off": 10**9}
+SETTINGS = {"default": 10, "every_step": 1, "off": 10**9}
 
 
 def job_for(address: str, log_every_n_steps: int, epochs: int, workers: int) -> dict:
@@ -51,7 +53,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--settings", default="default,off", help=f"of {', '.join(SETTINGS)}")
     args = parser.parse_args()
+    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
 
     ray.init(
         address="local",
@@ -60,14 +64,14 @@ def main() -> None:
         logging_level="WARNING",
     )
     address = ray.get_runtime_context().gcs_address
-    rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    rates: dict[str, list[float]] = {name: [] for name in settings}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.reps):
-                order = list(SETTINGS) if rep % 2 == 0 else list(reversed(SETTINGS))
+                order = list(settings) if rep % 2 == 0 else list(reversed(settings))
                 for name in order:
-                    job = job_for(address, SETTINGS[name], args.epochs, args.workers)
-                    run_dir = RunDirectory(Path(tmp) / f"{rep}-{SETTINGS[name]}")
+                    job = job_for(address, settings[name], args.epochs, args.workers)
+                    run_dir = RunDirectory(Path(tmp) / f"{rep}-{name}")
                     metrics = driver.train(job, run_dir)
                     rates[name].append(metrics["samples_per_s"])
                     print(

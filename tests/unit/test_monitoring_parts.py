@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def test_ddp_wait_is_the_time_blocked_behind_a_slow_rank(tmp_path: Path) -> None
     mp.spawn(_ddp_rank, args=(_free_port(), str(tmp_path), delay_s), nprocs=2, join=True)
     fast = json.loads((tmp_path / "rank0.json").read_text())
     slow = json.loads((tmp_path / "rank1.json").read_text())
-    # Rank 0 finished its backward and waited for rank 1's gradients in every step after the
-    # first (the first also waits, but for the group's first collective set-up as well).
-    assert all(wait >= 0.5 * delay_s for wait in fast[1:]), fast
-    assert all(wait < 0.5 * delay_s for wait in slow[1:]), slow
+    # Rank 0 finished its backward and waited for rank 1's gradients at every step; rank 1 did
+    # not wait. Medians: on a loaded 2-core machine a process can lose the CPU for 100 ms at any
+    # point, which shortens or lengthens one step's wait.
+    assert statistics.median(fast) >= 0.5 * delay_s, fast
+    assert statistics.median(slow) < 0.25 * delay_s, slow
