@@ -23,6 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from distrain import cluster, driver, sweep
 from distrain.config import ConfigError, register_configs, validate
+from distrain.progress import print_summary
 from distrain.rundir import RunDirectory, git_revision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -48,7 +49,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return _run_sweep_job(cfg, run_dir)
     try:
-        metrics = driver.train(resolve(cfg), run_dir)
+        metrics = driver.train(resolve(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
     except (ConfigError, driver.TrainingFailed) as error:
         print(f"distrain: {_kind(error)}: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
@@ -58,7 +59,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     except KeyboardInterrupt:
         print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
         sys.exit(130)
-    _finish(metrics, run_dir)
+    _finish(metrics, run_dir, cfg.logger.progress)
     return metrics
 
 
@@ -90,7 +91,7 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
         validate(job)  # a mistake in the job's values fails before any Ray is started for it
         # One Ray for all the jobs: the driver finds it initialised and leaves it running.
         cluster.keep_connected(job["cluster"])
-        metrics = driver.train(job, run_dir)
+        metrics = driver.train(job, run_dir, overrides=overrides)
     except KeyboardInterrupt:
         print(f"distrain: interrupted in {label}", file=sys.stderr)
         sys.exit(130)
@@ -103,30 +104,15 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
         run_dir.write_json(failed, record)
         print(f"distrain: {label} failed: {kind}: {error}", file=sys.stderr)
         return None
-    _finish(metrics, run_dir)
+    _finish(metrics, run_dir, cfg.logger.progress)
     return metrics
 
 
-def _finish(metrics: dict[str, Any], run_dir: RunDirectory) -> None:
+def _finish(metrics: dict[str, Any], run_dir: RunDirectory, progress_mode: str) -> None:
     metrics["overrides"] = list(HydraConfig.get().overrides.task)
     metrics["git_revision"] = git_revision(CONF_DIR.parent)
     run_dir.write_metrics(metrics)
-    _print_summary(metrics)
-
-
-def _print_summary(metrics: dict[str, Any]) -> None:
-    keys = ("epochs", "steps", "workers", "train_loss", "val_loss", "val_accuracy")
-    figures = "  ".join(
-        f"{k} {metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-        for k in keys
-        if k in metrics
-    )
-    print(
-        f"distrain: done in {metrics['wall_s']:.1f} s, {metrics['samples_per_s']:,.0f} samples/s. "
-        f"{figures}\n  run dir: {metrics['run_dir']}\n"
-        f"  watch:   tensorboard --logdir {metrics['run_dir']}",
-        file=sys.stderr,
-    )
+    print_summary(metrics, progress_mode)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

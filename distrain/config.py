@@ -55,6 +55,9 @@ class TrainerConfig:
     min_workers: int | None = None  # elastic: continue on fewer workers (>= this) if nodes are lost
     nan_policy: str = "stop"  # stop | skip_step: what a NaN/inf loss or gradient does
     stop_timeout_s: float = 60.0  # Ctrl-C: how long to wait for the workers' final checkpoint
+    # TEST ONLY: rank `debug_delay_rank` sleeps `debug_delay_s` per step (a simulated straggler).
+    debug_delay_rank: int | None = None
+    debug_delay_s: float = 0.0
 
 
 @dataclass
@@ -73,6 +76,12 @@ class ClusterConfig:
 class LoggerConfig:
     log_every_n_steps: int = 10  # per-iteration scalars and progress updates
     progress: str = "auto"  # auto (rich on a TTY, plain lines otherwise) | rich | plain | none
+    histogram_every_n_steps: int = 0  # weight/gradient histograms (0: off)
+    log_graph: bool = False  # the model graph once (traced on the driver's CPU copy)
+    # A worker whose compute time per step stays above the others' median by this factor for
+    # `straggler_patience` consecutive logged intervals is reported as a straggler.
+    straggler_threshold: float = 1.3
+    straggler_patience: int = 3
 
 
 @dataclass
@@ -150,6 +159,31 @@ def validate(job: dict[str, Any]) -> None:
     )
     for key in ("connect_timeout_s", "scale_up_timeout_s"):
         _require(cluster[key] > 0, f"cluster.{key}={cluster[key]} must be > 0 seconds.")
+    _require(
+        logger["histogram_every_n_steps"] >= 0,
+        f"logger.histogram_every_n_steps={logger['histogram_every_n_steps']} must be >= 0 "
+        "(0 turns histograms off).",
+    )
+    _require(
+        logger["straggler_threshold"] > 1,
+        f"logger.straggler_threshold={logger['straggler_threshold']} must be > 1: it is how many "
+        "times slower than the others a worker must be, e.g. 1.3.",
+    )
+    _require(
+        logger["straggler_patience"] >= 1,
+        f"logger.straggler_patience={logger['straggler_patience']} must be at least 1 "
+        "(logged intervals in a row).",
+    )
+    delay_rank = trainer["debug_delay_rank"]
+    _require(
+        delay_rank is None or 0 <= delay_rank < workers,
+        f"trainer.debug_delay_rank={delay_rank} (test only) must name a rank below "
+        f"trainer.workers={workers}, or be null.",
+    )
+    _require(
+        trainer["debug_delay_s"] >= 0,
+        f"trainer.debug_delay_s={trainer['debug_delay_s']} (test only) must be >= 0 seconds.",
+    )
 
     lr = job["optimizer"].get("lr")
     _require(

@@ -26,10 +26,11 @@ from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
 from distrain.group import GroupFailed, WorkerGroup
 from distrain.loop import NonFiniteError
-from distrain.metrics import EpochMetrics, MetricsCollector
+from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
 from distrain.progress import make_progress
 from distrain.rundir import RunDirectory
-from distrain.tensorboard_writer import TensorBoardWriter
+from distrain.stragglers import StragglerDetector
+from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
 
 log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
@@ -102,8 +103,13 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
     return payload
 
 
-def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
-    """Run one job end to end; returns the metrics also written to metrics.json."""
+def train(
+    job: dict[str, Any], run_dir: RunDirectory, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run one job end to end; returns the metrics also written to metrics.json.
+
+    `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
+    """
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
@@ -113,8 +119,8 @@ def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
         device_type = choose_device_type(
             job["trainer"]["device"], ray.cluster_resources().get("GPU", 0.0)
         )
-        supervisor = Supervisor(job, run_dir, splits, device_type)
-        result = supervisor.run(resume)
+        supervisor = Supervisor(job, run_dir, splits, device_type, overrides or [])
+        result = supervisor.run(resume, started)
     metrics = {
         **result,
         "device": device_type,
@@ -141,9 +147,16 @@ class Supervisor:
     """Runs worker groups until training completes, restarting after infrastructure failures."""
 
     def __init__(
-        self, job: dict[str, Any], run_dir: RunDirectory, splits: Splits, device_type: str
+        self,
+        job: dict[str, Any],
+        run_dir: RunDirectory,
+        splits: Splits,
+        device_type: str,
+        overrides: list[str],
     ) -> None:
         self.job, self.run_dir, self.device_type = job, run_dir, device_type
+        self.splits, self.overrides = splits, overrides
+        self.stragglers: list[dict[str, Any]] = []
         self.trainer = job["trainer"]
         self.task = splits.task
         self.store = checkpoint.CheckpointStore(
@@ -153,25 +166,33 @@ class Supervisor:
         self.history: list[EpochMetrics] = []
         self.failures: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
-        steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
-        total = self.trainer["epochs"] * steps_per_epoch
+        self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
+        total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
 
-    def run(self, resume: dict[str, Any] | None) -> dict[str, Any]:
+    def run(self, resume: dict[str, Any] | None, started: float) -> dict[str, Any]:
+        """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
         payload = resume
         self.board = TensorBoardWriter(self.run_dir.path, purge_step=_purge_step(payload))
         if payload is None:
             self.board.add_text("config", f"```\n{OmegaConf.to_yaml(self.job)}\n```")
+            if self.job["logger"]["log_graph"]:
+                model = build.build_model(self.job["model"], self.splits)
+                self.board.add_graph(model, self.splits.train[0][0][None])
         else:
             self.history = [EpochMetrics(**e) for e in payload.get("history", [])]
             self.progress.message(f"resuming from {payload['path']} (step {payload['step']})")
-        self.progress.start(self.total_steps, self.trainer["epochs"])
+        self.board.start_session(hparams_of(self.job, self.overrides))
+        self.progress.start(self.total_steps, self.trainer["epochs"], self.steps_per_epoch)
         try:
             while True:
                 group = self._start_group(payload)
                 try:
                     results = self._watch(group)
-                    return self._result(group, results)
+                    result = self._result(group, results)
+                    wall_s = time.perf_counter() - started
+                    self.board.end_session({**result, "wall_s": wall_s})
+                    return result
                 except GroupFailed as failure:
                     payload = self._recover(failure)
                 finally:
@@ -263,9 +284,8 @@ class Supervisor:
             f"restart {restarts}/{limit}: {failure}; resuming from "
             + (f"the checkpoint of step {step}" if payload else "the start")
         )
-        # Reopen the event file so the steps after the checkpoint, logged again, replace the old.
-        self.board.close()
-        self.board = TensorBoardWriter(self.run_dir.path, purge_step=step + 1)
+        # A new event file, so the steps after the checkpoint, logged again, replace the old.
+        self.board.reopen(purge_step=step + 1)
         self.board.add_text("faults", f"restart {restarts} at step {step}: {failure}", step)
         self.board.add_scalar("faults/restarts", restarts, step)
         self.history = [e for e in self.history if e.step <= step]
@@ -274,6 +294,12 @@ class Supervisor:
     def _watch(self, group: WorkerGroup) -> list[dict[str, Any]]:
         """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group."""
         collector = MetricsCollector(group.world_size, self.task, self.history)
+        logger = self.job["logger"]
+        self.detector = StragglerDetector(
+            [n["node_ip"] for n in group.nodes],
+            threshold=logger["straggler_threshold"],
+            patience=logger["straggler_patience"],
+        )
         refs = group.fit()
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
@@ -402,9 +428,16 @@ class Supervisor:
         if isinstance(metrics, EpochMetrics):
             self.board.log_epoch(metrics)
             self.progress.epoch(metrics)
+        elif isinstance(metrics, HistogramMetrics):
+            self.board.log_histograms(metrics)
         else:
-            self.board.log_step(metrics)
+            straggler = self.detector.update(metrics)
+            self.board.log_step(metrics, straggler_rank=self.detector.flagged)
             self.progress.step(metrics)
+            if straggler is not None:
+                self.progress.message(straggler.message)
+                self.board.log_straggler(straggler)
+                self.stragglers.append(straggler.as_dict())
 
     def _result(self, group: WorkerGroup, results: list[dict[str, Any]]) -> dict[str, Any]:
         rank0 = next(r for r in results if r["rank"] == 0)
@@ -417,6 +450,7 @@ class Supervisor:
             "nodes": [n["node_id"] for n in group.nodes],
             "startup_s": group.startup_s,
             "skipped_steps": rank0["skipped_steps"],
+            "stragglers": self.stragglers,
             "restarts": len(self.failures),
             "failures": self.failures,
         }

@@ -17,6 +17,8 @@ from torch import nn
 
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import Batch, ShardBatches
+from distrain.histograms import model_histograms
+from distrain.timing import StepClock
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -36,15 +38,25 @@ class Parts:
     scaler: torch.amp.GradScaler
     micro_batch_size: int
     task: str  # classification | regression
+    num_outputs: int = 0  # classes of a classification task (top-5 accuracy when > 5)
 
 
 def train_step(
-    parts: Parts, x: torch.Tensor, y: torch.Tensor, *, skip_non_finite: bool = False
+    parts: Parts,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clock: StepClock | None = None,
+    inspect: Callable[[], None] | None = None,
+    *,
+    skip_non_finite: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """One optimizer step on the local batch.
 
-    Returns the local mean loss (detached) and whether the step's gradient was finite.
+    Returns the local mean loss (detached) and whether the step's averaged gradient was finite.
+    `clock` splits the step's time into phases; `inspect` runs between aggregation and the
+    optimizer step, when `.grad` holds the averaged gradients (gradient norm, histograms).
     """
+    clock = clock or StepClock()
     model, optimizer, aggregator, scaler = (
         parts.train_model,
         parts.optimizer,
@@ -60,7 +72,14 @@ def train_step(
             loss = parts.loss_fn(model(x_micro), y_micro) / len(micro_batches)
         scaler.scale(loss).backward()
         total_loss += loss.detach().float()
+    clock.lap("forward_backward_s")
     aggregator.synchronize()
+    clock.lap("aggregation_wait_s")
+    # DDP all-reduces inside backward: the time backward sat waiting for it is waiting too.
+    clock.shift("forward_backward_s", "aggregation_wait_s", aggregator.backward_wait_s())
+    if inspect is not None:
+        inspect()
+        clock.restart()  # logging work is nobody's step time
     # fp16's scaler skips non-finite steps by itself (that is its job); otherwise check here.
     finite = scaler.is_enabled() or grads_are_finite(parts.model)
     if finite or not skip_non_finite:
@@ -69,24 +88,60 @@ def train_step(
     # A skipped step still advances the schedule, which stays a function of the step count.
     if parts.scheduler is not None:
         parts.scheduler.step()
+    clock.lap("optimizer_s")
     return total_loss, finite
+
+
+def grad_norm(parts: Parts) -> float:
+    """The global L2 norm of the averaged gradients (read at log steps only: it syncs a GPU)."""
+    grads = [p.grad for p in parts.model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads).item()
+    # Under fp16 the gradients are still multiplied by the loss scale here.
+    return norm / parts.scaler.get_scale() if parts.scaler.is_enabled() else norm
 
 
 @torch.no_grad()
 def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
     """Sums over this worker's validation shard; the driver adds the workers' sums together."""
     parts.model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    device = parts.batches.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct_top5 = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
     for x, y in batches:
         with parts.autocast():
             out = parts.model(x)
             loss = parts.loss_fn(out, y)
-        loss_sum += loss.float().item() * len(x)
+        loss_sum += loss.double() * len(x)
         if parts.task == "classification":
-            correct += (out.argmax(dim=1) == y).sum().item()
+            correct += (out.argmax(dim=1) == y).sum()
+            if out.shape[1] > 5:  # top-5 only means something with more than 5 classes
+                correct_top5 += (out.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
         count += len(x)
     parts.model.train()
-    return {"val_loss_sum": loss_sum, "val_correct": correct, "val_count": count}
+    sums = {"val_loss_sum": loss_sum.item(), "val_correct": int(correct), "val_count": count}
+    if parts.task == "classification" and parts.num_outputs > 5:
+        sums["val_correct_top5"] = int(correct_top5)
+    return sums
+
+
+def _inspector(
+    parts: Parts, grad_norm_now: bool, histograms_now: bool, out: dict[str, Any]
+) -> Callable[[], None] | None:
+    """What to look at between aggregation and the optimizer step, on this step only."""
+    if not (grad_norm_now or histograms_now):
+        return None
+
+    def inspect() -> None:
+        if grad_norm_now:
+            out["grad_norm"] = grad_norm(parts)
+        if histograms_now:
+            out["histograms"] = model_histograms(parts.model)
+
+    return inspect
 
 
 @dataclass
@@ -129,12 +184,18 @@ def fit(
     start: Position,
     at_boundary: Boundary,
     report: Report,
+    histogram_every_n_steps: int = 0,
+    debug_delay_s: float = 0.0,
 ) -> tuple[Position, bool]:
     """Train from `start` to the end of `epochs` (or `max_steps`), reporting step and epoch records.
 
-    Checkpoint boundaries are every `checkpoint_every_n_steps` steps and every epoch end; there
-    `at_boundary` may capture a checkpoint and decide to stop. Returns the final position and
-    whether training stopped early.
+    Every `log_every_n_steps` a "step" record carries the interval's mean loss, lr, gradient norm,
+    samples and the time per phase (distrain/timing.py); every `histogram_every_n_steps` (0: never)
+    a "histograms" record carries weight and gradient histograms. Checkpoint boundaries are every
+    `checkpoint_every_n_steps` steps and every epoch end; there `at_boundary` may capture a
+    checkpoint and decide to stop. `debug_delay_s` is test-only: a sleep per step, counted as data
+    time, that turns this worker into a straggler. Returns the final position and whether
+    training stopped early.
     """
     batches = parts.batches
     pos = Position(**vars(start))
@@ -150,19 +211,32 @@ def fit(
 
     parts.train_model.train()
     while pos.epoch < epochs and pos.step < total_steps:
-        epoch, epoch_start = pos.epoch, time.perf_counter()
+        epoch, epoch_start, epoch_steps = pos.epoch, time.perf_counter(), 0
         # Losses stay on the device and are read (.item(), a GPU sync) only when reported.
         epoch_loss = torch.zeros((), device=batches.device)
         interval_loss, interval_steps = torch.zeros((), device=batches.device), 0
-        timings = {"data_s": 0.0, "compute_s": 0.0}
-        interval_start = tick = time.perf_counter()
+        interval_finite = 0  # steps of the interval whose loss counts (not skipped as NaN/inf)
+        clock = StepClock()
+        interval_start = time.perf_counter()
         for x, y in batches.train_batches(epoch, pos.step_in_epoch):
-            timings["data_s"] += time.perf_counter() - tick
-            compute_start = time.perf_counter()
-            loss, finite = train_step(parts, x, y, skip_non_finite=nan_policy == "skip_step")
-            timings["compute_s"] += time.perf_counter() - compute_start
-            pos.step += 1
-            pos.step_in_epoch += 1
+            if debug_delay_s:
+                time.sleep(debug_delay_s)
+            clock.lap("data_s")
+            next_step = pos.step + 1
+            log_now = next_step % log_every_n_steps == 0 or next_step == total_steps
+            histograms_now = bool(
+                histogram_every_n_steps and next_step % histogram_every_n_steps == 0
+            )
+            inspected: dict[str, Any] = {}
+            inspect = _inspector(parts, log_now, histograms_now, inspected)
+            loss, finite = train_step(
+                parts, x, y, clock, inspect, skip_non_finite=nan_policy == "skip_step"
+            )
+            pos.step, pos.step_in_epoch, epoch_steps = (
+                next_step,
+                pos.step_in_epoch + 1,
+                epoch_steps + 1,
+            )
             if not finite:
                 if nan_policy == "stop":
                     raise NonFiniteError(
@@ -175,25 +249,31 @@ def fit(
                 epoch_loss += loss
                 interval_loss += loss
                 pos.epoch_batches += 1
-                interval_steps += 1
-            if pos.step % log_every_n_steps == 0 or pos.step == total_steps:
+                interval_finite += 1
+            interval_steps += 1
+            if histograms_now:
+                send(
+                    {"kind": "histograms", "step": pos.step, "histograms": inspected["histograms"]}
+                )
+            if log_now:
                 now = time.perf_counter()
                 send(
                     {
                         "kind": "step",
                         "step": pos.step,
                         "epoch": epoch,
-                        "loss": (interval_loss / max(interval_steps, 1)).item(),
+                        "loss": (interval_loss / max(interval_finite, 1)).item(),
                         "lr": parts.optimizer.param_groups[0]["lr"],
+                        "grad_norm": inspected["grad_norm"],
                         "samples": interval_steps * batches.local_batch,
+                        "steps": interval_steps,
                         "interval_s": now - interval_start,
                         "skipped_steps": pos.skipped_steps,
-                        **timings,
+                        **clock.pop(),
                     }
                 )
                 interval_loss.zero_()
-                interval_steps = 0
-                timings = {"data_s": 0.0, "compute_s": 0.0}
+                interval_steps = interval_finite = 0
                 interval_start = now
             elif time.monotonic() - last_report_s > heartbeat_s:
                 send({"kind": "heartbeat", "step": pos.step})
@@ -204,17 +284,21 @@ def fit(
                 epoch_loss.zero_()
                 if at_boundary(pos, False):
                     return pos, True
-            tick = time.perf_counter()
+            clock.restart()
         pos.epoch_loss_sum += epoch_loss.item()
+        train_s = time.perf_counter() - epoch_start
+        eval_start = time.perf_counter()
+        sums = evaluate(parts, batches.val_batches())
         epoch_record = {
             "kind": "epoch",
             "epoch": epoch,
             "step": pos.step,
             "train_loss_sum": pos.epoch_loss_sum,
             "train_batches": pos.epoch_batches,
-            "samples": pos.step_in_epoch * batches.local_batch,
-            "train_s": time.perf_counter() - epoch_start,
-            **evaluate(parts, batches.val_batches()),
+            "samples": epoch_steps * batches.local_batch,  # trained in this session
+            "train_s": train_s,
+            "eval_s": time.perf_counter() - eval_start,
+            **sums,
         }
         if pos.step_in_epoch == batches.steps_per_epoch:  # not when max_steps ended it early
             pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)

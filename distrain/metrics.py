@@ -1,8 +1,8 @@
 """Turn per-rank records into global figures: a step's or an epoch's numbers over all workers.
 
-Workers report sums (loss sums, correct counts, sample counts) rather than means, so the global
-figure is exact whatever the shard sizes: validation accuracy is the true accuracy over every
-validation sample.
+Workers report sums (loss sums, correct counts, sample counts, seconds per phase) rather than
+means, so the global figure is exact whatever the shard sizes: validation accuracy is the true
+accuracy over every validation sample.
 """
 
 from __future__ import annotations
@@ -11,6 +11,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from distrain.timing import PHASES
+
+# What a worker spends of a step on its own (not waiting for the others): comparing it across
+# workers shows a straggler, since in synchronous training every worker's wall time is the same.
+BUSY_PHASES = ("data_s", "forward_backward_s", "optimizer_s")
+
+
+@dataclass
+class WorkerFigures:
+    """One rank over one logging interval, per step."""
+
+    busy_s: float  # data + forward/backward + optimizer: the step time this worker needs alone
+    samples_per_s: float  # local samples / busy time: the rate this worker could sustain alone
+    phases_s: dict[str, float]  # seconds per step in each phase of distrain/timing.py
+
 
 @dataclass
 class StepMetrics:
@@ -18,8 +33,17 @@ class StepMetrics:
     epoch: int
     loss: float  # mean of the workers' mean losses over the logging interval
     lr: float
+    grad_norm: float  # L2 norm of the averaged gradient at the logged step
     samples_per_s: float  # global: all workers' samples / the interval's wall time
+    step_s: float  # wall time per step over the interval (the slowest rank's)
+    phases_s: dict[str, float]  # seconds per step in each phase, mean over the workers
+    workers: dict[int, WorkerFigures]
     per_rank: dict[int, dict[str, Any]] = field(repr=False)
+
+    @property
+    def slowest_to_fastest(self) -> float:
+        busy = [w.busy_s for w in self.workers.values()]
+        return max(busy) / max(min(busy), 1e-12)
 
 
 @dataclass
@@ -28,9 +52,21 @@ class EpochMetrics:
     step: int
     train_loss: float
     val_loss: float
-    val_accuracy: float | None  # None for regression
+    val_accuracy: float | None  # top-1; None for regression
     train_s: float
     samples: int
+    val_top5_accuracy: float | None = None  # classification with more than 5 classes
+    eval_s: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.train_s, 1e-9)
+
+
+@dataclass
+class HistogramMetrics:
+    step: int
+    histograms: dict[str, dict[str, Any]]  # tag -> fields of distrain/histograms.py
 
 
 class MetricsCollector:
@@ -44,8 +80,10 @@ class MetricsCollector:
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
         self.last_step: StepMetrics | None = None
 
-    def add(self, record: dict[str, Any]) -> StepMetrics | EpochMetrics | None:
+    def add(self, record: dict[str, Any]) -> StepMetrics | EpochMetrics | HistogramMetrics | None:
         kind = record["kind"]
+        if kind == "histograms":  # rank 0 only
+            return HistogramMetrics(step=record["step"], histograms=record["histograms"])
         key = (kind, record["step"] if kind == "step" else record["epoch"])
         ranks = self._pending[key]
         ranks[record["rank"]] = record
@@ -57,12 +95,19 @@ class MetricsCollector:
     def _step(self, ranks: dict[int, dict[str, Any]]) -> StepMetrics:
         records = list(ranks.values())
         interval_s = max(r["interval_s"] for r in records)
+        workers = {rank: _worker_figures(r) for rank, r in sorted(ranks.items())}
         metrics = StepMetrics(
             step=records[0]["step"],
             epoch=records[0]["epoch"],
             loss=sum(r["loss"] for r in records) / len(records),
             lr=records[0]["lr"],
+            grad_norm=records[0]["grad_norm"],
             samples_per_s=sum(r["samples"] for r in records) / max(interval_s, 1e-9),
+            step_s=interval_s / records[0]["steps"],
+            phases_s={
+                p: sum(w.phases_s[p] for w in workers.values()) / len(workers) for p in PHASES
+            },
+            workers=workers,
             per_rank=ranks,
         )
         self.last_step = metrics
@@ -71,17 +116,19 @@ class MetricsCollector:
     def _epoch(self, ranks: dict[int, dict[str, Any]]) -> EpochMetrics:
         records = list(ranks.values())
         total = {key: sum(r[key] for r in records) for key in records[0] if key != "kind"}
+        count = max(total["val_count"], 1)
+        classification = self.task == "classification"
         metrics = EpochMetrics(
             epoch=records[0]["epoch"],
             step=records[0]["step"],
             train_loss=total["train_loss_sum"] / max(total["train_batches"], 1),
-            val_loss=total["val_loss_sum"] / max(total["val_count"], 1),
-            val_accuracy=(
-                total["val_correct"] / max(total["val_count"], 1)
-                if self.task == "classification"
-                else None
+            val_loss=total["val_loss_sum"] / count,
+            val_accuracy=total["val_correct"] / count if classification else None,
+            val_top5_accuracy=(
+                total["val_correct_top5"] / count if "val_correct_top5" in total else None
             ),
             train_s=max(r["train_s"] for r in records),
+            eval_s=max(r.get("eval_s", 0.0) for r in records),
             samples=total["samples"],
         )
         self.epochs.append(metrics)
@@ -98,10 +145,25 @@ class MetricsCollector:
             "steps": last.step,
             "train_loss": last.train_loss,
             "val_loss": last.val_loss,
+            "best_val_loss": min(e.val_loss for e in self.epochs),
             # Training samples over the time spent in training loops (evaluation excluded).
             "samples_per_s": sum(e.samples for e in self.epochs) / max(train_s, 1e-9),
         }
         if last.val_accuracy is not None:
             summary["val_accuracy"] = last.val_accuracy
             summary["best_val_accuracy"] = max(e.val_accuracy or 0.0 for e in self.epochs)
+        if last.val_top5_accuracy is not None:
+            summary["val_top5_accuracy"] = last.val_top5_accuracy
+            summary["best_val_top5_accuracy"] = max(e.val_top5_accuracy or 0.0 for e in self.epochs)
         return summary
+
+
+def _worker_figures(record: dict[str, Any]) -> WorkerFigures:
+    steps = max(record["steps"], 1)
+    phases_s = {p: record[p] / steps for p in PHASES}
+    busy_s = sum(phases_s[p] for p in BUSY_PHASES)
+    return WorkerFigures(
+        busy_s=busy_s,
+        samples_per_s=record["samples"] / steps / max(busy_s, 1e-9),
+        phases_s=phases_s,
+    )

@@ -1,10 +1,11 @@
 """How workers and the driver talk without the driver joining every step.
 
 Workers fire-and-forget small records (one per `logger.log_every_n_steps`, one per epoch, a
-heartbeat when otherwise silent, their state at checkpoint boundaries) to a `MetricsSink` actor;
-the driver drains it a few times a second. The sink is also where the workers agree on stopping:
-at a checkpoint boundary the first rank to ask fixes the answer for every rank, so all ranks stop
-at the same step even though the driver's stop request reaches them at different moments.
+heartbeat when otherwise silent, their state at checkpoint boundaries) to a `MetricsSink` actor,
+in batches (distrain/worker.py `REPORT_EVERY_S`); the driver drains it a few times a second. The
+sink is also where the workers agree on stopping: at a checkpoint boundary the first rank to ask
+fixes the answer for every rank, so all ranks stop at the same step even though the driver's stop
+request reaches them at different moments.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class MetricsSink:
 
     def push(self, record: dict[str, Any]) -> None:
         self._records.append(record)
+
+    def push_many(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.push(record)
 
     def drain(self) -> list[dict[str, Any]]:
         records, self._records = self._records, []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -18,6 +19,9 @@ from distrain.data.batches import ShardBatches
 from distrain.loop import Parts, Position, fit
 
 log = logging.getLogger("distrain.worker")
+# Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
+# the worker and the sink CPU that the step needs when workers fill every core.
+REPORT_EVERY_S = 0.25
 
 
 class Worker:
@@ -105,6 +109,7 @@ class Worker:
             scaler=devices.grad_scaler(self.device.type, self.precision),
             micro_batch_size=data.get("micro_batch_size") or batches.local_batch,
             task=splits.task,
+            num_outputs=splits.num_outputs,
         )
         self.start = Position()
         if checkpoint:
@@ -163,12 +168,15 @@ class Worker:
         return stop
 
     def fit(self) -> dict[str, Any]:
-        trainer = self.job["trainer"]
+        trainer, logger = self.job["trainer"], self.job["logger"]
+        self._outbox: list[dict[str, Any]] = []
+        self._next_report_s = time.monotonic()
+        slowed = trainer["debug_delay_rank"] == self.rank  # test only: a simulated straggler
         position, stopped = fit(
             self.parts,
             epochs=trainer["epochs"],
             max_steps=trainer["max_steps"],
-            log_every_n_steps=self.job["logger"]["log_every_n_steps"],
+            log_every_n_steps=logger["log_every_n_steps"],
             checkpoint_every_n_steps=trainer["checkpoint_every_n_steps"],
             nan_policy=trainer["nan_policy"],
             # Report at least this often, so the driver can tell a slow step from a hung worker.
@@ -176,7 +184,11 @@ class Worker:
             start=self.start,
             at_boundary=self._at_boundary,
             report=self._report,
+            # Histograms are the same on every rank after aggregation: rank 0 sends them.
+            histogram_every_n_steps=logger["histogram_every_n_steps"] if self.rank == 0 else 0,
+            debug_delay_s=trainer["debug_delay_s"] if slowed else 0.0,
         )
+        self._report(None)
         ray.get(self.sink.flush.remote())  # every record of this rank is in the sink now
         result: dict[str, Any] = {
             "rank": self.rank,
@@ -189,8 +201,23 @@ class Worker:
         self.parts.aggregator.close()
         return result
 
-    def _report(self, record: dict[str, Any]) -> None:
-        self.sink.push.remote({**record, "rank": self.rank})
+    def _report(self, record: dict[str, Any] | None) -> None:
+        """Queue a record; send the queue if it is due. `None` sends what is queued.
+
+        Batched (at most every REPORT_EVERY_S) so that logging every step costs one actor call
+        per quarter second, not one per record; epochs and checkpoints go at once.
+        """
+        if record is not None:
+            self._outbox.append({**record, "rank": self.rank})
+        now = time.monotonic()
+        due = (
+            record is None
+            or record["kind"] in ("epoch", "checkpoint")
+            or now >= self._next_report_s
+        )
+        if due and self._outbox:
+            self.sink.push_many.remote(self._outbox)
+            self._outbox, self._next_report_s = [], now + REPORT_EVERY_S
 
 
 def _to_cpu(value: Any) -> Any:

@@ -62,12 +62,12 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
     logged_steps = list(range(5, metrics["steps"] + 1, 5))
     if logged_steps[-1] != metrics["steps"]:
         logged_steps.append(metrics["steps"])  # the last step is always logged
-    for tag in ("train/loss", "train/lr", "train/samples_per_s"):
+    for tag in ("loss/train", "optim/lr", "throughput/samples_per_s"):
         assert [step for step, _ in series[tag]] == logged_steps, tag
     for tag in ("epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy"):
         assert [step for step, _ in series[tag]] == [1, 2, 3], tag
     assert series["epoch/val_accuracy"][-1][1] == pytest.approx(metrics["val_accuracy"])
-    assert series["train/lr"][0][1] == pytest.approx(0.05)
+    assert series["optim/lr"][0][1] == pytest.approx(0.05)
 
 
 BAD_INPUT = {

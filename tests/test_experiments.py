@@ -248,7 +248,7 @@ def test_experiment_runs_through_the_cli_with_two_workers(
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
     if experiment in STATED_ACCURACY:
         assert metrics["val_accuracy"] >= STATED_ACCURACY[experiment], metrics
-    lr = scalars(run_dir)["train/lr"]
+    lr = scalars(run_dir)["optim/lr"]
     if experiment == "mnist_cnn":
         # 64 images / 16 = 4 steps per epoch; the lr x 0.7 each epoch, counted per iteration:
         # logged after the last step (8), it is the lr step 9 would use.

@@ -174,7 +174,7 @@ def test_ctrl_c_then_resume_ends_with_the_same_parameters(
     from tests.test_cli import scalars
 
     series = scalars(run_dir)
-    steps = [step for step, _ in series["train/loss"]]
+    steps = [step for step, _ in series["loss/train"]]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
     assert [step for step, _ in series["epoch/val_loss"]] == list(range(1, 21))
 

@@ -20,6 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.aggregators.base import GradientAggregator
+from distrain.aggregators.comm_timing import CommTimer
 from distrain.device import dist_backend
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
@@ -46,6 +47,7 @@ class AllReduce(GradientAggregator):
         self.powersgd_rank = powersgd_rank
         self.powersgd_warmup_steps = powersgd_warmup_steps
         self.ddp: DistributedDataParallel | None = None
+        self.comm_timer = CommTimer()
 
     @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -87,17 +89,26 @@ class AllReduce(GradientAggregator):
         return self.ddp
 
     def _register_compression(self, ddp: DistributedDataParallel) -> None:
-        if self.compression == "fp16":
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        # DDP takes one hook; every branch goes through _register_hook so it is timed.
+        if self.compression == "none":
+            self._register_hook(ddp, None, default_hooks.allreduce_hook)
+        elif self.compression == "fp16":
+            self._register_hook(ddp, None, default_hooks.fp16_compress_hook)
         elif self.compression == "bf16":
-            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            self._register_hook(ddp, None, default_hooks.bf16_compress_hook)
         elif self.compression == "powersgd":
             state = powerSGD_hook.PowerSGDState(
                 process_group=None,
                 matrix_approximation_rank=self.powersgd_rank,
                 start_powerSGD_iter=max(2, self.powersgd_warmup_steps),
             )
-            ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            self._register_hook(ddp, state, powerSGD_hook.powerSGD_hook)
+
+    def _register_hook(self, ddp: DistributedDataParallel, state: Any, hook: Any) -> None:
+        ddp.register_comm_hook(state, self.comm_timer.wrap(hook))
+
+    def backward_wait_s(self) -> float:
+        return self.comm_timer.pop_wait_s()
 
     def sync_if(self, sync: bool) -> AbstractContextManager:
         # DDP decides in forward whether backward all-reduces; no_sync() accumulates locally.

@@ -57,5 +57,14 @@ class GradientAggregator(ABC):
     def synchronize(self) -> None:  # noqa: B027 (optional hook: DDP needs none)
         """Block until every parameter's `.grad` holds the average over all workers."""
 
+    def backward_wait_s(self) -> float:
+        """Seconds the last backward spent blocked on this strategy's communication.
+
+        For strategies that communicate inside backward (DDP); the loop moves this time from
+        forward+backward to aggregation wait. Strategies that communicate in `synchronize()`
+        need not override it: the loop times `synchronize()` itself.
+        """
+        return 0.0
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Leave the group."""

@@ -1,0 +1,54 @@
+"""How long backward waits for DDP's all-reduce: a timing wrapper around a communication hook.
+
+DDP launches each gradient bucket's all-reduce from inside backward, as soon as the bucket's
+gradients are computed, and backward returns only when every bucket's future has completed. So
+the time backward spends *blocked on communication* is
+
+    wait = max(0, last bucket's completion − last bucket's launch)
+
+where the last launch is when local backward compute ended (DDP launches the final bucket once
+its last gradient is ready). Communication that overlapped compute is not counted: it cost
+nothing. The wrapper composes with any hook (plain all-reduce, fp16/bf16, PowerSGD, or another
+wrapper), since it only stamps the clock around whatever hook it is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Hook = Callable[[Any, Any], torch.futures.Future]
+
+
+class CommTimer:
+    def __init__(self) -> None:
+        # Lists, not running maxima: completions are stamped on the backend's threads, and
+        # list.append is atomic under the GIL.
+        self._launched_s: list[float] = []
+        self._completed_s: list[float] = []
+
+    def wrap(self, hook: Hook) -> Hook:
+        # No annotations: DDP checks a hook's annotations against the real types, and this
+        # module's are strings (postponed evaluation).
+        def timed_hook(state, bucket):  # type: ignore[no-untyped-def]
+            self._launched_s.append(time.perf_counter())
+            # `then` (not add_done_callback): DDP waits on the returned future, so the stamp is
+            # taken before backward can return.
+            return hook(state, bucket).then(self._completed)
+
+        return timed_hook
+
+    def _completed(self, future: torch.futures.Future) -> Any:
+        self._completed_s.append(time.perf_counter())
+        return future.value()
+
+    def pop_wait_s(self) -> float:
+        """Seconds the last backward waited for communication; resets for the next one."""
+        launched, completed = self._launched_s, self._completed_s
+        self._launched_s, self._completed_s = [], []
+        if not launched or not completed:
+            return 0.0  # no bucket communicated (e.g. a no_sync micro-batch)
+        return max(0.0, max(completed) - max(launched))

@@ -1,0 +1,85 @@
+"""Which worker holds the others back, and by how much.
+
+In synchronous training every worker waits for the slowest at each all-reduce, so wall time per
+step is the same everywhere; what differs is the *busy* time (data + forward/backward + optimizer,
+distrain/metrics.py). A worker whose busy time per step stays above the median of the others'
+by more than `threshold` for `patience` consecutive logged intervals is a straggler: reported
+once, with its node; it can be reported again after `patience` intervals back under the threshold.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from distrain.metrics import StepMetrics
+
+
+@dataclass
+class Straggler:
+    rank: int
+    node_ip: str
+    ratio: float  # its busy time per step / the median of the other workers'
+    busy_s: float
+    others_busy_s: float
+    step: int  # the logged step at which it was declared
+    intervals: int  # consecutive logged intervals above the threshold
+
+    @property
+    def message(self) -> str:
+        return (
+            f"straggler: rank {self.rank} on node {self.node_ip} is {self.ratio:.2f}x slower than "
+            f"the other workers ({self.busy_s * 1e3:.1f} ms vs {self.others_busy_s * 1e3:.1f} ms "
+            f"of compute per step) for {self.intervals} logged intervals, up to step {self.step}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "message": self.message}
+
+
+class StragglerDetector:
+    def __init__(self, node_ips: list[str], *, threshold: float, patience: int) -> None:
+        self.node_ips = node_ips
+        self.threshold = threshold
+        self.patience = patience
+        self._above: dict[int, int] = {}  # the current slowest rank: intervals above threshold
+        self._below = 0  # intervals the flagged rank has been back under the threshold
+        self.flagged: int | None = None  # the rank currently reported as straggling
+        self.reports: list[Straggler] = []
+
+    def update(self, metrics: StepMetrics) -> Straggler | None:
+        """Feed one logged interval; returns a Straggler when one is newly declared."""
+        busy = {rank: w.busy_s for rank, w in metrics.workers.items()}
+        if len(busy) < 2:
+            return None
+        ratios = {
+            rank: busy_s / max(statistics.median(v for r, v in busy.items() if r != rank), 1e-12)
+            for rank, busy_s in busy.items()
+        }
+        if self.flagged is not None:
+            # The same patience to clear as to declare: a noisy worker is not re-reported at
+            # every other interval.
+            self._below = self._below + 1 if ratios[self.flagged] <= self.threshold else 0
+            if self._below >= self.patience:
+                self.flagged = None
+        slowest = max(ratios, key=ratios.__getitem__)
+        if ratios[slowest] <= self.threshold:
+            self._above.clear()
+            return None
+        self._above = {slowest: self._above.get(slowest, 0) + 1}
+        if self._above[slowest] < self.patience or self.flagged == slowest:
+            return None
+        self.flagged, self._below = slowest, 0
+        others = [v for r, v in busy.items() if r != slowest]
+        report = Straggler(
+            rank=slowest,
+            node_ip=self.node_ips[slowest],
+            ratio=ratios[slowest],
+            busy_s=busy[slowest],
+            others_busy_s=statistics.median(others),
+            step=metrics.step,
+            intervals=self._above[slowest],
+        )
+        self.reports.append(report)
+        return report

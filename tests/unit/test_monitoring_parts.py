@@ -1,0 +1,192 @@
+"""The monitoring pieces on their own: straggler detection, step timing, HParams values, the
+summary, and DDP's communication wait measured on a real gloo group."""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from distrain.aggregators.allreduce import AllReduce
+from distrain.metrics import MetricsCollector, StepMetrics
+from distrain.progress import print_summary
+from distrain.stragglers import StragglerDetector
+from distrain.tensorboard_writer import hparams_of
+from distrain.timing import PHASES, StepClock
+from tests.conftest import compose_job
+
+
+def step_record(rank: int, step: int, busy_s: float, wait_s: float = 0.0) -> dict:
+    """A worker's "step" record for a 10-step interval with `busy_s` of compute per step."""
+    steps = 10
+    return {
+        "kind": "step",
+        "rank": rank,
+        "step": step,
+        "epoch": 0,
+        "loss": 1.0,
+        "lr": 0.1,
+        "grad_norm": 2.0,
+        "samples": 32 * steps,
+        "steps": steps,
+        "interval_s": (busy_s + wait_s) * steps,
+        "data_s": 0.1 * busy_s * steps,
+        "forward_backward_s": 0.8 * busy_s * steps,
+        "aggregation_wait_s": wait_s * steps,
+        "optimizer_s": 0.1 * busy_s * steps,
+    }
+
+
+def interval(step: int, busy_by_rank: dict[int, float]) -> StepMetrics:
+    collector = MetricsCollector(len(busy_by_rank), "classification")
+    slowest = max(busy_by_rank.values())
+    out = None
+    for rank, busy_s in busy_by_rank.items():
+        out = collector.add(step_record(rank, step, busy_s, wait_s=slowest - busy_s))
+    assert isinstance(out, StepMetrics)
+    return out
+
+
+def test_collector_splits_each_workers_time() -> None:
+    metrics = interval(10, {0: 0.010, 1: 0.030})
+    assert metrics.workers[1].busy_s == pytest.approx(0.030)
+    assert metrics.workers[0].phases_s["aggregation_wait_s"] == pytest.approx(0.020)
+    assert metrics.workers[0].samples_per_s == pytest.approx(32 / 0.010)
+    assert metrics.slowest_to_fastest == pytest.approx(3.0)
+    assert metrics.step_s == pytest.approx(0.030)  # wall time per step: everyone waits
+    assert metrics.samples_per_s == pytest.approx(64 / 0.030)
+    assert set(metrics.phases_s) == set(PHASES)
+
+
+def test_straggler_needs_patience_and_is_reported_once() -> None:
+    detector = StragglerDetector(["10.0.0.1", "10.0.0.2", "10.0.0.3"], threshold=1.3, patience=3)
+    slow = {0: 0.010, 1: 0.011, 2: 0.020}
+    found = [detector.update(interval(10 * i, slow)) for i in range(1, 6)]
+    assert found[0] is None and found[1] is None  # two intervals are not "a while"
+    straggler = found[2]
+    assert straggler is not None and straggler.rank == 2 and straggler.node_ip == "10.0.0.3"
+    assert straggler.ratio == pytest.approx(0.020 / 0.0105)  # against the others' median
+    assert straggler.step == 30
+    assert "rank 2 on node 10.0.0.3" in straggler.message and "1.90x" in straggler.message
+    assert found[3] is None and found[4] is None  # still slow: not repeated
+    assert detector.flagged == 2
+    # It recovers for `patience` intervals, then falls behind again: a new report.
+    even = {0: 0.010, 1: 0.010, 2: 0.010}
+    for i in range(3):
+        assert detector.flagged == 2
+        detector.update(interval(60 + 10 * i, even))
+    assert detector.flagged is None
+    again = [detector.update(interval(90 + 10 * i, slow)) for i in range(3)]
+    assert again[2] is not None and len(detector.reports) == 2
+
+
+def test_a_noisy_worker_is_not_reported_again_and_again() -> None:
+    detector = StragglerDetector(["a", "b"], threshold=1.3, patience=2)
+    slow, even = {0: 0.010, 1: 0.020}, {0: 0.010, 1: 0.010}
+    pattern = [slow, slow] + [even, slow, slow] * 5  # one good interval between bad stretches
+    found = [detector.update(interval(i + 1, busy)) for i, busy in enumerate(pattern)]
+    assert sum(f is not None for f in found) == 1
+
+
+def test_no_straggler_below_threshold_or_for_blips() -> None:
+    detector = StragglerDetector(["a", "b"], threshold=1.3, patience=2)
+    pattern = [{0: 0.010, 1: 0.012}, {0: 0.010, 1: 0.020}, {0: 0.010, 1: 0.010}] * 4
+    assert all(detector.update(interval(i + 1, busy)) is None for i, busy in enumerate(pattern))
+    single = StragglerDetector(["a"], threshold=1.3, patience=1)
+    assert single.update(interval(1, {0: 1.0})) is None  # one worker has nobody to lag behind
+
+
+def test_step_clock_shifts_waiting_out_of_compute() -> None:
+    clock = StepClock()
+    time.sleep(0.02)
+    clock.lap("forward_backward_s")
+    clock.shift("forward_backward_s", "aggregation_wait_s", 0.015)
+    clock.shift("forward_backward_s", "aggregation_wait_s", 10.0)  # never more than was counted
+    totals = clock.pop()
+    assert totals["forward_backward_s"] == 0.0
+    assert totals["aggregation_wait_s"] >= 0.02
+    assert clock.pop() == dict.fromkeys(PHASES, 0.0)
+
+
+def test_hparams_hold_overrides_and_key_values() -> None:
+    overrides = ["optimizer=adam", "optimizer.lr=0.003", "model.hidden_sizes=[32,16]"]
+    job = compose_job(*overrides)
+    values = hparams_of(job, [*overrides, "cluster.address=127.0.0.1:6379"])
+    assert values["optimizer"] == "Adam"
+    assert values["optimizer.lr"] == pytest.approx(0.003)
+    assert values["model.hidden_sizes"] == "[32, 16]"  # lists become text
+    assert values["trainer.workers"] == 2 and values["data"] == "digits"
+    assert "cluster.address" not in values  # where it ran is not a hyperparameter
+
+
+def test_plain_summary_names_results_and_the_tensorboard_command(capsys) -> None:
+    metrics = {
+        "epochs": 3,
+        "steps": 66,
+        "workers": 2,
+        "device": "cpu",
+        "wall_s": 12.5,
+        "samples_per_s": 9000.0,
+        "train_loss": 0.2,
+        "val_loss": 0.3,
+        "best_val_loss": 0.25,
+        "val_accuracy": 0.9,
+        "best_val_accuracy": 0.95,
+        "stragglers": [{"rank": 1, "node_ip": "10.0.0.2", "ratio": 2.5, "step": 30}],
+        "run_dir": "/runs/a",
+    }
+    print_summary(metrics, "plain")
+    err = capsys.readouterr().err
+    assert "val accuracy (top-1): 0.9000  (best 0.9500)" in err
+    assert "rank 1 on 10.0.0.2, 2.50x at step 30" in err
+    assert "tensorboard --logdir /runs/a" in err
+    assert "\x1b[" not in err  # no control characters off a terminal
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_rank(rank: int, port: int, out_dir: str, delay_s: float) -> None:
+    """One rank of a real 2-process gloo group; rank 1 computes `delay_s` slower each step."""
+    torch.manual_seed(0)
+    aggregator = AllReduce()
+    aggregator.connect(
+        rank=rank,
+        world_size=2,
+        device=torch.device("cpu"),
+        rendezvous={"master_addr": "127.0.0.1", "master_port": port},
+        timeout_s=60,
+    )
+    model = aggregator.wrap(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)))
+    waits = []
+    for _ in range(5):
+        loss = model(torch.randn(8, 16)).square().mean()
+        if rank == 1:
+            time.sleep(delay_s)  # slow compute before this rank's gradients exist
+        loss.backward()
+        waits.append(aggregator.backward_wait_s())
+    aggregator.close()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(waits))
+
+
+@pytest.mark.slow
+def test_ddp_wait_is_the_time_blocked_behind_a_slow_rank(tmp_path: Path) -> None:
+    delay_s = 0.2
+    mp.spawn(_ddp_rank, args=(_free_port(), str(tmp_path), delay_s), nprocs=2, join=True)
+    fast = json.loads((tmp_path / "rank0.json").read_text())
+    slow = json.loads((tmp_path / "rank1.json").read_text())
+    # Rank 0 finished its backward and waited for rank 1's gradients at every step; rank 1 did
+    # not wait. Medians: on a loaded 2-core machine a process can lose the CPU for 100 ms at any
+    # point, which shortens or lengthens one step's wait.
+    assert statistics.median(fast) >= 0.5 * delay_s, fast
+    assert statistics.median(slow) < 0.25 * delay_s, slow
