@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
 from omegaconf import MISSING
 
 
@@ -48,6 +49,7 @@ class TrainerConfig:
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker; also its torch threads
     setup_timeout_s: float = 120.0  # building workers + process group rendezvous
     step_timeout_s: float = 300.0  # a worker silent for longer is declared hung
+    shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
 
 
 @dataclass
@@ -157,3 +159,18 @@ def validate(job: dict[str, Any]) -> None:
         loader in ("auto", "memory", "dataloader"),
         f"data.loader={loader!r} is not one of auto, memory, dataloader.",
     )
+    _check_aggregator(job)
+
+
+def _check_aggregator(job: dict[str, Any]) -> None:
+    """Settings elsewhere in the job that the chosen aggregator cannot honour (its `check_job`).
+
+    A `_target_` that does not import is left to the driver's dry build, which says why.
+    """
+    try:
+        aggregator_cls = get_object(job["aggregator"]["_target_"])
+    except Exception:
+        return
+    check = getattr(aggregator_cls, "check_job", None)
+    if check is not None:
+        check(job)

@@ -18,7 +18,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distrain import build, cluster, config
-from distrain.aggregators.base import GradientAggregator
+from distrain.aggregators.base import OWNED_ACTORS, GradientAggregator
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
 from distrain.metrics import EpochMetrics, MetricsCollector
@@ -95,6 +95,7 @@ def train(job: dict[str, Any], run_dir: RunDirectory) -> dict[str, Any]:
         "device": device_type,
         "nodes": result["nodes"],
         "startup_s": result["startup_s"],
+        "aggregator": result["aggregator"],  # each rank's counters (bytes, staleness, ...)
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
     }
@@ -125,6 +126,7 @@ def _run_workers(
         ).remote(rank, world_size, job, device_type, sink)
         for rank in range(world_size)
     ]
+    rendezvous: dict[str, Any] = {}
     try:
         aggregator_cls: type[GradientAggregator] = get_object(job["aggregator"]["_target_"])
         started = time.perf_counter()
@@ -136,7 +138,8 @@ def _run_workers(
         collector = MetricsCollector(world_size, task)
         results = _watch(workers, nodes, sink, collector, progress, board, trainer)
     finally:
-        for handle in [*workers, sink]:
+        # The aggregator's own actors (e.g. parameter servers) go with the workers.
+        for handle in [*workers, sink, *rendezvous.get(OWNED_ACTORS, [])]:
             ray.kill(handle)
     rank0 = next(r for r in results if r["rank"] == 0)
     return {
@@ -145,6 +148,7 @@ def _run_workers(
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         "startup_s": {"actors": actors_s, "setup": setup_s},
         "state_dict": rank0["state_dict"],
+        "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
     }
 
 

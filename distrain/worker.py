@@ -78,7 +78,12 @@ class Worker:
         torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
         model = build.build_model(job["model"], splits).to(self.device)
         torch.manual_seed(trainer["seed"] + 1 + self.rank)  # distinct dropout/augmentation streams
-        optimizer = build.build_optimizer(job["optimizer"], model)
+        # The aggregator builds it: ZeRO sharding, or a server-side step, are its business.
+        optimizer = aggregator.build_optimizer(
+            instantiate(job["optimizer"], _convert_="all"),  # `_partial_: true`: a factory
+            model.parameters(),
+            shard=trainer.get("shard_optimizer", False),
+        )
         epochs, max_steps = trainer["epochs"], trainer["max_steps"]
         total_steps = epochs * batches.steps_per_epoch
         scheduler = build.build_scheduler(
@@ -114,6 +119,7 @@ class Worker:
         if self.rank == 0:
             result["state_dict"] = {k: v.cpu() for k, v in self.parts.model.state_dict().items()}
         self.parts.aggregator.close()
+        result["aggregator"] = self.parts.aggregator.stats()
         return result
 
     def _report(self, record: dict[str, Any]) -> None:
