@@ -18,7 +18,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distrain import build, cluster, config
-from distrain.aggregators.base import OWNED_ACTORS, GradientAggregator
+from distrain.aggregators.base import GradientAggregator
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
 from distrain.metrics import EpochMetrics, MetricsCollector
@@ -126,9 +126,9 @@ def _run_workers(
         ).remote(rank, world_size, job, device_type, sink)
         for rank in range(world_size)
     ]
+    aggregator_cls: type[GradientAggregator] = get_object(job["aggregator"]["_target_"])
     rendezvous: dict[str, Any] = {}
     try:
-        aggregator_cls: type[GradientAggregator] = get_object(job["aggregator"]["_target_"])
         started = time.perf_counter()
         nodes = _get([w.node.remote() for w in workers], trainer["setup_timeout_s"], "start")
         actors_s = time.perf_counter() - started
@@ -139,7 +139,7 @@ def _run_workers(
         results = _watch(workers, nodes, sink, collector, progress, board, trainer)
     finally:
         # The aggregator's own actors (e.g. parameter servers) go with the workers.
-        for handle in [*workers, sink, *rendezvous.get(OWNED_ACTORS, [])]:
+        for handle in [*workers, sink, *aggregator_cls.actors(rendezvous)]:
             ray.kill(handle)
     rank0 = next(r for r in results if r["rank"] == 0)
     return {

@@ -24,7 +24,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.aggregators import comm_hooks
-from distrain.aggregators.base import GradientAggregator, MakeOptimizer, optimizer_state_bytes
+from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.config import ConfigError
 from distrain.device import dist_backend
 
@@ -132,16 +132,14 @@ class AllReduce(GradientAggregator):
         return nullcontext() if sync else self.ddp.no_sync()
 
     def synchronize(self) -> None:
-        # DDP has already averaged during backward; this only counts communicating steps.
-        self.steps += 1
+        super().synchronize()  # DDP has averaged during backward already: only count the step
 
     def stats(self) -> dict[str, Any]:
         steps = max(self.steps, 1)
         return {
-            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
+            **super().stats(),
             "allreduce_payload_bytes_per_step": self.comm.payload_bytes / steps,
             "buckets_per_step": self.comm.buckets / steps,
-            "steps": self.steps,
         }
 
     def close(self) -> None:

@@ -11,13 +11,15 @@ The training step stays the textbook loop; a strategy only decides what happens 
 Each strategy is a class named by `_target_` in `conf/aggregator/*.yaml`. Its driver-side
 `rendezvous()` runs once per worker group before the workers connect (e.g. rank 0's address and a
 free port for a process group, or starting parameter-server actors). Actors a strategy starts
-there are listed under `OWNED_ACTORS` in the rendezvous dict; the driver kills them with the
-workers when the job ends, however it ends.
+there are named by its `actors(rendezvous)`; the driver kills them with the workers when the job
+ends, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import resource
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -27,9 +29,6 @@ import torch
 from torch import nn
 
 from distrain.config import ConfigError
-
-# Rendezvous key: actor handles the strategy started and the driver must kill at the end.
-OWNED_ACTORS = "owned_actors"
 
 MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -53,6 +52,11 @@ class GradientAggregator(ABC):
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
         """Driver side, before `connect`: what every worker needs to join the group."""
         return {}
+
+    @classmethod
+    def actors(cls, rendezvous: dict[str, Any]) -> list[Any]:
+        """Driver side: actors `rendezvous` started, killed with the worker group."""
+        return []
 
     @abstractmethod
     def connect(
@@ -81,15 +85,27 @@ class GradientAggregator(ABC):
         """Context for one micro-batch; gradients are only communicated when `sync` is true."""
         return contextlib.nullcontext()
 
-    def synchronize(self) -> None:  # noqa: B027 (optional hook: DDP needs none)
-        """Block until every parameter's `.grad` holds the average over all workers."""
+    def synchronize(self) -> None:
+        """Block until every parameter's `.grad` holds the average over all workers.
+
+        Strategies call `super().synchronize()` last: it counts the step for `stats()`.
+        """
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 1:  # the first optimizer step follows at once (start-up benchmarks)
+            self.first_step_unix_s = time.time()
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Leave the group."""
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters after `close` (bytes sent, staleness, ...): for metrics.json."""
-        return {"optimizer_state_bytes": optimizer_state_bytes(getattr(self, "optimizer", None))}
+        return {
+            "steps": getattr(self, "steps", 0),
+            "first_step_unix_s": getattr(self, "first_step_unix_s", None),
+            "optimizer_state_bytes": optimizer_state_bytes(getattr(self, "optimizer", None)),
+            # This worker process's peak resident memory (Linux reports KiB).
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:

@@ -26,12 +26,7 @@ import ray
 import torch
 from torch import nn
 
-from distrain.aggregators.base import (
-    OWNED_ACTORS,
-    GradientAggregator,
-    MakeOptimizer,
-    optimizer_state_bytes,
-)
+from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.ps_servers import (
     AveragingServer,
     UpdatingServer,
@@ -81,7 +76,7 @@ class ParameterServer(GradientAggregator):
             )
         self.num_servers, self.mode, self.max_staleness = servers, mode, max_staleness
         self.sync_s = 0.0  # time this worker spent in push/pull round trips
-        self.steps = 0
+        self.steps = 0  # counted by GradientAggregator.synchronize
 
     @classmethod
     def check_job(cls, job: dict[str, Any]) -> None:
@@ -115,7 +110,11 @@ class ParameterServer(GradientAggregator):
             .remote(*args)
             for k in range(settings.num_servers)
         ]
-        return {"servers": servers, OWNED_ACTORS: servers}
+        return {"servers": servers}
+
+    @classmethod
+    def actors(cls, rendezvous: dict[str, Any]) -> list[Any]:
+        return list(rendezvous.get("servers", []))
 
     def connect(
         self,
@@ -178,7 +177,7 @@ class ParameterServer(GradientAggregator):
         started = time.perf_counter()
         send = self._flatten_grads()
         if self.mode == "sync":
-            heads = [(self.rank, self.steps)] * len(self.servers)
+            heads = [(self.rank, self.steps)] * len(self.servers)  # steps done so far
         else:  # the gradient's versions, and the lr of the worker's schedule
             lr = self.optimizer.param_groups[0]["lr"]
             heads = [(self.rank, version, lr) for version in self.versions]
@@ -199,8 +198,8 @@ class ParameterServer(GradientAggregator):
         else:
             self._receive([reply[:-1] for reply in replies])  # the parameters, in place
             self.versions = [reply[-1] for reply in replies]
-        self.steps += 1
         self.sync_s += time.perf_counter() - started
+        super().synchronize()
 
     def _flatten_grads(self) -> np.ndarray:
         grads = [
@@ -228,13 +227,12 @@ class ParameterServer(GradientAggregator):
     def stats(self) -> dict[str, Any]:
         servers = getattr(self, "server_stats", [])
         stats: dict[str, Any] = {
+            **super().stats(),
             "mode": self.mode,
             "servers": len(self.servers),
             "shard_sizes": [b - a for a, b in self.bounds],
             "pushed_bytes_per_step": int(self.send.numel() * self.send.element_size()),
             "sync_s": self.sync_s,
-            "steps": self.steps,
-            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
             "per_server": servers,
         }
         if self.mode == "async" and servers:

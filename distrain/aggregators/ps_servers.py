@@ -20,6 +20,7 @@ other workers' calls.
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from collections import Counter
@@ -113,7 +114,7 @@ class AveragingServer(_Server):
         return _reply(total, len(grad))
 
     def stats(self) -> dict[str, Any]:
-        return {"steps": self.steps, "wait_s": self.wait_s}
+        return {"steps": self.steps, "wait_s": self.wait_s, "peak_rss_mb": _peak_rss_mb()}
 
 
 class UpdatingServer(_Server):
@@ -168,4 +169,9 @@ class UpdatingServer(_Server):
             "max_staleness_seen": self.max_staleness_seen,
             "staleness_histogram": dict(sorted(self.staleness.items())),
             "optimizer_state_bytes": optimizer_state_bytes(getattr(self, "optimizer", None)),
+            "peak_rss_mb": _peak_rss_mb(),
         }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
