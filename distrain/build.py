@@ -63,6 +63,12 @@ def build_optimizer(
     optimizer: dict[str, Any], model: nn.Module, *, global_batch: int
 ) -> torch.optim.Optimizer:
     """`optimizer` is a `_partial_: true` config; `global_batch` is data.batch_size, for scaling."""
+    return optimizer_factory(optimizer, global_batch=global_batch)(model.parameters())
+
+
+def optimizer_factory(optimizer: dict[str, Any], *, global_batch: int) -> Any:
+    """The optimizer class with its settings (a `functools.partial`), lr scaled if asked; the
+    aggregator calls it with the parameters (or shards it: trainer.shard_optimizer)."""
     torch_kwargs = {k: v for k, v in optimizer.items() if k not in LR_SCALING_KEYS}
     if "lr" in optimizer:
         torch_kwargs["lr"] = scaled_lr(optimizer, global_batch)
@@ -74,8 +80,7 @@ def build_optimizer(
                 optimizer.get("reference_batch", DEFAULT_REFERENCE_BATCH),
                 torch_kwargs["lr"],
             )
-    make = instantiate(torch_kwargs, _convert_="all")  # `_partial_: true`: params come last
-    return make(model.parameters())
+    return instantiate(torch_kwargs, _convert_="all")  # `_partial_: true`: params come last
 
 
 def build_scheduler(

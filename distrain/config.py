@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
 from omegaconf import MISSING
 
 
@@ -58,6 +59,7 @@ class TrainerConfig:
     # TEST ONLY: rank `debug_delay_rank` sleeps `debug_delay_s` per step (a simulated straggler).
     debug_delay_rank: int | None = None
     debug_delay_s: float = 0.0
+    shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
 
 
 @dataclass
@@ -243,3 +245,18 @@ def validate(job: dict[str, Any]) -> None:
         loader in ("auto", "memory", "dataloader"),
         f"data.loader={loader!r} is not one of auto, memory, dataloader.",
     )
+    _check_aggregator(job)
+
+
+def _check_aggregator(job: dict[str, Any]) -> None:
+    """Settings elsewhere in the job that the chosen aggregator cannot honour (its `check_job`).
+
+    A `_target_` that does not import is left to the driver's dry build, which says why.
+    """
+    try:
+        aggregator_cls = get_object(job["aggregator"]["_target_"])
+    except Exception:
+        return
+    check = getattr(aggregator_cls, "check_job", None)
+    if check is not None:
+        check(job)

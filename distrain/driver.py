@@ -451,6 +451,8 @@ class Supervisor:
             "startup_s": group.startup_s,
             "skipped_steps": rank0["skipped_steps"],
             "stragglers": self.stragglers,
+            # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).
+            "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
             "restarts": len(self.failures),
             "failures": self.failures,
         }

@@ -88,7 +88,12 @@ class Worker:
         torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
         model = build.build_model(job["model"], splits).to(self.device)
         torch.manual_seed(trainer["seed"] + 1 + self.rank)  # distinct dropout/augmentation streams
-        optimizer = build.build_optimizer(job["optimizer"], model, global_batch=data["batch_size"])
+        # The aggregator builds it: ZeRO sharding, or a server-side step, are its business.
+        optimizer = aggregator.build_optimizer(
+            build.optimizer_factory(job["optimizer"], global_batch=data["batch_size"]),
+            model.parameters(),
+            shard=trainer["shard_optimizer"],
+        )
         epochs, max_steps = trainer["epochs"], trainer["max_steps"]
         total_steps = epochs * batches.steps_per_epoch
         scheduler = build.build_scheduler(
@@ -199,6 +204,7 @@ class Worker:
         if self.rank == 0:
             result["state_dict"] = _to_cpu(self.parts.model.state_dict())
         self.parts.aggregator.close()
+        result["aggregator"] = self.parts.aggregator.stats()
         return result
 
     def _report(self, record: dict[str, Any] | None) -> None:

@@ -1,6 +1,7 @@
 """The proof that gradients are really averaged: 1 worker, 2 workers and a plain PyTorch loop,
 at the same seed, global batch and steps, end with the same parameters."""
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from distrain.rundir import RunDirectory
 from distrain.sharding import epoch_permutation
 from tests.conftest import compose_job
 
+MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 STEPS, BATCH, LR, SEED = 30, 64, 0.05, 3  # 30 steps cross an epoch boundary (22 per epoch)
 BASE = [
     "trainer.epochs=2",
@@ -25,7 +27,11 @@ BASE = [
 ]
 
 
-def plain_pytorch_loop() -> dict[str, torch.Tensor]:
+def sgd_momentum(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)  # conf/optimizer/sgd.yaml's momentum
+
+
+def plain_pytorch_loop(make_optimizer: MakeOptimizer = sgd_momentum) -> dict[str, torch.Tensor]:
     """Textbook single-process training on the same data order (one permutation per epoch)."""
     splits = digits(val_fraction=0.2, seed=SEED)
     x, y = splits.train.tensors
@@ -33,7 +39,7 @@ def plain_pytorch_loop() -> dict[str, torch.Tensor]:
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    optimizer = make_optimizer(model.parameters())
     step, epoch = 0, 0
     while step < STEPS:
         perm = epoch_permutation(len(x), SEED, epoch)

@@ -2,12 +2,16 @@
 
 DDP's C++ reducer buckets gradients and all-reduces each bucket while backward is still running,
 so communication overlaps computation; we reuse it rather than hand-rolling collectives.
-Compression is one of DDP's own communication hooks.
+Compression is one of DDP's own communication hooks (comm_hooks.py, which also counts the bytes).
+`trainer.shard_optimizer=true` wraps the optimizer in torch's ZeroRedundancyOptimizer (ZeRO
+stage 1): each rank keeps the optimizer state of its share of the parameters only.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
@@ -16,14 +20,14 @@ import ray
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.aggregators.base import GradientAggregator
+from distrain.aggregators import comm_hooks
+from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.comm_timing import CommTimer
+from distrain.config import ConfigError
 from distrain.device import dist_backend
-
-COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 
 
 class AllReduce(GradientAggregator):
@@ -36,9 +40,16 @@ class AllReduce(GradientAggregator):
         powersgd_rank: int = 2,
         powersgd_warmup_steps: int = 10,
     ) -> None:
-        if compression not in COMPRESSIONS:
-            raise ValueError(
-                f"aggregator.compression={compression!r} is not one of {', '.join(COMPRESSIONS)}"
+        if compression not in comm_hooks.COMPRESSIONS:
+            raise ConfigError(
+                f"aggregator.compression={compression!r} is not one of "
+                f"{', '.join(comm_hooks.COMPRESSIONS)}."
+            )
+        if bucket_cap_mb <= 0 or powersgd_rank < 1 or powersgd_warmup_steps < 0:
+            raise ConfigError(
+                f"aggregator.bucket_cap_mb={bucket_cap_mb} must be > 0, aggregator.powersgd_rank="
+                f"{powersgd_rank} >= 1 and aggregator.powersgd_warmup_steps="
+                f"{powersgd_warmup_steps} >= 0."
             )
         self.bucket_cap_mb = bucket_cap_mb
         self.gradient_as_bucket_view = gradient_as_bucket_view
@@ -48,6 +59,13 @@ class AllReduce(GradientAggregator):
         self.powersgd_warmup_steps = powersgd_warmup_steps
         self.ddp: DistributedDataParallel | None = None
         self.comm_timer = CommTimer()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.comm = comm_hooks.CommCounter()
+        self.steps = 0
+
+    @classmethod
+    def check_job(cls, job: dict[str, Any]) -> None:
+        """Every job setting works with all-reduce, trainer.shard_optimizer included."""
 
     @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +95,23 @@ class AllReduce(GradientAggregator):
             timeout=timedelta(seconds=timeout_s),
         )
 
+    def build_optimizer(
+        self, make_optimizer: MakeOptimizer, params: Iterable[nn.Parameter], *, shard: bool
+    ) -> torch.optim.Optimizer:
+        if not shard:
+            self.optimizer = make_optimizer(params)
+        else:
+            # The optimizer config is `_partial_: true`: a partial of the class and its settings.
+            if not isinstance(make_optimizer, functools.partial) or make_optimizer.args:
+                raise ConfigError(
+                    "trainer.shard_optimizer=true needs the optimizer config to name a "
+                    "torch.optim class with keyword settings (_target_ + _partial_: true)."
+                )
+            self.optimizer = ZeroRedundancyOptimizer(
+                params, optimizer_class=make_optimizer.func, **make_optimizer.keywords
+            )
+        return self.optimizer
+
     def wrap(self, model: nn.Module) -> nn.Module:
         self.ddp = DistributedDataParallel(
             model,
@@ -85,27 +120,15 @@ class AllReduce(GradientAggregator):
             gradient_as_bucket_view=self.gradient_as_bucket_view,
             static_graph=self.static_graph,
         )
-        self._register_compression(self.ddp)
+        # DDP takes one hook: the counting hook for the compression, wrapped to be timed.
+        self.comm = comm_hooks.register(
+            self.ddp,
+            self.compression,
+            powersgd_rank=self.powersgd_rank,
+            powersgd_warmup_steps=self.powersgd_warmup_steps,
+            wrap=self.comm_timer.wrap,
+        )
         return self.ddp
-
-    def _register_compression(self, ddp: DistributedDataParallel) -> None:
-        # DDP takes one hook; every branch goes through _register_hook so it is timed.
-        if self.compression == "none":
-            self._register_hook(ddp, None, default_hooks.allreduce_hook)
-        elif self.compression == "fp16":
-            self._register_hook(ddp, None, default_hooks.fp16_compress_hook)
-        elif self.compression == "bf16":
-            self._register_hook(ddp, None, default_hooks.bf16_compress_hook)
-        elif self.compression == "powersgd":
-            state = powerSGD_hook.PowerSGDState(
-                process_group=None,
-                matrix_approximation_rank=self.powersgd_rank,
-                start_powerSGD_iter=max(2, self.powersgd_warmup_steps),
-            )
-            self._register_hook(ddp, state, powerSGD_hook.powerSGD_hook)
-
-    def _register_hook(self, ddp: DistributedDataParallel, state: Any, hook: Any) -> None:
-        ddp.register_comm_hook(state, self.comm_timer.wrap(hook))
 
     def backward_wait_s(self) -> float:
         return self.comm_timer.pop_wait_s()
@@ -114,6 +137,17 @@ class AllReduce(GradientAggregator):
         # DDP decides in forward whether backward all-reduces; no_sync() accumulates locally.
         assert self.ddp is not None, "wrap() the model first"
         return nullcontext() if sync else self.ddp.no_sync()
+
+    def synchronize(self) -> None:
+        super().synchronize()  # DDP has averaged during backward already: only count the step
+
+    def stats(self) -> dict[str, Any]:
+        steps = max(self.steps, 1)
+        return {
+            **super().stats(),
+            "allreduce_payload_bytes_per_step": self.comm.payload_bytes / steps,
+            "buckets_per_step": self.comm.buckets / steps,
+        }
 
     def close(self) -> None:
         if dist.is_initialized():

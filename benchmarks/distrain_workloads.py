@@ -1,0 +1,50 @@
+"""The benchmark workloads (`workloads.py`) as distrain `_target_`s: a dataset builder and a model.
+
+distrain trains on exactly the peers' data and initial weights: every sample of `x_train` is a
+training sample (the peers have no validation split) and validation reads the first
+`val_samples` of them, only so that distrain's epoch report has something to evaluate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from benchmarks.workloads import make_workload
+from distrain.data.base import Splits
+
+
+def splits(name: str, seed: int = 0, val_samples: int = 256) -> Splits:
+    workload = make_workload(name, seed)
+    x, y = workload.x_train, workload.y_train
+    return Splits(
+        train=TensorDataset(x, y),
+        val=TensorDataset(x[:val_samples], y[:val_samples]),
+        input_shape=tuple(x.shape[1:]),
+        num_outputs=10,
+    )
+
+
+def model(name: str, seed: int = 0) -> nn.Module:
+    return make_workload(name, seed).model_fn()
+
+
+def job_overrides(name: str, seed: int = 0) -> dict[str, Any]:
+    """The job groups that make a distrain run train workload `name` like the peers do."""
+    workload = make_workload(name, seed)
+    return {
+        "data": {
+            "_target_": f"{__name__}.splits",
+            "name": name,
+            "seed": seed,
+            "batch_size": workload.batch_per_worker,  # times the workers, by the caller
+            "micro_batch_size": None,
+            "loader": "memory",
+            "num_workers": 0,
+        },
+        "model": {"_target_": f"{__name__}.model", "name": name, "seed": seed},
+        # The peers' optimizer: plain SGD at the workload's lr.
+        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": workload.lr},
+    }
