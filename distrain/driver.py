@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from distrain import build, checkpoint, cluster, config
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
-from distrain.group import GroupFailed, WorkerGroup
+from distrain.group import GroupFailed, WorkerError, WorkerGroup
 from distrain.loop import NonFiniteError
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
 from distrain.progress import make_progress
@@ -221,10 +221,16 @@ class Supervisor:
                 group_job, world_size = self._plan_group()
                 group = WorkerGroup(group_job, world_size, self.device_type)
                 group.start(self._need(world_size), ref)
+            except WorkerError as error:
+                if group is not None:
+                    group.shutdown()
+                raise TrainingFailed(str(error)) from None
             except (config.ConfigError, GroupFailed) as error:
                 if group is not None:
                     group.shutdown()
-                if not self.failures:
+                if not self.failures:  # the first start: nothing to recover, say what happened
+                    if isinstance(error, GroupFailed):
+                        raise TrainingFailed(str(error)) from None
                     raise
                 if time.monotonic() > deadline:
                     raise TrainingFailed(

@@ -31,6 +31,11 @@ class GroupFailed(RuntimeError):
     """Infrastructure failure (a worker died, hung or could not start): worth a restart."""
 
 
+class WorkerError(RuntimeError):
+    """A worker's own code raised while setting up (a user class, a missing module): a restart
+    would only repeat it."""
+
+
 class WorkerGroup:
     def __init__(self, job: dict[str, Any], world_size: int, device_type: str) -> None:
         self.job = job
@@ -105,6 +110,17 @@ class WorkerGroup:
         except ray.exceptions.GetTimeoutError:
             raise GroupFailed(
                 f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
+            ) from None
+        except ray.exceptions.RayTaskError as error:
+            cause = error.cause
+            raise WorkerError(
+                f"a worker failed to {what}: {type(cause).__name__}: {cause}"
+                + (
+                    " (the module must be importable on every node: install it there, put its "
+                    "directory on PYTHONPATH, or ship it with cluster.runtime_env_working_dir=true)"
+                    if isinstance(cause, ImportError)
+                    else ""
+                )
             ) from None
         except ray.exceptions.RayActorError as error:  # e.g. a node that cannot import distrain
             raise GroupFailed(

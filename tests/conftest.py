@@ -28,6 +28,11 @@ SESSION_CPUS = 4
 
 @pytest.fixture(scope="session")
 def ray_address() -> Any:
+    # Ray's workers inherit this process's environment: with the repository on PYTHONPATH they
+    # import test-only modules (tests/usermodel.py), as a user's workers import the user's code.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
+    )
     ray.init(
         address="local", num_cpus=SESSION_CPUS, include_dashboard=False, logging_level="WARNING"
     )
