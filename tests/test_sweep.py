@@ -213,3 +213,47 @@ def test_optuna_search_runs_trials_and_summarises(ray_address: str, tmp_path: Pa
     assert f"best_value: {min(m['val_loss'] for m in losses)}" in best
     for row in rows:
         assert any(o.startswith("optimizer.lr=") for o in row["overrides"])
+
+
+@pytest.mark.slow
+def test_a_job_interrupted_mid_run_resumes_from_its_checkpoint(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """Ctrl-C while job 1 trains (after its first checkpoint): the same command again skips job 0
+    and continues job 1 from its checkpoint to the same step count, in the same run dir."""
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        *DISTRAIN,
+        "--multirun",
+        "optimizer.lr=0.05,0.1",
+        "trainer.epochs=20",
+        "trainer.checkpoint_every_n_steps=10",
+        "model.hidden_sizes=[32]",
+        "logger.progress=plain",
+        f"cluster.address={ray_address}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    latest = sweep_dir / "1" / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 240
+        while not latest.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        assert latest.exists(), "job 1 wrote no checkpoint in time"
+        proc.send_signal(signal.SIGINT)
+        _, first_err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, first_err[-3000:]
+    assert _finished(sweep_dir / "0") and not _finished(sweep_dir / "1"), first_err[-3000:]
+
+    again = run_cli(*command[3:], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "job 0 (" in again.stderr and "skipped (finished)" in again.stderr
+    assert "job 1 (" in again.stderr and "resuming from its last checkpoint" in again.stderr
+    metrics = json.loads((sweep_dir / "1" / "metrics.json").read_text())
+    assert metrics["steps"] == 20 * (1437 // 64) and metrics["epochs"] == 20
+    rows = json.loads((sweep_dir / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["skipped (finished before)", "finished"]
