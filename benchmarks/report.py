@@ -44,8 +44,12 @@ def _table(rows: list[dict], workload: str, workers: int) -> list[str]:
             lines.append(f"| {r['name']} | {r['workers']} | failed: see latest.jsonl | | | | |")
             continue
         ratio = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}" if ref else "–"
+        rate = f"{r['samples_per_s']:,.0f}"
+        if "samples_per_s_runs" in r:  # best of several runs: show them all
+            each = " / ".join(f"{x:,.0f}" for x in r["samples_per_s_runs"] if x is not None)
+            rate += f" (best of {each})"
         lines.append(
-            f"| {r['name']} | {r['workers']} | {r['samples_per_s']:,.0f} | {ratio} "
+            f"| {r['name']} | {r['workers']} | {rate} | {ratio} "
             f"| {r['time_to_first_step_s']:.1f} | {r['peak_rss_mb']:,.0f} | {r['final_loss']:.4f} |"
         )
     return [*lines, ""]
@@ -122,8 +126,9 @@ def write_report(
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
         f"torch {info['torch']}, Ray {info['ray']}; git {info['git']}. Load average (1/5/15 min) "
-        f"at {load}: the machine is shared, so compare rows of one run only. One repetition "
-        f"per row; total {info['total_s'] / 60:.1f} min. Written by `benchmarks/run.py`.",
+        f"at {load}: the machine is shared, so compare rows of one run only. One run per row, "
+        f"except `ray_ps` and `distrain_ps_sync`: the best of {info['repeats']} alternating runs "
+        f"(all shown). Total {info['total_s'] / 60:.1f} min. Written by `benchmarks/run.py`.",
         "",
         "Every row runs in a fresh process on the same data and initial weights, at the "
         "workload's batch per worker (global batch = per worker × workers). samples/s is the "

@@ -7,6 +7,9 @@ Per workload, every system runs back to back in a fresh process (so load on a sh
 drifts as little as possible between them): the single-process peers with 1 worker, the
 multi-process peers with `--workers` (2), and distrain's allreduce with 1 and 2 workers and its
 parameter server (2 servers, sync and async) with 2, always at the workload's batch per worker.
+The pair behind the parameter-server target (Ray's docs PS and distrain's sync PS) then runs
+again, alternating, `--repeats` times in all, and the fastest run of each is kept: on a shared
+machine one run can be slowed several-fold by someone else's job.
 Then digits with fp16/bf16 gradient compression against none: bytes all-reduced per step, as
 counted by distrain's communication hooks, and validation accuracy after the default job.
 """
@@ -36,7 +39,6 @@ SINGLE_PROCESS_PEERS = ("textbook", "inmemory")
 MULTI_PROCESS_PEERS = ("torchrun_ddp", "ray_train", "ray_ps")
 DISTRAIN = (("allreduce", 1), ("allreduce", "W"), ("ps_sync", "W"), ("ps_async", "W"))
 COMPRESSIONS = ("none", "fp16", "bf16")
-REFERENCE = "torchrun_ddp"  # ratios are against torch DDP under torchrun
 PS_PEER = "ray_ps"  # the single-actor parameter server of Ray's docs
 
 
@@ -87,6 +89,17 @@ def run_compression(compression: str, workers: int, timeout_s: float = 600) -> d
     }
 
 
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest of repeated runs (the least disturbed by other load), with all rates."""
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        return runs[0]
+    best = max(done, key=lambda r: r["samples_per_s"])
+    if len(runs) > 1:
+        best = {**best, "samples_per_s_runs": [r.get("samples_per_s") for r in runs]}
+    return best
+
+
 def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next(
@@ -112,6 +125,9 @@ def main() -> None:
     p.add_argument("--workloads", default=",".join(MEASURE_STEPS))
     p.add_argument("--workers", type=int, default=2, help="for the multi-worker systems")
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument(
+        "--repeats", type=int, default=2, help="runs of ray_ps and distrain ps_sync (best kept)"
+    )
     p.add_argument("--skip-peers", action="store_true", help="distrain only")
     p.add_argument("--skip-compression", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "latest")
@@ -120,12 +136,16 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for workload in args.workloads.split(","):
         steps = {"warmup_steps": args.warmup_steps, "measure_steps": MEASURE_STEPS[workload]}
-        jobs: list[tuple[str, Any]] = []
+        jobs: list[tuple[str, str, int]] = []
         if not args.skip_peers:
-            jobs += [("peer", (name, 1)) for name in SINGLE_PROCESS_PEERS]
-            jobs += [("peer", (name, args.workers)) for name in MULTI_PROCESS_PEERS]
-        jobs += [("distrain", (s, args.workers if w == "W" else w)) for s, w in DISTRAIN]
-        for kind, (name, workers) in jobs:
+            jobs += [("peer", name, 1) for name in SINGLE_PROCESS_PEERS]
+            jobs += [("peer", name, args.workers) for name in MULTI_PROCESS_PEERS]
+        jobs += [("distrain", s, args.workers if w == "W" else w) for s, w in DISTRAIN]
+        # The parameter-server target pair again, alternating, so both see the same load.
+        pair = [("peer", PS_PEER, args.workers), ("distrain", "ps_sync", args.workers)]
+        jobs += pair * (args.repeats - 1) if not args.skip_peers else []
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for kind, name, workers in jobs:
             print(f"{workload}: {name} x{workers} ...", file=sys.stderr, flush=True)
             try:
                 if kind == "peer":
@@ -134,7 +154,8 @@ def main() -> None:
                     row = run_distrain(name, workload=workload, workers=workers, **steps)
             except (RuntimeError, subprocess.TimeoutExpired) as error:
                 row = {"name": name, "workload": workload, "workers": workers, "error": str(error)}
-            rows.append(row)
+            runs.setdefault((name, workers), []).append(row)
+        rows += [_best(repeated) for repeated in runs.values()]
     compression = []
     if not args.skip_compression:
         for name in COMPRESSIONS:
@@ -142,6 +163,7 @@ def main() -> None:
             compression.append(run_compression(name, args.workers))
     info["load_average_at_end"] = os.getloadavg()
     info["total_s"] = time.time() - started
+    info["repeats"] = args.repeats
     from benchmarks.report import write_report  # matplotlib only for the report
 
     write_report(args.out, rows, compression, info, workers=args.workers)

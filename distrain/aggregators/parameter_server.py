@@ -1,10 +1,10 @@
 """`aggregator=parameter_server`: gradients averaged (or applied) by sharded Ray server actors.
 
-No collective backend: workers talk to `aggregator.servers` actors through the Ray object store.
-The worker's parameters, flattened, form one float32 vector split into K contiguous shards of
-near-equal size; server k owns shard k (ps_servers.py). A step costs each worker one flatten (one
-`torch.cat`), K remote calls that each carry one numpy array, and K copies back: no per-tensor
-pickling and nothing proportional to the number of parameter tensors crosses Ray.
+No collective backend: workers talk to `aggregator.servers` actors through Ray. The worker's
+parameters, flattened, form one float32 vector split into K contiguous shards of near-equal size;
+server k owns shard k (ps_servers.py). A step costs each worker one flatten (one `torch.cat`), K
+remote calls that carry their shard as numpy arrays, and K copies back: no per-tensor pickling,
+and nothing proportional to the number of parameter tensors crosses Ray.
 
 * `mode=sync`: exact synchronous SGD. Servers return the mean gradient shard once all W workers
   pushed; it lands in `.grad` and every worker's own optimizer steps, as with all-reduce.
@@ -158,23 +158,36 @@ class ParameterServer(GradientAggregator):
         self.recv_views = [
             self.recv[a:b].view_as(p) for p, (a, b) in zip(self.params, _offsets(self.params))
         ]
-        if self.mode == "async":
+        if self.mode == "async":  # the model now lives in `recv`, where replies land
             with torch.no_grad():
-                torch.cat([p.detach().reshape(-1).cpu() for p in self.params], out=self.send)
-            send = self.send.numpy()
-            refs = [
-                server.init.remote(send[a:b], self.make_optimizer)
-                for server, (a, b) in zip(self.servers, self.bounds)
-            ]
-            replies = ray.get(refs, timeout=self.timeout_s)
-            self._receive([[shard] for shard, _ in replies])
-            self.versions = [version for _, version in replies]
-            for p, view in zip(self.params, self.recv_views):  # the model now lives in `recv`
+                torch.cat([p.detach().reshape(-1).cpu() for p in self.params], out=self.recv_host)
+                self.recv.copy_(self.recv_host)
+            for p, view in zip(self.params, self.recv_views):
                 p.data = view
+            self.versions: list[int] | None = None  # the servers get their shards at step 1
         return model
+
+    def _register(self) -> None:
+        """async: give the servers their shards, as the model is now (after any checkpoint load).
+
+        The first worker's shard wins (all ranks hold the same parameters), with the optimizer
+        built from the same `_partial_` config on each server.
+        """
+        if self.recv is not self.recv_host:
+            self.recv_host.copy_(self.recv)
+        params = self.recv_host.numpy()
+        refs = [
+            server.init.remote(params[a:b], self.make_optimizer)
+            for server, (a, b) in zip(self.servers, self.bounds)
+        ]
+        replies = ray.get(refs, timeout=self.timeout_s)
+        self._receive([[shard] for shard, _ in replies])
+        self.versions = [version for _, version in replies]
 
     def synchronize(self) -> None:
         started = time.perf_counter()
+        if self.mode == "async" and self.versions is None:
+            self._register()
         send = self._flatten_grads()
         if self.mode == "sync":
             heads = [(self.rank, self.steps)] * len(self.servers)  # steps done so far
