@@ -7,7 +7,7 @@ The job goes through distrain's own driver (`driver.train`) with an embedded Ray
 so start-up is counted as for the Ray peers. The quantities are those of `peers/common.py`:
 
 * `samples_per_s`: steady state, from the driver's own per-interval records in TensorBoard
-  (`train/samples_per_s`, one per `LOG_EVERY` steps): the intervals after `warmup_steps`, total
+  (`throughput/samples_per_s`, one per `LOG_EVERY` steps): the intervals after `warmup_steps`, total
   samples over total time. Epoch-end evaluation is not inside any interval (the peers have none).
 * `time_to_first_step_s`: t0 to the first aggregated gradient of the slowest rank (the
   aggregator's `first_step_unix_s`; the optimizer step follows at once).
@@ -66,7 +66,7 @@ def steady_samples_per_s(
     """
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    rates = events.Scalars("train/samples_per_s")
+    rates = events.Scalars("throughput/samples_per_s")
     samples = seconds = 0.0
     previous = 0
     for record in rates:
@@ -78,7 +78,7 @@ def steady_samples_per_s(
         interval_samples = (end - start) * global_batch
         samples += interval_samples
         seconds += interval_samples / record.value
-    return samples / seconds, events.Scalars("train/loss")[-1].value
+    return samples / seconds, events.Scalars("loss/train")[-1].value
 
 
 def main() -> None:
