@@ -44,6 +44,7 @@ LOG_EVERY = 10  # steps per driver record: the resolution of the steady-state wi
 STRATEGIES = {
     "allreduce": ["aggregator=allreduce"],
     "allreduce_fp16": ["aggregator=allreduce", "aggregator.compression=fp16"],
+    "allreduce_gloo": ["aggregator=allreduce", "aggregator.transport=backend"],
     "ps_sync": ["aggregator=parameter_server", "aggregator.servers=2"],
     "ps_async": ["aggregator=parameter_server", "aggregator.servers=2", "aggregator.mode=async"],
 }
@@ -136,7 +137,8 @@ def main() -> None:
         ),
         "final_loss": final_loss,
     }
-    for key in ("allreduce_payload_bytes_per_step", "pushed_bytes_per_step", "dropped"):
+    keys = ("transport", "allreduce_payload_bytes_per_step", "pushed_bytes_per_step", "dropped")
+    for key in keys:
         if key in ranks[0]:
             row[key] = ranks[0][key]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))

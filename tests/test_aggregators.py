@@ -46,12 +46,16 @@ def equivalence_run(tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
     "overrides",
     [
         ["aggregator.bucket_cap_mb=0.001"],  # ~1 KB buckets: several per step
+        ["aggregator.transport=backend"],  # gloo instead of shared memory
         ["data.micro_batch_size=8"],  # 4 accumulated micro-batches per worker and step
         ["trainer.shard_optimizer=true"],  # ZeRO-1 with SGD + momentum
         [PS, "aggregator.servers=1"],
         [PS, "aggregator.servers=3"],  # uneven shards
     ],
-    ids=["allreduce-small-buckets", "accumulation", "zero-sgd", "ps-sync-k1", "ps-sync-k3"],
+    ids=[
+        *("allreduce-small-buckets", "allreduce-gloo", "accumulation", "zero-sgd"),
+        *("ps-sync-k1", "ps-sync-k3"),
+    ],
 )
 def test_strategy_matches_single_process(
     ray_address: str, tmp_path: Path, overrides: list[str]
@@ -59,6 +63,9 @@ def test_strategy_matches_single_process(
     metrics, params = equivalence_run(tmp_path, *overrides)
     assert_same_parameters(params, plain_pytorch_loop())
     stats = metrics["aggregator"][0]
+    if PS not in overrides:  # both workers share this machine: shared memory unless told not to
+        gloo = "aggregator.transport=backend" in overrides
+        assert [s["transport"] for s in metrics["aggregator"]] == ["gloo" if gloo else "shm"] * 2
     if "aggregator.bucket_cap_mb=0.001" in overrides:
         # One bucket on step 1, then DDP rebuilds them by the cap: a weight and its bias each
         # (3 per step; one in all at the default 25 MB).
@@ -116,6 +123,9 @@ def test_compression_halves_bytes_and_converges(ray_address: str, tmp_path: Path
     assert sent["none"] == 4 * params
     assert sent["fp16"] == sent["bf16"] == 2 * params
     assert sent["powersgd"] < sent["fp16"]  # after 10 warm-up steps at full size
+    # fp16/bf16 are cast before the shared-memory sum; PowerSGD needs the process group.
+    transports = {name: m["aggregator"][0]["transport"] for name, m in results.items()}
+    assert transports == {"none": "shm", "fp16": "shm", "bf16": "shm", "powersgd": "gloo"}
     accuracy = {name: m["val_accuracy"] for name, m in results.items()}
     # Margins on 360 validation samples (1 sample = 0.28 points). Measured once: none 96.66 %,
     # fp16 96.66 %, bf16 96.94 %, PowerSGD (rank 2) 95.82 %.
@@ -163,6 +173,7 @@ def _check(*overrides: str) -> None:
         ([PS, "aggregator.max_staleness=-1"], "aggregator.max_staleness=-1"),
         ([PS, "aggregator.mode=async", "trainer.precision=16"], "trainer.precision=16"),
         (["aggregator.compression=int4"], "aggregator.compression='int4' is not one of"),
+        (["aggregator.transport=tcp"], "aggregator.transport='tcp' is not one of auto, backend"),
     ],
 )
 def test_aggregator_mistakes_are_config_errors(overrides: list[str], message: str) -> None:

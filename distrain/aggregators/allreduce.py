@@ -5,11 +5,16 @@ so communication overlaps computation; we reuse it rather than hand-rolling coll
 Compression is one of DDP's own communication hooks (comm_hooks.py, which also counts the bytes).
 `trainer.shard_optimizer=true` wraps the optimizer in torch's ZeroRedundancyOptimizer (ZeRO
 stage 1): each rank keeps the optimizer state of its share of the parameters only.
+
+With one worker there is nothing to average: no process group, no DDP, no hook (DDP with a
+world of one still copies every gradient into its buckets and all-reduces them with itself,
+~35 % of a small step), and ZeRO has nothing to shard.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -23,11 +28,15 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.aggregators import comm_hooks
+from distrain.aggregators import comm_hooks, shm_allreduce
 from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.comm_timing import CommTimer
+from distrain.aggregators.shm_allreduce import ShmAllReduce
 from distrain.config import ConfigError
 from distrain.device import dist_backend
+
+log = logging.getLogger(__name__)
+TRANSPORTS = ("auto", "backend")
 
 
 class AllReduce(GradientAggregator):
@@ -39,7 +48,14 @@ class AllReduce(GradientAggregator):
         compression: str = "none",
         powersgd_rank: int = 2,
         powersgd_warmup_steps: int = 10,
+        transport: str = "auto",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ConfigError(
+                f"aggregator.transport={transport!r} is not one of {', '.join(TRANSPORTS)}: auto "
+                "uses shared memory between CPU workers on one node and the process group's "
+                "backend (gloo/NCCL) otherwise; backend always uses the backend."
+            )
         if compression not in comm_hooks.COMPRESSIONS:
             raise ConfigError(
                 f"aggregator.compression={compression!r} is not one of "
@@ -57,11 +73,15 @@ class AllReduce(GradientAggregator):
         self.compression = compression
         self.powersgd_rank = powersgd_rank
         self.powersgd_warmup_steps = powersgd_warmup_steps
+        self.transport = transport
+        self.shm: ShmAllReduce | None = None
+        self.use_shm = False  # decided in connect(), the segment is made in wrap()
         self.ddp: DistributedDataParallel | None = None
         self.comm_timer = CommTimer()
         self.optimizer: torch.optim.Optimizer | None = None
         self.comm = comm_hooks.CommCounter()
         self.steps = 0
+        self.world_size = 1
 
     @classmethod
     def check_job(cls, job: dict[str, Any]) -> None:
@@ -71,6 +91,8 @@ class AllReduce(GradientAggregator):
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
         # As Ray Train does: rank 0's node IP as Ray sees it (not localhost, so other nodes can
         # reach it) and a port that is free on that node right now.
+        if len(workers) == 1:
+            return {}  # no group to join (see the module docstring)
         host, port = ray.get(workers[0].free_address.remote())
         return {"master_addr": host, "master_port": port}
 
@@ -83,7 +105,9 @@ class AllReduce(GradientAggregator):
         rendezvous: dict[str, Any],
         timeout_s: float,
     ) -> None:
-        self.device = device
+        self.device, self.world_size = device, world_size
+        if world_size == 1:
+            return
         # TORCH_NCCL_ASYNC_ERROR_HANDLING makes a stuck NCCL collective raise after `timeout`
         # instead of hanging forever (gloo honours the timeout natively).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -94,11 +118,16 @@ class AllReduce(GradientAggregator):
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+        self.timeout_s = timeout_s
+        if self.transport == "auto" and device.type == "cpu" and self.compression != "powersgd":
+            nodes: list[Any] = [None] * world_size
+            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+            self.use_shm = len(set(nodes)) == 1 and shm_allreduce.supported()
 
     def build_optimizer(
         self, make_optimizer: MakeOptimizer, params: Iterable[nn.Parameter], *, shard: bool
     ) -> torch.optim.Optimizer:
-        if not shard:
+        if not shard or self.world_size == 1:
             self.optimizer = make_optimizer(params)
         else:
             # The optimizer config is `_partial_: true`: a partial of the class and its settings.
@@ -113,6 +142,16 @@ class AllReduce(GradientAggregator):
         return self.optimizer
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        if self.use_shm:
+            gradient_bytes = sum(
+                p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
+            )
+            try:
+                self.shm = ShmAllReduce(gradient_bytes, self.timeout_s)
+            except OSError as error:  # the same on every rank: all fall back together
+                log.warning("shared-memory all-reduce unavailable (%s); using gloo", error)
         self.ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -127,6 +166,7 @@ class AllReduce(GradientAggregator):
             powersgd_rank=self.powersgd_rank,
             powersgd_warmup_steps=self.powersgd_warmup_steps,
             wrap=self.comm_timer.wrap,
+            shm=self.shm,
         )
         return self.ddp
 
@@ -135,8 +175,7 @@ class AllReduce(GradientAggregator):
 
     def sync_if(self, sync: bool) -> AbstractContextManager:
         # DDP decides in forward whether backward all-reduces; no_sync() accumulates locally.
-        assert self.ddp is not None, "wrap() the model first"
-        return nullcontext() if sync else self.ddp.no_sync()
+        return nullcontext() if sync or self.ddp is None else self.ddp.no_sync()
 
     def synchronize(self) -> None:
         super().synchronize()  # DDP has averaged during backward already: only count the step
@@ -147,8 +186,16 @@ class AllReduce(GradientAggregator):
             **super().stats(),
             "allreduce_payload_bytes_per_step": self.comm.payload_bytes / steps,
             "buckets_per_step": self.comm.buckets / steps,
+            "transport": self.transport_name(),
         }
 
+    def transport_name(self) -> str:
+        if self.world_size == 1:
+            return "none"
+        return "shm" if self.shm is not None else dist_backend(self.device.type)
+
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
         if dist.is_initialized():
             dist.destroy_process_group()

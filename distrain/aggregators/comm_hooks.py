@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
+from distrain.aggregators.shm_allreduce import ShmAllReduce
+
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
@@ -40,6 +42,25 @@ def _cast_hook(hook: Hook, dtype: torch.dtype | None, counter: CommCounter) -> H
         counter.payload_bytes += buffer.numel() * (dtype or buffer.dtype).itemsize
         counter.buckets += 1
         return hook(state, bucket)
+
+    return counted
+
+
+def _shm_hook(shm: ShmAllReduce, dtype: torch.dtype | None, counter: CommCounter) -> Hook:
+    """As `_cast_hook`'s hooks (divide by the world size, then sum, in `dtype`), through shared
+    memory instead of the process group (shm_allreduce.py). It completes before it returns."""
+
+    def counted(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        payload = buffer.to(dtype) if dtype is not None else buffer  # a copy only when cast
+        counter.payload_bytes += payload.numel() * payload.element_size()
+        counter.buckets += 1
+        shm.all_reduce_sum_(payload.div_(shm.world_size))
+        if payload is not buffer:
+            buffer.copy_(payload)
+        future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        future.set_result(buffer)
+        return future
 
     return counted
 
@@ -70,10 +91,16 @@ def register(
     powersgd_rank: int,
     powersgd_warmup_steps: int,
     wrap: Callable[[Any], Any] = lambda hook: hook,
+    shm: ShmAllReduce | None = None,
 ) -> CommCounter:
     """Register the counting hook for `compression` on `ddp` (passed through `wrap`, e.g. a
-    timer); returns its counter."""
+    timer); returns its counter. With `shm` (not for powersgd) buckets go through shared memory.
+    """
     counter = CommCounter()
+    dtypes = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if shm is not None and compression in dtypes:
+        ddp.register_comm_hook(None, wrap(_shm_hook(shm, dtypes[compression], counter)))
+        return counter
     if compression == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None,

@@ -1,0 +1,98 @@
+"""The shared-memory all-reduce between real processes in a real gloo process group."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distrain.aggregators import shm_allreduce
+from distrain.aggregators.shm_allreduce import SMALL_BYTES, ShmAllReduce
+
+pytestmark = pytest.mark.skipif(not shm_allreduce.supported(), reason="x86-64 Linux only")
+
+# Numbers of float32 elements: small (one-barrier path), odd-sized, large (two barriers), and a
+# chunk split that leaves the last rank nothing (4 elements over 3 ranks: chunks 2, 2, 0).
+SIZES = [10, 4, SMALL_BYTES // 4 + 7, 1000, 3 * SMALL_BYTES // 4, 4, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def _inputs(rank: int, size: int, call: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * call + rank)
+    return torch.randn(size, generator=generator)
+
+
+def _sum_ranks(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    shm = ShmAllReduce(max(SIZES) * 4, timeout_s=30)
+    results = []
+    for call, size in enumerate(SIZES):
+        tensor = _inputs(rank, size, call)
+        shm.all_reduce_sum_(tensor)
+        results.append(tensor)
+    shm.close()
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _late_rank(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    shm = ShmAllReduce(1024, timeout_s=1.0)
+    if rank == 0:
+        try:
+            shm.all_reduce_sum_(torch.ones(8))
+        except TimeoutError as error:
+            Path(out, "error.txt").write_text(str(error))
+    dist.barrier()  # rank 1 never joined the all-reduce; it waits here for rank 0's verdict
+    dist.destroy_process_group()
+
+
+def _no_room(rank: int, world: int, port: int, out: str) -> None:
+    _init(rank, world, port)
+    try:
+        ShmAllReduce(1024, timeout_s=5, directory=f"{out}/missing-directory")
+    except OSError as error:
+        Path(out, f"error{rank}.txt").write_text(str(error))
+    dist.destroy_process_group()
+
+
+def _shm_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("distrain-*")}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sums_are_exact_and_bitwise_equal_on_every_rank(tmp_path: Path, world: int) -> None:
+    before = _shm_files()
+    mp.spawn(_sum_ranks, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for call, size in enumerate(SIZES):
+        expected = _inputs(0, size, call)
+        for r in range(1, world):
+            expected = expected + _inputs(r, size, call)  # rank order, as the reduction
+        for r in range(world):
+            assert torch.equal(per_rank[r][call], expected), (world, call, size, r)
+    assert _shm_files() == before  # the segment was unlinked once everyone had mapped it
+
+
+def test_a_missing_rank_raises_after_the_timeout_instead_of_hanging(tmp_path: Path) -> None:
+    mp.spawn(_late_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    assert "rank(s) [1] did not arrive within 1 s" in (tmp_path / "error.txt").read_text()
+
+
+def test_no_room_for_the_segment_is_the_same_error_on_every_rank(tmp_path: Path) -> None:
+    """What a full tmpfs gives (so the aggregator falls back to gloo on all ranks together)."""
+    mp.spawn(_no_room, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert "cannot reserve" in (tmp_path / f"error{rank}.txt").read_text()
