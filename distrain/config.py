@@ -51,6 +51,9 @@ class TrainerConfig:
     setup_timeout_s: float = 120.0  # building workers + process group rendezvous
     step_timeout_s: float = 300.0  # a worker silent for longer is declared hung
     checkpoint_every_n_steps: int | None = None  # also at the end of every epoch (None: only then)
+    # Scheduled checkpoints (the two above) are skipped while the last is younger than this;
+    # the run's last one and a stop's are always taken. 0: take every one.
+    checkpoint_min_interval_s: float = 0.0
     keep_checkpoints: int = 3
     max_failures: int = 3  # worker/node losses recovered from the last checkpoint before giving up
     min_workers: int | None = None  # elastic: continue on fewer workers (>= this) if nodes are lost
@@ -129,6 +132,11 @@ def validate(job: dict[str, Any]) -> None:
     )
     for key in ("setup_timeout_s", "step_timeout_s", "stop_timeout_s"):
         _require(trainer[key] > 0, f"trainer.{key}={trainer[key]} must be > 0 seconds.")
+    _require(
+        trainer["checkpoint_min_interval_s"] >= 0,
+        f"trainer.checkpoint_min_interval_s={trainer['checkpoint_min_interval_s']} must be >= 0 "
+        "seconds (0: every scheduled checkpoint).",
+    )
     every = trainer["checkpoint_every_n_steps"]
     _require(
         every is None or every >= 1,

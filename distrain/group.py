@@ -58,7 +58,7 @@ class WorkerGroup:
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True
             )
-        ).remote()
+        ).remote(trainer["checkpoint_min_interval_s"])
         actor = ray.remote(Worker)
         group_id = uuid.uuid4().hex[:8]
         self.names = [f"distrain-{group_id}-rank{rank}" for rank in range(self.world_size)]

@@ -164,8 +164,9 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient under trainer.nan_policy=stop (not retried: it would recur)."""
 
 
-# Called at every checkpoint boundary with the position there; True means "stop now".
-Boundary = Callable[[Position, bool], bool]
+# Called at every checkpoint boundary with the position there, whether it ends an epoch and
+# whether it is the last of the run; True means "stop now".
+Boundary = Callable[[Position, bool, bool], bool]
 
 
 def grads_are_finite(model: nn.Module) -> bool:
@@ -303,7 +304,7 @@ def fit(
                 epoch_loss.zero_()
                 if nan_policy == "stop":
                     _check_finite(parts, pos.epoch_loss_sum, pos.step, epoch)
-                if at_boundary(pos, False):
+                if at_boundary(pos, False, False):
                     return pos, True
             clock.restart()
         pos.epoch_loss_sum += epoch_loss.item()
@@ -327,7 +328,7 @@ def fit(
             pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)
         # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
         # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.
-        stop = at_boundary(pos, True)
+        stop = at_boundary(pos, True, pos.epoch >= epochs or pos.step >= total_steps)
         send(epoch_record)
         if stop:
             return pos, pos.epoch < epochs and pos.step < total_steps

@@ -3,13 +3,16 @@
 Workers fire-and-forget small records (one per `logger.log_every_n_steps`, one per epoch, a
 heartbeat when otherwise silent, their state at checkpoint boundaries) to a `MetricsSink` actor,
 in batches (distrain/worker.py `REPORT_EVERY_S`); the driver drains it a few times a second. The
-sink is also where the workers agree on stopping: at a checkpoint boundary the first rank to ask
-fixes the answer for every rank, so all ranks stop at the same step even though the driver's stop
-request reaches them at different moments.
+sink is also where the workers agree at each checkpoint boundary whether to stop and whether to
+checkpoint: the first rank to ask fixes the answer for every rank, so all ranks stop (and take
+part in a checkpoint, which under ZeRO is a collective) at the same step, even though the
+driver's stop request reaches them at different moments.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import ray
@@ -17,10 +20,12 @@ import ray
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_min_interval_s: float = 0.0) -> None:
         self._records: list[dict[str, Any]] = []
         self._stop_requested = False
-        self._decisions: dict[int, bool] = {}
+        self._decisions: dict[int, tuple[bool, bool]] = {}
+        self._checkpoint_min_interval_s = checkpoint_min_interval_s
+        self._last_checkpoint_s = -math.inf
 
     def push(self, record: dict[str, Any]) -> None:
         self._records.append(record)
@@ -36,9 +41,20 @@ class MetricsSink:
     def request_stop(self) -> None:
         self._stop_requested = True
 
-    def decide_stop(self, step: int) -> bool:
-        """Whether to stop at the boundary after `step`: the same answer for every rank."""
-        return self._decisions.setdefault(step, self._stop_requested)
+    def decide(self, step: int, final: bool) -> tuple[bool, bool]:
+        """(stop, checkpoint) at the boundary after `step`: the same answer for every rank.
+
+        A checkpoint is taken when stopping, at the `final` boundary, and otherwise when the
+        last one is at least trainer.checkpoint_min_interval_s old.
+        """
+        if step not in self._decisions:
+            now, stop = time.monotonic(), self._stop_requested
+            due = now - self._last_checkpoint_s >= self._checkpoint_min_interval_s
+            checkpoint = stop or final or due
+            if checkpoint:
+                self._last_checkpoint_s = now
+            self._decisions[step] = (stop, checkpoint)
+        return self._decisions[step]
 
     def flush(self) -> None:
         """A no-op: once it returns, every earlier push from the same caller has been stored."""

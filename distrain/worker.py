@@ -163,10 +163,9 @@ class Worker:
             }
         return _to_cpu(state)
 
-    def _at_boundary(self, position: Position, epoch_end: bool) -> bool:
-        stop = ray.get(self.sink.decide_stop.remote(position.step))
-        every = self.job["trainer"]["checkpoint_every_n_steps"]
-        if epoch_end or stop or (every and position.step % every == 0):
+    def _at_boundary(self, position: Position, epoch_end: bool, final: bool) -> bool:
+        stop, checkpoint = ray.get(self.sink.decide.remote(position.step, final))
+        if checkpoint:
             state = ray.put(self._capture(position))
             record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
             self._report({**record, "state": [state]})
