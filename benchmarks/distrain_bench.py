@@ -108,6 +108,8 @@ def main() -> None:
             f"trainer.seed={args.seed}",
             f"logger.log_every_n_steps={LOG_EVERY}",
             "logger.progress=none",
+            # The peers write no checkpoints; distrain writes its first and its last.
+            "trainer.checkpoint_min_interval_s=3600",
         ]
     )
     job.update(job_overrides(args.workload, args.seed))
