@@ -55,8 +55,44 @@ def _table(rows: list[dict], workload: str, workers: int) -> list[str]:
     return [*lines, ""]
 
 
+def _versus(
+    rows: list[dict],
+    workload: str,
+    ours: tuple[str, int],
+    theirs: tuple[str, int],
+    target: float,
+    key: str = "samples_per_s",
+) -> str | None:
+    """One target line: ours/theirs of `key`; for a time (`time_...`) lower is better."""
+    a, b = _find(rows, workload, *ours), _find(rows, workload, *theirs)
+    if not (a and b):
+        return None
+    ratio, is_time = a[key] / b[key], key.startswith("time_")
+    met = ratio <= target if is_time else ratio >= target
+    what = "time to first step" if is_time else "samples/s"
+    sign = "≤" if is_time else "≥"
+    return (
+        f"* {workload}: {what} of {ours[0]} ×{ours[1]} / {theirs[0]} ×{theirs[1]} = "
+        f"**{ratio:.2f}×** (target {sign} {target:g}×: {'met' if met else 'NOT met'})"
+    )
+
+
 def _targets(rows: list[dict], compression: list[dict], workers: int) -> list[str]:
     lines = ["## Targets", ""]
+    ours_1, ours_w = ("distrain_allreduce", 1), ("distrain_allreduce", workers)
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        checks = [
+            (ours_1, ("inmemory", 1), 0.9, "samples_per_s"),
+            (ours_w, (REFERENCE, workers), 1.0, "samples_per_s"),
+            (ours_w, ("ray_train", workers), 1.0, "samples_per_s"),
+            (ours_w, ("ray_train", workers), 0.5, "time_to_first_step_s"),
+        ]
+        if workload == "digits_mlp":  # distributing a small job must not make it slower
+            checks.append((ours_w, ("textbook", 1), 1.0, "samples_per_s"))
+        for ours, theirs, target, key in checks:
+            line = _versus(rows, workload, ours, theirs, target, key)
+            if line:
+                lines.append(line)
     for workload in dict.fromkeys(r["workload"] for r in rows):
         ours, peer = (
             _find(rows, workload, PS_OURS, workers),

@@ -5,8 +5,9 @@
 
 Per workload, every system runs back to back in a fresh process (so load on a shared machine
 drifts as little as possible between them): the single-process peers with 1 worker, the
-multi-process peers with `--workers` (2), and distrain's allreduce with 1 and 2 workers and its
-parameter server (2 servers, sync and async) with 2, always at the workload's batch per worker.
+multi-process peers with `--workers` (2), and distrain's allreduce with 1 and 2 workers (2 both
+through shared memory, its default on one node, and through gloo) and its parameter server
+(2 servers, sync and async) with 2, always at the workload's batch per worker.
 The pair behind the parameter-server target (Ray's docs PS and distrain's sync PS) then runs
 again, alternating, `--repeats` times in all, and the fastest run of each is kept: on a shared
 machine one run can be slowed several-fold by someone else's job.
@@ -34,10 +35,17 @@ import torch  # noqa: E402
 from benchmarks.peers.launch import run_peer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-MEASURE_STEPS = {"digits_mlp": 100, "mlp6m": 30, "cnn": 30}  # as peers/launch.py
+# Steps measured after warm-up: digits steps are ~1 ms, so 100 would time a tenth of a second.
+MEASURE_STEPS = {"digits_mlp": 600, "mlp6m": 40, "cnn": 40}
 SINGLE_PROCESS_PEERS = ("textbook", "inmemory")
 MULTI_PROCESS_PEERS = ("torchrun_ddp", "ray_train", "ray_ps")
-DISTRAIN = (("allreduce", 1), ("allreduce", "W"), ("ps_sync", "W"), ("ps_async", "W"))
+DISTRAIN = (
+    ("allreduce", 1),
+    ("allreduce", "W"),  # shared memory between the workers (aggregator.transport=auto)
+    ("allreduce_gloo", "W"),  # the same over gloo, as torchrun and Ray Train communicate
+    ("ps_sync", "W"),
+    ("ps_async", "W"),
+)
 COMPRESSIONS = ("none", "fp16", "bf16")
 PS_PEER = "ray_ps"  # the single-actor parameter server of Ray's docs
 
