@@ -64,15 +64,17 @@ def train_step(
         parts.aggregator,
         parts.scaler,
     )
-    micro_batches = list(zip(x.split(parts.micro_batch_size), y.split(parts.micro_batch_size)))
+    size = parts.micro_batch_size
+    micro_batches = [(x, y)] if len(x) <= size else list(zip(x.split(size), y.split(size)))
     optimizer.zero_grad(set_to_none=True)
-    total_loss = torch.zeros((), device=x.device)
+    total_loss: torch.Tensor | None = None
     for i, (x_micro, y_micro) in enumerate(micro_batches):
         # Gradients are only communicated on the last micro-batch (accumulation without traffic).
         with aggregator.sync_if(i == len(micro_batches) - 1), parts.autocast():
             loss = parts.loss_fn(model(x_micro), y_micro) / len(micro_batches)
         scaler.scale(loss).backward()
-        total_loss += loss.detach().float()
+        loss = loss.detach().float()
+        total_loss = loss if total_loss is None else total_loss + loss
     clock.lap("forward_backward_s")
     aggregator.synchronize()
     clock.lap("aggregation_wait_s")
@@ -86,13 +88,17 @@ def train_step(
     # step on a GPU and ~20 % of a small CPU step. Under nan_policy=stop `fit` checks the loss
     # and the parameters at log steps and boundaries instead.
     finite = not skip_non_finite or scaler.is_enabled() or grads_are_finite(parts.model)
-    if finite or not skip_non_finite:
+    if not scaler.is_enabled():
+        if finite:
+            optimizer.step()
+    elif finite or not skip_non_finite:
         scaler.step(optimizer)
         scaler.update()
     # A skipped step still advances the schedule, which stays a function of the step count.
     if parts.scheduler is not None:
         parts.scheduler.step()
     clock.lap("optimizer_s")
+    assert total_loss is not None  # a batch has at least one micro-batch
     return total_loss, finite
 
 
