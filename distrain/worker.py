@@ -102,6 +102,9 @@ class Worker:
             steps_per_epoch=batches.steps_per_epoch,
             total_steps=min(total_steps, max_steps or total_steps),
         )
+        # While blocked on its peers the worker still reports, naming whom it waits for.
+        aggregator.on_wait = self._waiting
+        aggregator.wait_beat_s = heartbeat_s(trainer)
         self.parts = Parts(
             model=model,
             train_model=aggregator.wrap(model),
@@ -183,8 +186,7 @@ class Worker:
             log_every_n_steps=logger["log_every_n_steps"],
             checkpoint_every_n_steps=trainer["checkpoint_every_n_steps"],
             nan_policy=trainer["nan_policy"],
-            # Report at least this often, so the driver can tell a slow step from a hung worker.
-            heartbeat_s=min(5.0, trainer["step_timeout_s"] / 5),
+            heartbeat_s=heartbeat_s(trainer),
             start=self.start,
             at_boundary=self._at_boundary,
             report=self._report,
@@ -206,6 +208,9 @@ class Worker:
         result["aggregator"] = self.parts.aggregator.stats()
         return result
 
+    def _waiting(self, ranks: list[int]) -> None:
+        self._report({"kind": "heartbeat", "waiting_for": ranks})
+
     def _report(self, record: dict[str, Any] | None) -> None:
         """Queue a record; send the queue if it is due. `None` sends what is queued.
 
@@ -223,6 +228,11 @@ class Worker:
         if due and self._outbox:
             self.sink.push_many.remote(self._outbox)
             self._outbox, self._next_report_s = [], now + REPORT_EVERY_S
+
+
+def heartbeat_s(trainer: dict[str, Any]) -> float:
+    """Report at least this often, so the driver can tell a slow step from a hung worker."""
+    return min(5.0, trainer["step_timeout_s"] / 5)
 
 
 def _to_cpu(value: Any) -> Any:

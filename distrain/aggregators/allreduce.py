@@ -149,7 +149,12 @@ class AllReduce(GradientAggregator):
                 p.numel() * p.element_size() for p in model.parameters() if p.requires_grad
             )
             try:
-                self.shm = ShmAllReduce(gradient_bytes, self.timeout_s)
+                self.shm = ShmAllReduce(
+                    gradient_bytes,
+                    self.timeout_s,
+                    on_wait=self.on_wait,
+                    beat_s=self.wait_beat_s,
+                )
             except OSError as error:  # the same on every rank: all fall back together
                 log.warning("shared-memory all-reduce unavailable (%s); using gloo", error)
         self.ddp = DistributedDataParallel(

@@ -34,6 +34,12 @@ MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class GradientAggregator(ABC):
+    # Set by the worker before `wrap`: a strategy that waits for its peers in Python calls it
+    # every `wait_beat_s` with the ranks it waits for; the worker reports a heartbeat, so the
+    # driver's hang report names the ranks that stopped rather than the ones waiting for them.
+    on_wait: Callable[[list[int]], None] | None = None
+    wait_beat_s: float = 1.0
+
     @classmethod
     def check_job(cls, job: dict[str, Any]) -> None:
         """Driver side, before anything starts: reject settings this strategy cannot honour.

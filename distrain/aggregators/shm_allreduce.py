@@ -24,18 +24,22 @@ Either way each element is summed in the same order on every rank, so every rank
 bitwise-equal gradients. The barrier is a sequence number per rank, each written only by its
 rank, so no atomic read-modify-write is needed; x86's store ordering makes the slot data visible
 before the flag that announces it, hence x86-64 only. A waiting rank spins briefly, then yields
-the core (the workers may share cores with each other and with Ray), and raises after
-`timeout_s` if a peer never arrives (it died): the same contract as a gloo collective.
+the core (the workers may share cores with each other and with Ray), calls `on_wait` with the
+missing ranks every `beat_s` (the worker turns that into a heartbeat, so the driver's hang report
+names the rank that stopped, not the ones waiting for it), and raises after `timeout_s` if a peer
+never arrives (it died): the same contract as a gloo collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -61,9 +65,16 @@ class ShmAllReduce:
     file's name) and calls `all_reduce_sum_` in the same order with tensors of the same size.
     """
 
-    def __init__(self, max_bytes: int, timeout_s: float, directory: str = "/dev/shm") -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        timeout_s: float,
+        directory: str = "/dev/shm",
+        on_wait: Callable[[list[int]], None] | None = None,
+        beat_s: float = 1.0,
+    ) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.timeout_s = timeout_s
+        self.timeout_s, self.on_wait, self.beat_s = timeout_s, on_wait, beat_s
         self.slot_bytes = _aligned(max_bytes)
         self.small_bytes = min(self.slot_bytes, SMALL_BYTES)
         flags_bytes = CACHE_LINE * self.world_size  # a cache line per flag: no false sharing
@@ -115,7 +126,7 @@ class ShmAllReduce:
         self.sequence += 1
         flags, sequence = self.flags, self.sequence
         flags[self.rank] = sequence
-        spins, deadline = 0, None
+        spins, deadline, beat = 0, math.inf, math.inf
         for rank in range(self.world_size):
             while flags[rank] < sequence:
                 spins += 1
@@ -123,14 +134,20 @@ class ShmAllReduce:
                     continue
                 os.sched_yield()  # let a peer that shares this core run
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.timeout_s
-                elif now > deadline:
-                    late = [r for r in range(self.world_size) if flags[r] < sequence]
+                if deadline == math.inf:
+                    deadline, beat = now + self.timeout_s, now + self.beat_s
+                if now > beat and self.on_wait is not None:
+                    self.on_wait(self._late(sequence))
+                    beat = now + self.beat_s
+                if now > deadline:
+                    late = self._late(sequence)
                     raise TimeoutError(
                         f"shared-memory all-reduce: rank(s) {late} did not arrive within "
                         f"{self.timeout_s:.0f} s (dead or stopped)"
                     )
+
+    def _late(self, sequence: int) -> list[int]:
+        return [r for r in range(self.world_size) if self.flags[r] < sequence]
 
     def _sum(
         self, slots: list[int], flat: torch.Tensor, lo: int, hi: int, out: torch.Tensor

@@ -1,5 +1,6 @@
 """The shared-memory all-reduce between real processes in a real gloo process group."""
 
+import json
 import socket
 from pathlib import Path
 
@@ -49,12 +50,14 @@ def _sum_ranks(rank: int, world: int, port: int, out: str) -> None:
 
 def _late_rank(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
-    shm = ShmAllReduce(1024, timeout_s=1.0)
+    waits: list[list[int]] = []
+    shm = ShmAllReduce(1024, timeout_s=1.0, on_wait=waits.append, beat_s=0.2)
     if rank == 0:
         try:
             shm.all_reduce_sum_(torch.ones(8))
         except TimeoutError as error:
             Path(out, "error.txt").write_text(str(error))
+            Path(out, "waits.json").write_text(json.dumps(waits))
     dist.barrier()  # rank 1 never joined the all-reduce; it waits here for rank 0's verdict
     dist.destroy_process_group()
 
@@ -89,6 +92,9 @@ def test_sums_are_exact_and_bitwise_equal_on_every_rank(tmp_path: Path, world: i
 def test_a_missing_rank_raises_after_the_timeout_instead_of_hanging(tmp_path: Path) -> None:
     mp.spawn(_late_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     assert "rank(s) [1] did not arrive within 1 s" in (tmp_path / "error.txt").read_text()
+    # While it waited, rank 0 said whom it was waiting for, about every beat_s (0.2 s).
+    waits = json.loads((tmp_path / "waits.json").read_text())
+    assert 3 <= len(waits) <= 6 and all(w == [1] for w in waits)
 
 
 def test_no_room_for_the_segment_is_the_same_error_on_every_rank(tmp_path: Path) -> None:
