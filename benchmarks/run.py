@@ -1,6 +1,7 @@
 """distrain side by side with the peer baselines; writes results/latest.md, .jsonl and .png.
 
     make bench                                   # everything (~15 min on 2 cores)
+    make bench ARGS='--repeats 2'                # the parameter-server pair twice (~17 min)
     make bench ARGS='--workloads digits_mlp --skip-compression'
 
 Per workload, every system runs back to back in a fresh process (so load on a shared machine
@@ -8,8 +9,8 @@ drifts as little as possible between them): the single-process peers with 1 work
 multi-process peers with `--workers` (2), and distrain's allreduce with 1 and 2 workers (2 both
 through shared memory, its default on one node, and through gloo) and its parameter server
 (2 servers, sync and async) with 2, always at the workload's batch per worker.
-The pair behind the parameter-server target (Ray's docs PS and distrain's sync PS) then runs
-again, alternating, `--repeats` times in all, and the fastest run of each is kept: on a shared
+With `--repeats N` the pair behind the parameter-server target (Ray's docs PS and distrain's
+sync PS) runs N times in all, alternating, and the fastest run of each is kept: on a shared
 machine one run can be slowed several-fold by someone else's job.
 Then digits with fp16/bf16 gradient compression against none: bytes all-reduced per step, as
 counted by distrain's communication hooks, and validation accuracy after the default job.
@@ -134,7 +135,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="for the multi-worker systems")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument(
-        "--repeats", type=int, default=2, help="runs of ray_ps and distrain ps_sync (best kept)"
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of ray_ps and distrain ps_sync, alternating (best kept); 2 adds ~3 min",
     )
     p.add_argument("--skip-peers", action="store_true", help="distrain only")
     p.add_argument("--skip-compression", action="store_true")

@@ -62,6 +62,22 @@ def steps_of(events: EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in events.Scalars(tag)]
 
 
+def test_the_benchmark_reads_the_tags_a_run_writes(monitored_run: dict[str, Any]) -> None:
+    """benchmarks/distrain_bench.py measures distrain from these TensorBoard tags."""
+    from benchmarks.distrain_bench import steady_samples_per_s
+
+    events = monitored_run["events"]
+    rate, loss = steady_samples_per_s(
+        monitored_run["dir"],
+        warmup=LOG_EVERY,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        global_batch=64,
+    )
+    rates = [e.value for e in events.Scalars("throughput/samples_per_s")]
+    assert min(rates) <= rate <= max(rates)  # a weighted mean of the intervals' rates
+    assert loss == events.Scalars("loss/train")[-1].value
+
+
 def logged_steps(total: int, every: int) -> list[int]:
     """Steps with a per-iteration record: every `every` steps and always the last one."""
     steps = list(range(every, total + 1, every))
