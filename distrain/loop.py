@@ -88,12 +88,11 @@ def train_step(
     # step on a GPU and ~20 % of a small CPU step. Under nan_policy=stop `fit` checks the loss
     # and the parameters at log steps and boundaries instead.
     finite = not skip_non_finite or scaler.is_enabled() or grads_are_finite(parts.model)
-    if not scaler.is_enabled():
-        if finite:
-            optimizer.step()
-    elif finite or not skip_non_finite:
+    if finite and scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
+    elif finite:  # a disabled scaler's step is optimizer.step() behind two calls
+        optimizer.step()
     # A skipped step still advances the schedule, which stays a function of the step count.
     if parts.scheduler is not None:
         parts.scheduler.step()
