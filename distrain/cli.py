@@ -53,14 +53,21 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     except (ConfigError, driver.TrainingFailed) as error:
         print(f"distrain: {_kind(error)}: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
-    except driver.Interrupted as stop:
-        print(f"distrain: interrupted: {stop}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        _interrupted(stop, run_dir, cfg.logger.progress)
     _finish(metrics, run_dir, cfg.logger.progress)
     return metrics
+
+
+def _interrupted(stop: KeyboardInterrupt, run_dir: RunDirectory, progress_mode: str) -> None:
+    """Ctrl-C/SIGTERM: exit 130 with how to go on; a run that completed anyway is recorded."""
+    if isinstance(stop, driver.Interrupted) and stop.metrics is not None:
+        _finish(stop.metrics, run_dir, progress_mode)
+    if isinstance(stop, driver.Interrupted):
+        print(f"distrain: interrupted: {stop}", file=sys.stderr)
+    else:
+        print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
+    sys.exit(130)
 
 
 def _kind(error: BaseException) -> str:
@@ -92,9 +99,9 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
         # One Ray for all the jobs: the driver finds it initialised and leaves it running.
         cluster.keep_connected(job["cluster"])
         metrics = driver.train(job, run_dir, overrides=overrides)
-    except KeyboardInterrupt:
-        print(f"distrain: interrupted in {label}", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        print(f"distrain: interrupted in {label}; the sweep stops here", file=sys.stderr)
+        _interrupted(stop, run_dir, cfg.logger.progress)
     except Exception as error:  # one bad job must not end the sweep; its run dir says why
         kind = _kind(error)
         record = {"error": f"{kind}: {error}", "overrides": overrides}
@@ -161,6 +168,12 @@ def main() -> None:
     register_configs()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        # Between two jobs of a sweep (or while Hydra composes the next one) no job is running:
+        # nothing to checkpoint, but the sweep stops like a Ctrl-C inside a job.
+        print("distrain: interrupted between jobs; the sweep stops here", file=sys.stderr)
+        sys.exit(130)
     if sweep.last_summary is not None and any(r["status"] == "FAILED" for r in sweep.last_summary):
         sys.exit(1)  # a sweep with a failed job is not a success, for scripts and CI

@@ -12,7 +12,9 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +140,16 @@ def _init(cluster: dict[str, Any]) -> None:
     else:
         check_reachable(address, cluster["connect_timeout_s"])
         kwargs["address"] = address
+    # ray.init replaces the SIGTERM handler with sys.exit; distrain's own (stop like Ctrl-C,
+    # with a checkpoint) must stay, so a scheduler's SIGTERM during start-up still stops cleanly.
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
     except ConnectionError as error:
         raise ConfigError(f"could not join the Ray cluster at {address!r}: {error}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextlib.contextmanager

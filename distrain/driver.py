@@ -43,7 +43,16 @@ class TrainingFailed(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM handled: the message says how to resume."""
+    """Ctrl-C / SIGTERM handled: the message says how to resume.
+
+    `metrics` is set when the stop arrived as the workers finished their last steps anyway: the
+    run is complete (model.pt and metrics.json written) and still ends as interrupted (exit 130),
+    so a sweep stops there instead of starting its next job.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 def dry_build(job: dict[str, Any]) -> Splits:
@@ -128,6 +137,12 @@ def train(
         "run_dir": str(run_dir.path),
     }
     run_dir.write_metrics(metrics)
+    if supervisor.stop_requested:
+        raise Interrupted(
+            f"the stop arrived as training ended: all {result['steps']} steps are done, "
+            f"model.pt and metrics.json are in {run_dir.path}.",
+            metrics,
+        )
     return metrics
 
 
@@ -166,6 +181,7 @@ class Supervisor:
         self.history: list[EpochMetrics] = []
         self.failures: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
+        self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -341,6 +357,7 @@ class Supervisor:
                     stop_deadline = time.monotonic() + self.trainer["stop_timeout_s"]
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     break
+        self.stop_requested = self.stop_requested or stop.requested
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
             latest = self.store.latest()
             raise Interrupted(

@@ -179,6 +179,41 @@ def test_ctrl_c_then_resume_ends_with_the_same_parameters(
     assert [step for step, _ in series["epoch/val_loss"]] == list(range(1, 21))
 
 
+def test_ctrl_c_in_the_last_epoch_exits_130_and_keeps_the_finished_run(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """A regression test: a stop asked for in the last epoch used to be dropped once the workers
+    reached the end anyway, and the run exited 0. Now it exits 130 and says so, and the
+    finished run is recorded in full (nothing to resume)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            *DISTRAIN,
+            "trainer.epochs=2",
+            "trainer.workers=2",
+            "model.hidden_sizes=[32]",
+            "logger.progress=plain",
+            # ~2 s per epoch: the signal surely lands while the last epoch trains.
+            "trainer.debug_delay_rank=0",
+            "trainer.debug_delay_s=0.1",
+            f"cluster.address={ray_address}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(first_checkpoint(run_dir), proc)  # epoch 1's checkpoint: epoch 2 is the last
+    proc.send_signal(signal.SIGINT)
+    stderr = finish(proc)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted: the stop arrived as training ended" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 2 * (1437 // 64) and "overrides" in metrics
+    assert (run_dir / "model.pt").exists()
+
+
 def test_too_many_failures_stop_with_the_last_checkpoint_intact(
     ray_address: str, tmp_path: Path
 ) -> None:
