@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -334,14 +336,16 @@ def test_nan_in_the_data(ray_address: str, tmp_path: Path, policy: str) -> None:
     )
     if policy == "stop":
         assert result.returncode == 1
-        assert "is NaN or inf" in result.stderr and "step " in result.stderr
+        assert re.search(
+            r"by step \d+ \(epoch [1-3]\): the loss or the averaged gradient is NaN", result.stderr
+        ), result.stderr[-3000:]
         assert "trainer.nan_policy=skip_step" in result.stderr
         return
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # The NaN sample is in one batch per epoch, unless it fell in an epoch's left-over tail.
     assert 1 <= metrics["skipped_steps"] <= 3
-    assert metrics["val_loss"] == metrics["val_loss"]  # finite: the skipped steps did no harm
+    assert math.isfinite(metrics["val_loss"])  # the skipped steps did no harm
     from tests.test_cli import scalars
 
     assert scalars(tmp_path / "run")["faults/skipped_steps"][-1][1] == metrics["skipped_steps"]
