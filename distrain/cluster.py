@@ -130,6 +130,10 @@ def _init(cluster: dict[str, Any]) -> None:
         "namespace": "distrain",
     }
     if address is None:
+        # Ray (>= 2.5x) turns token authentication on for a new local cluster and warns about
+        # it on every start. This Ray is private to the job, so keep the secure default and say
+        # it explicitly, which Ray takes without the warning; RAY_AUTH_MODE set by the user wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # "local" always starts a new Ray, even when another one runs on this machine.
         kwargs |= {
             "address": "local",
@@ -153,12 +157,15 @@ def _init(cluster: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def connect(cluster: dict[str, Any]) -> Iterator[None]:
+def connect(cluster: dict[str, Any], *, keep: bool = False) -> Iterator[None]:
     """Join `cluster.address`, or start an embedded Ray that lives as long as this context.
 
     A Ray already initialised in this process (a test session, a --multirun sweep that keeps one
-    with `keep_connected`) is reused and left running.
+    with `keep_connected`) is reused and left running. `keep=True` (a sweep's job) leaves the
+    Ray it connects to running for the next job (see `keep_connected`).
     """
+    if keep:
+        keep_connected(cluster)
     if ray.is_initialized():
         yield
         return

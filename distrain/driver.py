@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,7 +29,7 @@ from distrain.group import GroupFailed, WorkerError, WorkerGroup
 from distrain.loop import NonFiniteError
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
 from distrain.progress import make_progress
-from distrain.rundir import RunDirectory
+from distrain.rundir import RunDirectory, git_revision
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
 
@@ -36,6 +37,7 @@ log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
 RESUME_MUST_MATCH = ("model", "loss", "aggregator")
+PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
 
 class TrainingFailed(RuntimeError):
@@ -113,18 +115,23 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def train(
-    job: dict[str, Any], run_dir: RunDirectory, overrides: list[str] | None = None
+    job: dict[str, Any],
+    run_dir: RunDirectory,
+    overrides: list[str] | None = None,
+    *,
+    keep_cluster: bool = False,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the metrics also written to metrics.json.
 
     `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
+    `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
     """
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
     splits = dry_build(job)
     resume = load_resume(job)
-    with cluster.connect(job["cluster"]):
+    with cluster.connect(job["cluster"], keep=keep_cluster):
         device_type = choose_device_type(
             job["trainer"]["device"], ray.cluster_resources().get("GPU", 0.0)
         )
@@ -135,8 +142,10 @@ def train(
         "device": device_type,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
+        "overrides": list(overrides or []),
+        "git_revision": git_revision(PROJECT_DIR),
     }
-    run_dir.write_metrics(metrics)
+    run_dir.write_metrics(metrics)  # once, complete: a sweep takes a readable one as finished
     if supervisor.stop_requested:
         raise Interrupted(
             f"the stop arrived as training ended: all {result['steps']} steps are done, "
