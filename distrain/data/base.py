@@ -16,6 +16,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 # Keys of `conf/data/*.yaml` that configure batching, not the dataset builder.
 LOADER_KEYS = ("batch_size", "micro_batch_size", "loader", "num_workers")
+# Keys holding the transform pipelines (lists of `_target_`s), built by `data/transforms.py`.
+TRANSFORM_KEYS = ("train_transforms", "val_transforms")
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -25,16 +27,19 @@ class Splits:
     """A dataset as the framework sees it.
 
     `num_outputs` is the number of classes for classification and the target width for
-    regression. `train_transform` (optional) is applied to each *batch* of training inputs on the
-    worker's device, e.g. random crop + flip for CIFAR-10; it must be a picklable callable.
+    regression. `input_shape` None: measured on training sample 0 as the model sees it (after
+    the transforms). `train_transform` / `val_transform` (optional) are applied to each *batch*
+    of inputs on the worker's device (in-memory data; `data.train_transforms` set them); they
+    must be picklable callables.
     """
 
     train: Dataset
     val: Dataset
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
     num_outputs: int
     task: str = "classification"  # or "regression"
     train_transform: BatchTransform | None = None
+    val_transform: BatchTransform | None = None
 
     @property
     def in_memory(self) -> bool:

@@ -41,6 +41,7 @@ class ShardBatches:
         self.device = device
         self.num_workers = num_workers
         self.transform = splits.train_transform
+        self.val_transform = splits.val_transform
         self.eval_batch = max(self.sampler.local_batch, 256)
         self.val_indices = eval_shard(len(splits.val), rank, world_size)
         if self.in_memory:
@@ -73,7 +74,8 @@ class ShardBatches:
             x_all, y_all = self.val_tensors
             for begin in range(start, stop, self.eval_batch):
                 end = min(begin + self.eval_batch, stop)
-                yield x_all[begin:end], y_all[begin:end]
+                x = x_all[begin:end]
+                yield (self.val_transform(x) if self.val_transform else x), y_all[begin:end]
         else:
             chunks = [
                 list(range(b, min(b + self.eval_batch, stop)))
