@@ -50,8 +50,7 @@ def build_splits(data: dict[str, Any]) -> Splits:
             f"data._target_={data['_target_']} returned {type(splits).__name__}, "
             "not distrain.data.base.Splits"
         )
-    loader = data.get("loader", "auto")
-    per_batch = loader == "memory" or (loader == "auto" and splits.in_memory)
+    per_batch = splits.in_memory and data.get("loader", "auto") != "dataloader"
     return transforms.attach(splits, train, val, per_batch=per_batch)
 
 

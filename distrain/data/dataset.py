@@ -33,7 +33,7 @@ from distrain.config import ConfigError
 from distrain.data.base import Splits
 
 log = logging.getLogger("distrain")
-SCAN_LIMIT = 20_000  # samples: above this, reading every target to count classes is too slow
+SCAN_LIMIT = 10_000  # samples: above this, reading every target to count classes is too slow
 TASKS = ("classification", "regression")
 
 
@@ -151,6 +151,16 @@ def _infer_task(y: Any, what: str) -> str:
     return "classification"
 
 
+def _check_class_index(y: Any, what: str) -> None:
+    """data.task=classification: the target must be one whole number (cross-entropy's index)."""
+    target = torch.as_tensor(y)
+    if target.numel() != 1 or (target.is_floating_point() and target != target.round()):
+        raise ConfigError(
+            f"data.task=classification, but the target of sample 0 of {what} is {y!r}: a class "
+            "index is one whole number per sample (or set data.task=regression)."
+        )
+
+
 def _num_classes(train: Dataset, val: Dataset | None, num_samples: int) -> tuple[int, str]:
     """Number of classes, and where it came from (for the log)."""
     classes = getattr(train, "classes", None)
@@ -212,6 +222,8 @@ def user_dataset(
         )
     task_from = "data.task" if task else "training sample 0's target"
     task = task or _infer_task(y, name)
+    if task == "classification":
+        _check_class_index(y, name)
     num_samples = len(train_set) + (len(val_set) if val_set is not None else 0)
     if num_outputs is not None:
         outputs_from = "data.num_outputs"

@@ -174,6 +174,7 @@ def test_bad_transforms_are_one_config_error_at_the_dry_build(case: str) -> None
     with pytest.raises(ConfigError) as info:
         driver.dry_build(compose_job("data=digits", *overrides))
     assert message in str(info.value) and "\n" not in str(info.value)
+    assert not str(info.value).startswith("data: ConfigError")  # not wrapped twice
 
 
 def test_in_memory_transforms_must_keep_the_shape(cifar_root) -> None:

@@ -97,6 +97,8 @@ def test_overrides_take_precedence() -> None:
     integer_targets = TensorDataset(torch.randn(10, 3), torch.arange(10) % 2)
     as_regression = user_dataset(integer_targets, task="regression")
     assert as_regression.task == "regression" and as_regression.train[0][1].dtype == torch.float32
+    with pytest.raises(ConfigError, match="a class index is one whole number per sample"):
+        user_dataset(Waves(num_samples=20), task="classification")
     with pytest.raises(ConfigError, match=re.escape("data.task='ranking' is not one of")):
         user_dataset(integer_targets, task="ranking")
 
@@ -168,6 +170,7 @@ def test_bad_datasets_are_one_config_error_at_the_dry_build(case: str) -> None:
     with pytest.raises(ConfigError) as info:
         driver.dry_build(_job(*overrides))
     assert message in str(info.value) and "\n" not in str(info.value)
+    assert not str(info.value).startswith("data: ConfigError")  # not wrapped twice
 
 
 def test_bad_targets_and_iterable_datasets() -> None:
