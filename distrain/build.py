@@ -17,7 +17,7 @@ from torch import nn
 
 from distrain.config import ConfigError
 from distrain.data import transforms
-from distrain.data.base import LOADER_KEYS, TRANSFORM_KEYS, Splits
+from distrain.data.base import LOADER_KEYS, Splits
 
 log = logging.getLogger("distrain")
 # Keys of `conf/optimizer/*.yaml` that distrain reads; the torch optimizer never sees them.
@@ -38,7 +38,7 @@ def build_splits(data: dict[str, Any]) -> Splits:
     batch on the device when batched in memory, per sample in the DataLoader otherwise."""
     train = transforms.build_pipeline(data.get("train_transforms"), "data.train_transforms")
     val = transforms.build_pipeline(data.get("val_transforms"), "data.val_transforms")
-    builder_config = {k: v for k, v in data.items() if k not in LOADER_KEYS + TRANSFORM_KEYS}
+    builder_config = {k: v for k, v in data.items() if k not in LOADER_KEYS + transforms.KEYS}
     try:
         splits = instantiate(builder_config, _convert_="all")
     except Exception as error:  # Hydra wraps what the builder raised: a ConfigError is the news

@@ -39,9 +39,9 @@ class ShardBatches:
             raise ValueError("data.loader=memory needs a dataset built from in-memory tensors")
         self.sampler = ShardSampler(len(splits.train), global_batch, rank, world_size, seed)
         self.device = device
+        self.val_transform = splits.val_transform
         self.num_workers = num_workers
         self.transform = splits.train_transform
-        self.val_transform = splits.val_transform
         self.eval_batch = max(self.sampler.local_batch, 256)
         self.val_indices = eval_shard(len(splits.val), rank, world_size)
         if self.in_memory:
