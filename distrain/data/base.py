@@ -16,8 +16,6 @@ from torch.utils.data import Dataset, TensorDataset
 
 # Keys of `conf/data/*.yaml` that configure batching, not the dataset builder.
 LOADER_KEYS = ("batch_size", "micro_batch_size", "loader", "num_workers")
-# Keys holding the transform pipelines (lists of `_target_`s), built by `data/transforms.py`.
-TRANSFORM_KEYS = ("train_transforms", "val_transforms")
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -69,13 +69,16 @@ class ShardBatches:
             yield (self.transform(x) if self.transform else x), y
 
     def val_batches(self) -> Iterator[Batch]:
+        for x, y in self._shard_val_batches():
+            yield (self.val_transform(x) if self.val_transform else x), y
+
+    def _shard_val_batches(self) -> Iterator[Batch]:
         start, stop = self.val_indices.start, self.val_indices.stop
         if self.in_memory:
             x_all, y_all = self.val_tensors
             for begin in range(start, stop, self.eval_batch):
                 end = min(begin + self.eval_batch, stop)
-                x = x_all[begin:end]
-                yield (self.val_transform(x) if self.val_transform else x), y_all[begin:end]
+                yield x_all[begin:end], y_all[begin:end]
         else:
             chunks = [
                 list(range(b, min(b + self.eval_batch, stop)))
