@@ -67,8 +67,8 @@ DATA = {
     "cifar10": ["data.root={root}", "data.check_integrity=false"],
     "image_folder": ["data.root={root}/images", "data.num_workers=0"],
     "tensors": ["data.path={root}/classes.npz"],
-    "synthetic": ["data.num_samples=256"],
     "dataset": ["data.train._target_=tests.userdata.Clusters", "+data.train.num_samples=64"],
+    "synthetic": ["data.num_samples=256"],
 }
 
 
