@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distrain import build, checkpoint, cluster, config
+from distrain import build, checkpoint, cluster, config, hangs
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
 from distrain.group import GroupFailed, WorkerError, WorkerGroup
@@ -412,9 +412,14 @@ class Supervisor:
             names = ", ".join(
                 f"{group.where(r)}, silent {now - last_seen_s[r]:.0f} s" for r in silent
             )
+            directory = self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}"
+            stacks = hangs.dump_stacks(group.nodes, directory)
+            frame = hangs.stuck_frame(stacks.get(silent[0], ""))
+            where = f"rank {silent[0]} is in {frame}; " if frame else ""
             raise GroupFailed(
                 f"no progress within trainer.step_timeout_s={timeout_s:g} s from {names}: "
-                "the worker is hung (stuck collective, frozen process) or its node is lost"
+                "the worker is hung (stuck collective, frozen process) or its node is lost; "
+                f"{where}every rank's stack is in {directory}"
             )
 
     def _assemble(

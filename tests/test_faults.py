@@ -167,6 +167,14 @@ def test_frozen_worker_is_detected_named_and_recovered(
         < error.find("rank 0")
         or "rank 0" not in error
     )  # the frozen rank is named first
+    # Every rank's stack was dumped (py-spy reads a stopped process) and the error says where
+    # the frozen rank was.
+    hang_dir = run_dir / "hangs" / "failure-1"
+    assert f"every rank's stack is in {hang_dir}" in error
+    for rank in (0, 1):
+        stack = (hang_dir / f"rank{rank}.txt").read_text()
+        assert "distrain" in stack and "(no stack" not in stack, stack[-2000:]
+    assert re.search(r"rank 1 is in \S+ \(\S+:\d+\)", error), error
     assert_resumed_from_a_checkpoint(stderr)
     assert_same_parameters(run_dir, reference_dropout)
 
