@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-DUMP_TIMEOUT_S = 15.0
+DUMP_TIMEOUT_S = 10.0
 FRAME = re.compile(r"^\s+(\S.*) \((\S+):(\d+)\)$")  # py-spy: "    fit (distrain/loop.py:250)"
 
 
