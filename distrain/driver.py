@@ -191,6 +191,7 @@ class Supervisor:
         self.failures: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
+        self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -271,9 +272,9 @@ class Supervisor:
             self.run_dir.write_json(
                 self.run_dir.path / "workers.json", {"workers": group.describe()}
             )
-            if self.failures:  # seconds from noticing the failure to training again
+            if self.failures:  # seconds from noticing the failure to a working group again
                 last = self.failures[-1]
-                last["recovery_s"] = time.monotonic() - last.pop("detected_s")
+                last["recovery_s"] = time.monotonic() - last["detected_s"]
             if world_size < self.trainer["workers"]:
                 self.progress.message(
                     f"elastic: continuing on {world_size} of {self.trainer['workers']} workers "
@@ -300,7 +301,14 @@ class Supervisor:
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
     def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
-        self.failures.append({"error": str(failure), "detected_s": time.monotonic()})
+        self.failures.append(
+            {
+                "error": str(failure),
+                "detected_s": time.monotonic(),
+                # from the last progress anyone saw: what a user waits, detection included
+                "last_progress_s": self.last_progress_s,
+            }
+        )
         restarts, limit = len(self.failures), self.trainer["max_failures"]
         latest = self.store.latest()
         if restarts > limit:
@@ -344,6 +352,8 @@ class Supervisor:
                     results.append(self._result_of(ref, refs[ref], group))
                 for record in group.drain():
                     last_seen_s[record["rank"]] = time.monotonic()
+                    if record["kind"] in ("step", "epoch"):
+                        self._progressed(last_seen_s[record["rank"]])
                     if record["kind"] == "checkpoint":
                         payload = self._assemble(record, group.world_size, pending_checkpoints)
                         if payload is not None and not payload["epoch_end"]:
@@ -378,6 +388,20 @@ class Supervisor:
                 )
             )
         return results
+
+    def _progressed(self, now_s: float) -> None:
+        """A step or epoch record arrived: after a failure, the first one closes its downtime.
+
+        `downtime_s` runs from the last progress before the failure to the first after it
+        (detection, teardown, restart, state restore and the steps redone up to the next
+        logged one), so a partition's wait for the timeout is counted, not only the restart.
+        """
+        self.last_progress_s = now_s
+        failure = self.failures[-1] if self.failures else None
+        if failure is not None and "downtime_s" not in failure:
+            failure["detection_s"] = failure["detected_s"] - failure["last_progress_s"]
+            failure["downtime_s"] = now_s - failure.pop("last_progress_s")
+            failure.pop("detected_s")
 
     def _result_of(self, ref: Any, rank: int, group: WorkerGroup) -> dict[str, Any]:
         try:
@@ -491,7 +515,11 @@ class Supervisor:
             # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).
             "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
             "restarts": len(self.failures),
-            "failures": self.failures,
+            # Clock readings are internal: a failure with no progress after it keeps none.
+            "failures": [
+                {k: v for k, v in f.items() if k not in ("detected_s", "last_progress_s")}
+                for f in self.failures
+            ],
         }
 
 

@@ -124,6 +124,11 @@ def test_worker_actor_killed_recovers_to_the_same_parameters(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["steps"] == STEPS
     assert "rank 1" in metrics["failures"][0]["error"]
+    failure = metrics["failures"][0]
+    # The downtime a user sees covers detection and restart: from the last step before the
+    # failure to the first logged one after it.
+    assert 0 <= failure["detection_s"] < failure["downtime_s"]
+    assert failure["recovery_s"] < failure["downtime_s"]
     assert_resumed_from_a_checkpoint(stderr)
     assert_same_parameters(run_dir, reference_dropout)
 
@@ -162,6 +167,8 @@ def test_frozen_worker_is_detected_named_and_recovered(
     assert metrics["restarts"] == 1
     error = metrics["failures"][0]["error"]
     assert "trainer.step_timeout_s=4" in error
+    # The wait for the timeout is part of the downtime reported, not hidden.
+    assert 4 <= metrics["failures"][0]["detection_s"] < metrics["failures"][0]["downtime_s"]
     assert (
         error.index(f"rank 1 (node {frozen['node_ip']}, pid {frozen['pid']})")
         < error.find("rank 0")
