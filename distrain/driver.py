@@ -455,10 +455,17 @@ class Supervisor:
         if len(ranks) < world_size:
             return None
         del pending[record["step"]]
+        step, timeout_s = record["step"], self.trainer["step_timeout_s"]
         try:
-            states = ray.get([ranks[r]["state"][0] for r in range(world_size)])
+            # Bounded: a share held on a node cut off from this one is not fetched until Ray
+            # declares the node dead (minutes); the hang timeout applies to it as to a step.
+            states = ray.get([ranks[r]["state"][0] for r in range(world_size)], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise GroupFailed(
+                f"checkpoint of step {step}: the workers' shares did not arrive within "
+                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)"
+            ) from None
         except ray.exceptions.RayError as error:  # its owner (a worker) died before we read it
-            step = record["step"]
             raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}") from None
         position = dict(states[0]["position"])
         position["epoch_loss_sum"] = sum(s["position"]["epoch_loss_sum"] for s in states)
