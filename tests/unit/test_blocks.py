@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distrain.blocks import checkpoint_activations, find_blocks
+from distrain.blocks import checkpoint_activations, compile_modules, find_blocks
 from distrain.config import ConfigError, validate
 from distrain.models.mlp import MLP
 from distrain.models.resnet import resnet18
@@ -81,3 +81,19 @@ def test_checkpointed_blocks_keep_names_and_gradients() -> None:
 def test_bad_settings_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(compose_job(*overrides))
+
+
+def test_a_compile_failure_names_the_module_and_the_way_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_compile(fn: object) -> object:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise torch._dynamo.exc.TorchDynamoException("cannot trace this")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = TinyGPT()
+    compile_modules([model])
+    with pytest.raises(RuntimeError, match=r"module TinyGPT .*trainer.compile=false"):
+        model(torch.zeros(1, 4, dtype=torch.long))
