@@ -24,6 +24,7 @@ from distrain.data.sklearn import digits
 from distrain.rundir import RunDirectory
 from distrain.sharding import epoch_permutation
 from tests.conftest import compose_job
+from tests.test_cli import scalars
 from tests.test_equivalence import LR, SEED, assert_same_parameters
 
 STEPS, BATCH = 30, 48  # 29 steps per epoch: 30 cross an epoch boundary
@@ -104,13 +105,25 @@ def test_fsdp_on_1_2_3_workers_matches_single_process_and_shards_memory(
 
 
 @pytest.mark.slow
-def test_fsdp_bf16_converges(ray_address: str, tmp_path: Path) -> None:
+def test_fsdp_bf16_with_cpu_offload_converges_and_reports_memory(
+    ray_address: str, tmp_path: Path
+) -> None:
     metrics, _ = run(
-        tmp_path, FSDP, "trainer.workers=2", "trainer.precision=bf16", "trainer.max_steps=58"
+        tmp_path,
+        FSDP,
+        "trainer.workers=2",
+        "trainer.precision=bf16",
+        "aggregator.cpu_offload=true",
+        "trainer.max_steps=58",
     )
-    losses = _step_losses(metrics["run_dir"])  # every 10 steps
+    series = scalars(Path(metrics["run_dir"]))
+    losses = [value for _, value in series["loss/train"]]  # every 10 steps
     assert losses[-1] < 0.5 * losses[0], losses
     assert metrics["val_accuracy"] > 0.8
+    # Each worker's memory is in TensorBoard too, as in metrics.json.
+    for rank, stats in enumerate(metrics["aggregator"]):
+        [(_, value)] = series[f"memory/parameter_bytes/rank{rank}"]
+        assert value == stats["parameter_bytes"] == 4 * MLP_PARAMS / 2
 
 
 def _resume(tmp_path: Path, first: list[str], second: list[str]) -> dict[str, torch.Tensor]:
@@ -123,27 +136,37 @@ def _resume(tmp_path: Path, first: list[str], second: list[str]) -> dict[str, to
     return torch.load(resumed.model_path, weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def adam_reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Adam's moments and step counts must travel in the checkpoint: the uninterrupted run."""
+    return run(tmp_path_factory.mktemp("adam"), "trainer.workers=1", "optimizer=adam")[1]
+
+
+ADAM, ZERO = "optimizer=adam", "trainer.shard_optimizer=true"
+CHECKPOINTED = "trainer.activation_checkpointing=blocks"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        ([FSDP, "trainer.workers=2", "optimizer=adam"], ["trainer.workers=1", "optimizer=adam"]),
-        (
-            ["trainer.workers=2"],
-            [FSDP, "trainer.workers=3", "trainer.activation_checkpointing=blocks"],
-        ),
+        ([FSDP, "trainer.workers=2", ADAM], ["trainer.workers=1", ADAM]),
+        (["trainer.workers=2"], [FSDP, "trainer.workers=3", CHECKPOINTED]),
+        (["trainer.workers=2", ADAM, ZERO], [FSDP, "trainer.workers=2", ADAM]),
     ],
-    ids=["fsdp2-to-ddp1-adam", "ddp2-to-fsdp3-checkpointed"],
+    ids=["fsdp2-to-ddp1-adam", "ddp2-to-fsdp3-checkpointed", "zero2-to-fsdp2-adam"],
 )
 def test_resume_across_strategies_equals_the_uninterrupted_run(
-    ray_address: str, tmp_path: Path, reference: tuple, first: list[str], second: list[str]
+    ray_address: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    first: list[str],
+    second: list[str],
 ) -> None:
     final = _resume(tmp_path, first, second)
-    if "optimizer=adam" in first:  # Adam's moments and step counts travel in the checkpoint
-        _, expected = run(tmp_path, "trainer.workers=1", "optimizer=adam")
-    else:
-        expected = reference[0]
-    assert_same_parameters(final, expected)
+    fixture = "adam_reference" if ADAM in first else "reference"
+    expected = request.getfixturevalue(fixture)
+    assert_same_parameters(final, expected if ADAM in first else expected[0])
 
 
 @pytest.mark.slow
@@ -168,8 +191,6 @@ def test_compile_follows_the_eager_loss_curve(
 
 
 def _step_losses(run_dir: str) -> list[float]:
-    from tests.test_cli import scalars
-
     return [value for _, value in scalars(Path(run_dir))["loss/train"]]
 
 

@@ -42,11 +42,15 @@ class TinyGPT(nn.Module):
 def test_repeated_blocks_are_found_generically() -> None:
     mlp = MLP((8, 8), 10, hidden_sizes=[32, 32])
     assert find_blocks(mlp) == [mlp[1], mlp[3], mlp[5]]  # its Linear layers
-    resnet = resnet18((3, 32, 32), 10)
-    assert find_blocks(resnet) == [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
     gpt = TinyGPT(layers=2)  # two blocks tie with two embeddings: the blocks hold more
     assert find_blocks(gpt) == list(gpt.h)
     assert find_blocks(nn.Linear(3, 3)) == []
+
+
+@pytest.mark.slow  # torchvision's import
+def test_resnet_blocks_are_its_stages() -> None:
+    resnet = resnet18((3, 32, 32), 10)
+    assert find_blocks(resnet) == [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
 
 
 def test_named_blocks_are_the_outermost_of_those_classes() -> None:
