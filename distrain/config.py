@@ -63,6 +63,8 @@ class TrainerConfig:
     debug_delay_rank: int | None = None
     debug_delay_s: float = 0.0
     shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
+    activation_checkpointing: str = "none"  # none | blocks: recompute each block in backward
+    compile: bool = False  # torch.compile the model (per block under aggregator=fsdp)
 
 
 @dataclass
@@ -154,6 +156,11 @@ def validate(job: dict[str, Any]) -> None:
     _require(
         low is None or 1 <= low <= workers,
         f"trainer.min_workers={low} must be between 1 and trainer.workers={workers}, or null.",
+    )
+    _require(
+        trainer["activation_checkpointing"] in ("none", "blocks"),
+        f"trainer.activation_checkpointing={trainer['activation_checkpointing']!r} is not one of "
+        "none, blocks (recompute each repeated block's activations in backward).",
     )
     _require(
         trainer["nan_policy"] in ("stop", "skip_step"),

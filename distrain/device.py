@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -50,3 +51,11 @@ def autocast_factory(device_type: str, precision: str) -> Callable[[], AbstractC
 def grad_scaler(device_type: str, precision: str) -> torch.amp.GradScaler:
     """fp16 needs loss scaling against underflow; bf16 and fp32 get a disabled (no-op) scaler."""
     return torch.amp.GradScaler(device_type, enabled=precision == "16")
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This worker's peak memory: tensors allocated on its GPU, or the process's resident set
+    on a CPU (Linux reports `ru_maxrss` in KiB)."""
+    if device.type == CUDA:
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from distrain import build, checkpoint, cluster, config, hangs
@@ -104,7 +104,7 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
     payload = checkpoint.load(path)
     saved = payload.get("job", {})
     for group in RESUME_MUST_MATCH:
-        if group in saved and saved[group] != job[group]:
+        if group in saved and _resume_key(group, saved[group]) != _resume_key(group, job[group]):
             raise config.ConfigError(
                 f"resume={job['resume']}: checkpoint {path.name} was written with {group}="
                 f"{saved[group]}, but this run has {group}={job[group]}; a resumed run must keep "
@@ -112,6 +112,17 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
             )
     payload["path"] = str(path)
     return payload
+
+
+def _resume_key(group: str, value: Any) -> Any:
+    """What must match on resume: the config, or for the aggregator its class's `resume_key`
+    (allreduce and fsdp share theirs: a checkpoint moves between them)."""
+    if group != "aggregator":
+        return value
+    try:
+        return get_object(value["_target_"]).resume_key(value)
+    except Exception:  # not importable or no hook (a user's class): the whole config
+        return value
 
 
 def train(
@@ -140,6 +151,9 @@ def train(
     metrics = {
         **result,
         "device": device_type,
+        # What the model was built with besides its config (`distrain export` records them).
+        "input_shape": list(splits.input_shape),
+        "num_outputs": splits.num_outputs,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
         "overrides": list(overrides or []),

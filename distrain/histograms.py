@@ -17,7 +17,10 @@ BINS = 30
 
 def histogram(values: torch.Tensor, bins: int = BINS) -> dict[str, Any]:
     """The fields TensorBoard's histogram proto needs, for one tensor."""
-    flat = values.detach().float().flatten().cpu()
+    # A sharded (FSDP) tensor: this rank's shard. Only rank 0 sends histograms, and gathering
+    # would be a collective the other ranks do not join.
+    local = values.to_local() if hasattr(values, "to_local") else values
+    flat = local.detach().float().flatten().cpu()
     low, high = flat.min().item(), flat.max().item()
     if high <= low:  # a constant tensor: one bucket holding everything
         high = low + 1e-12
