@@ -206,6 +206,8 @@ class Supervisor:
         self.last_checkpoint: dict[str, Any] | None = None
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
+        self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
+        self.current_nodes: list[dict[str, Any]] = []
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -243,7 +245,10 @@ class Supervisor:
 
     def _need(self, world_size: int) -> cluster.WorkerResources:
         return cluster.WorkerResources(
-            world_size, self.trainer["cpus_per_worker"], gpus_per_worker(self.device_type)
+            world_size,
+            self.trainer["cpus_per_worker"],
+            gpus_per_worker(self.device_type),
+            excluded_nodes=self.excluded_nodes,
         )
 
     def _start_group(self, payload: dict[str, Any] | None) -> WorkerGroup:
@@ -315,6 +320,11 @@ class Supervisor:
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
     def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
+        # A node that did not answer is avoided from now on: Ray counts it alive for a minute
+        # or more, and a group placed on it would wait for Ray to declare it dead. The driver's
+        # own node always answers, whatever a probe under load said.
+        here = ray.get_runtime_context().get_node_id()
+        self.excluded_nodes |= failure.unreachable_nodes - {here}
         self.failures.append(
             {
                 "error": str(failure),
@@ -353,6 +363,7 @@ class Supervisor:
             threshold=logger["straggler_threshold"],
             patience=logger["straggler_patience"],
         )
+        self.current_nodes = group.nodes
         refs = group.fit()
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
@@ -451,13 +462,14 @@ class Supervisor:
                 f"{group.where(r)}, silent {now - last_seen_s[r]:.0f} s" for r in silent
             )
             directory = self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}"
-            stacks = hangs.dump_stacks(group.nodes, directory)
+            stacks, lost = hangs.dump_stacks(group.nodes, directory)
             frame = hangs.stuck_frame(stacks.get(silent[0], ""))
             where = f"rank {silent[0]} is in {frame}; " if frame else ""
             raise GroupFailed(
                 f"no progress within trainer.step_timeout_s={timeout_s:g} s from {names}: "
                 "the worker is hung (stuck collective, frozen process) or its node is lost; "
-                f"{where}every rank's stack is in {directory}"
+                f"{where}every rank's stack is in {directory}",
+                unreachable_nodes=lost,
             )
 
     def _assemble(
@@ -475,9 +487,11 @@ class Supervisor:
             # declares the node dead (minutes); the hang timeout applies to it as to a step.
             states = ray.get([ranks[r]["state"][0] for r in range(world_size)], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
+            nodes = {self.current_nodes[r]["node_id"] for r in range(world_size)}
             raise GroupFailed(
                 f"checkpoint of step {step}: the workers' shares did not arrive within "
-                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)"
+                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)",
+                unreachable_nodes=hangs.unreachable(nodes),
             ) from None
         except ray.exceptions.RayError as error:  # its owner (a worker) died before we read it
             raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}") from None
