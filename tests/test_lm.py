@@ -276,3 +276,40 @@ def test_model_output_check_is_a_config_error(token_dir: Path) -> None:
     job = compose_job("data=tokens", f"data.path={token_dir}", *user_model)
     with pytest.raises(config.ConfigError, match=r"\(B, T, V\) = \(2, 16, 64\)"):
         driver.dry_build(job)
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def test_gpt2_small_is_gpt2_small(tmp_path: Path) -> None:
+    """Composed and built (on CPU, not trained): GPT-2 small's 124 M parameters, block 1024."""
+    root = write_token_files(tmp_path / "owt")
+    (root / "meta.json").write_text(json.dumps({"vocab_size": 50257}))
+    job = compose_job("experiment=gpt2_small", f"data.path={root}")
+    config.validate(job)
+    assert job["data"]["block_size"] == 1024 and job["trainer"]["precision"] == "bf16"
+    assert (
+        job["data"]["batch_size"] // job["trainer"]["workers"] % job["data"]["micro_batch_size"]
+        == 0
+    )
+    model = GPT(vocab_size=50257, **{k: v for k, v in job["model"].items() if k != "_target_"})
+    assert 124e6 < model.num_params(non_embedding=False) < 125e6
+
+
+@pytest.mark.slow
+def test_gpt_stdlib_runs_on_the_standard_library(ray_address: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "experiment=gpt_stdlib",
+        "trainer.max_steps=4",
+        "data.val_windows=16",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"cluster.address={ray_address}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["workers"] == 2
+    assert 0 < metrics["val_bits_per_byte"] < 8.5  # ~8 bits per byte before training
+    assert "val_bpb" in result.stderr and "tokens/s" in result.stderr and "MFU" in result.stderr
