@@ -55,11 +55,16 @@ def peak_flops_per_s(device: torch.device, precision: str, peak_tflops: float | 
     return 0.0  # unknown GPU: MFU is not reported unless trainer.peak_tflops is set
 
 
-def measured_cpu_peak(threads: int, precision: str, size: int = 1024, min_s: float = 0.3) -> float:
-    """Best FLOP/s of a size x size matmul on `threads` threads, measured once per machine."""
+def measured_cpu_peak(threads: int, precision: str, size: int = 512, min_s: float = 1.0) -> float:
+    """Best FLOP/s of a size x size matmul on `threads` threads, measured once per machine.
+
+    The best of many short matmuls over `min_s`: on a shared machine most are slowed by other
+    processes, and a 512 x 512 one (~3 ms on one core) often runs between interruptions, where a
+    larger one rarely does (measured here under load: 1024 gave 30 GFLOP/s, 512 gave 104).
+    """
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     machine = platform.processor() or platform.machine()
-    key = f"{machine}|{_cpu_model()}|{threads}|{dtype}|{torch.__version__}"
+    key = f"{machine}|{_cpu_model()}|{threads}|{dtype}|{size}|{torch.__version__}"
     path = CACHE / "cpu_peak_flops.json"
     try:
         cache = json.loads(path.read_text())
@@ -67,13 +72,18 @@ def measured_cpu_peak(threads: int, precision: str, size: int = 1024, min_s: flo
         cache = {}
     if key in cache:
         return float(cache[key])
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    best_s, started = float("inf"), time.perf_counter()
-    while time.perf_counter() - started < min_s:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best_s = min(best_s, time.perf_counter() - t0)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)  # warm-up
+        best_s, started = float("inf"), time.perf_counter()
+        while time.perf_counter() - started < min_s:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best_s = min(best_s, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous_threads)
     peak = 2 * size**3 / best_s
     cache[key] = peak
     try:
