@@ -90,8 +90,9 @@ def reference(
         ["trainer.workers=3"],
         ["trainer.workers=2", "data.micro_batch_size=2"],  # 3 micro-batches per worker and step
         ["trainer.workers=3", "aggregator=parameter_server", "aggregator.servers=2"],
+        ["trainer.workers=2", "trainer.shard_optimizer=true"],  # ZeRO-1, the tied matrix too
     ],
-    ids=["2-workers", "3-workers", "accumulation", "parameter-server"],
+    ids=["2-workers", "3-workers", "accumulation", "parameter-server", "zero"],
 )
 def test_same_parameters_on_any_worker_count(
     reference: tuple, token_dir: Path, tmp_path: Path, overrides: list[str]
@@ -148,6 +149,14 @@ def _texts(run_dir: Path, tag: str) -> list[str]:
     events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     events.Reload()
     return [e.tensor_proto.string_val[0].decode() for e in events.Tensors(f"{tag}/text_summary")]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains(token_dir: Path, tmp_path: Path, reference: tuple) -> None:
+    metrics, _ = train(tmp_path / "run", *base(token_dir), "trainer.precision=bf16")
+    assert metrics["steps"] == STEPS
+    # Within bf16's precision of the fp32 run (~3 significant digits per step).
+    assert metrics["val_loss"] == pytest.approx(reference[0]["val_loss"], rel=0.05)
 
 
 @pytest.mark.slow
