@@ -66,6 +66,7 @@ class EpochMetrics:
     val_bits_per_byte: float | None = None
     tokens: int = 0
     mfu: float | None = None
+    worker_tokens_per_s: list[float] | None = None  # by rank: its tokens / its training time
 
     @property
     def samples_per_s(self) -> float:
@@ -164,6 +165,9 @@ class MetricsCollector:
         if "tokens" in total:
             metrics.tokens = total["tokens"]
             metrics.mfu = _mfu(records, metrics.train_s)
+            metrics.worker_tokens_per_s = [
+                ranks[r]["tokens"] / max(ranks[r]["train_s"], 1e-9) for r in sorted(ranks)
+            ]
         if "val_bytes" in total:  # nats per token x tokens = nats; / ln 2 = bits
             metrics.val_bits_per_byte = total["val_loss_sum"] / math.log(2) / total["val_bytes"]
         self.epochs.append(metrics)
@@ -193,6 +197,7 @@ class MetricsCollector:
         if last.tokens:  # a language model
             summary["val_perplexity"] = last.val_perplexity
             summary["tokens_per_s"] = sum(e.tokens for e in self.epochs) / max(train_s, 1e-9)
+            summary["worker_tokens_per_s"] = last.worker_tokens_per_s  # the last epoch's
             if last.mfu is not None:
                 summary["mfu"] = last.mfu
         if last.val_bits_per_byte is not None:

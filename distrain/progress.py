@@ -188,6 +188,8 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if "tokens_per_s" in metrics:
         rows.append(("tokens/s", f"{metrics['tokens_per_s']:,.0f}"))
+        per_worker = ", ".join(f"{x:,.0f}" for x in metrics.get("worker_tokens_per_s") or [])
+        rows.append(("tokens/s per worker", per_worker))
     if "mfu" in metrics:
         rows.append(("MFU", f"{metrics['mfu']:.1%}"))
     if "train_loss" in metrics:

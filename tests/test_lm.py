@@ -132,6 +132,7 @@ def test_the_run_reports_token_figures_and_samples(reference: tuple, token_dir: 
     assert "val_bits_per_byte" not in metrics  # token ids of unknown byte length
     assert "val_accuracy" not in metrics
     assert metrics["tokens_per_s"] == pytest.approx(metrics["samples_per_s"] * BLOCK)
+    assert len(metrics["worker_tokens_per_s"]) == 1 and metrics["worker_tokens_per_s"][0] > 0
     assert 0 < metrics["mfu"] < 1.5  # against the CPU matmul measured at start-up
     run_dir = Path(metrics["run_dir"])
     series = scalars(run_dir)
