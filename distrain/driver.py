@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -21,14 +22,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distrain import build, checkpoint, cluster, config
+from distrain import build, checkpoint, cluster, config, hangs
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
 from distrain.group import GroupFailed, WorkerError, WorkerGroup
 from distrain.loop import NonFiniteError
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
 from distrain.progress import make_progress
-from distrain.rundir import RunDirectory
+from distrain.rundir import RunDirectory, git_revision
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
 
@@ -36,6 +37,7 @@ log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
 RESUME_MUST_MATCH = ("model", "loss", "aggregator")
+PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
 
 class TrainingFailed(RuntimeError):
@@ -43,7 +45,16 @@ class TrainingFailed(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM handled: the message says how to resume."""
+    """Ctrl-C / SIGTERM handled: the message says how to resume.
+
+    `metrics` is set when the stop arrived as the workers finished their last steps anyway: the
+    run is complete (model.pt and metrics.json written) and still ends as interrupted (exit 130),
+    so a sweep stops there instead of starting its next job.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 def dry_build(job: dict[str, Any]) -> Splits:
@@ -104,18 +115,23 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def train(
-    job: dict[str, Any], run_dir: RunDirectory, overrides: list[str] | None = None
+    job: dict[str, Any],
+    run_dir: RunDirectory,
+    overrides: list[str] | None = None,
+    *,
+    keep_cluster: bool = False,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the metrics also written to metrics.json.
 
     `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
+    `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
     """
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
     splits = dry_build(job)
     resume = load_resume(job)
-    with cluster.connect(job["cluster"]):
+    with cluster.connect(job["cluster"], keep=keep_cluster):
         device_type = choose_device_type(
             job["trainer"]["device"], ray.cluster_resources().get("GPU", 0.0)
         )
@@ -126,8 +142,16 @@ def train(
         "device": device_type,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
+        "overrides": list(overrides or []),
+        "git_revision": git_revision(PROJECT_DIR),
     }
-    run_dir.write_metrics(metrics)
+    run_dir.write_metrics(metrics)  # once, complete: a sweep takes a readable one as finished
+    if supervisor.stop_requested:
+        raise Interrupted(
+            f"the stop arrived as training ended: all {result['steps']} steps are done, "
+            f"model.pt and metrics.json are in {run_dir.path}.",
+            metrics,
+        )
     return metrics
 
 
@@ -166,6 +190,8 @@ class Supervisor:
         self.history: list[EpochMetrics] = []
         self.failures: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
+        self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
+        self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -246,9 +272,9 @@ class Supervisor:
             self.run_dir.write_json(
                 self.run_dir.path / "workers.json", {"workers": group.describe()}
             )
-            if self.failures:  # seconds from noticing the failure to training again
+            if self.failures:  # seconds from noticing the failure to a working group again
                 last = self.failures[-1]
-                last["recovery_s"] = time.monotonic() - last.pop("detected_s")
+                last["recovery_s"] = time.monotonic() - last["detected_s"]
             if world_size < self.trainer["workers"]:
                 self.progress.message(
                     f"elastic: continuing on {world_size} of {self.trainer['workers']} workers "
@@ -275,7 +301,14 @@ class Supervisor:
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
     def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
-        self.failures.append({"error": str(failure), "detected_s": time.monotonic()})
+        self.failures.append(
+            {
+                "error": str(failure),
+                "detected_s": time.monotonic(),
+                # from the last progress anyone saw: what a user waits, detection included
+                "last_progress_s": self.last_progress_s,
+            }
+        )
         restarts, limit = len(self.failures), self.trainer["max_failures"]
         latest = self.store.latest()
         if restarts > limit:
@@ -319,6 +352,8 @@ class Supervisor:
                     results.append(self._result_of(ref, refs[ref], group))
                 for record in group.drain():
                     last_seen_s[record["rank"]] = time.monotonic()
+                    if record["kind"] in ("step", "epoch"):
+                        self._progressed(last_seen_s[record["rank"]])
                     if record["kind"] == "checkpoint":
                         payload = self._assemble(record, group.world_size, pending_checkpoints)
                         if payload is not None and not payload["epoch_end"]:
@@ -341,6 +376,7 @@ class Supervisor:
                     stop_deadline = time.monotonic() + self.trainer["stop_timeout_s"]
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     break
+        self.stop_requested = self.stop_requested or stop.requested
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
             latest = self.store.latest()
             raise Interrupted(
@@ -352,6 +388,20 @@ class Supervisor:
                 )
             )
         return results
+
+    def _progressed(self, now_s: float) -> None:
+        """A step or epoch record arrived: after a failure, the first one closes its downtime.
+
+        `downtime_s` runs from the last progress before the failure to the first after it
+        (detection, teardown, restart, state restore and the steps redone up to the next
+        logged one), so a partition's wait for the timeout is counted, not only the restart.
+        """
+        self.last_progress_s = now_s
+        failure = self.failures[-1] if self.failures else None
+        if failure is not None and "downtime_s" not in failure:
+            failure["detection_s"] = failure["detected_s"] - failure["last_progress_s"]
+            failure["downtime_s"] = now_s - failure.pop("last_progress_s")
+            failure.pop("detected_s")
 
     def _result_of(self, ref: Any, rank: int, group: WorkerGroup) -> dict[str, Any]:
         try:
@@ -388,9 +438,14 @@ class Supervisor:
             names = ", ".join(
                 f"{group.where(r)}, silent {now - last_seen_s[r]:.0f} s" for r in silent
             )
+            directory = self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}"
+            stacks = hangs.dump_stacks(group.nodes, directory)
+            frame = hangs.stuck_frame(stacks.get(silent[0], ""))
+            where = f"rank {silent[0]} is in {frame}; " if frame else ""
             raise GroupFailed(
                 f"no progress within trainer.step_timeout_s={timeout_s:g} s from {names}: "
-                "the worker is hung (stuck collective, frozen process) or its node is lost"
+                "the worker is hung (stuck collective, frozen process) or its node is lost; "
+                f"{where}every rank's stack is in {directory}"
             )
 
     def _assemble(
@@ -464,7 +519,11 @@ class Supervisor:
             # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).
             "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
             "restarts": len(self.failures),
-            "failures": self.failures,
+            # Clock readings are internal: a failure with no progress after it keeps none.
+            "failures": [
+                {k: v for k, v in f.items() if k not in ("detected_s", "last_progress_s")}
+                for f in self.failures
+            ],
         }
 
 

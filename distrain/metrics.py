@@ -102,7 +102,6 @@ class MetricsCollector:
         self._pending: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
         # Shared with the supervisor, so the history survives restarts of the worker group.
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
-        self.last_step: StepMetrics | None = None
 
     def add(
         self, record: dict[str, Any]
@@ -141,7 +140,6 @@ class MetricsCollector:
         if "tokens" in records[0]:
             metrics.tokens_per_s = sum(r["tokens"] for r in records) / max(interval_s, 1e-9)
             metrics.mfu = _mfu(records, interval_s)
-        self.last_step = metrics
         return metrics
 
     def _epoch(self, ranks: dict[int, dict[str, Any]]) -> EpochMetrics:

@@ -71,11 +71,12 @@ DATA = {
     "cifar10": ["data.root={root}", "data.check_integrity=false"],
     "image_folder": ["data.root={root}/images", "data.num_workers=0"],
     "tensors": ["data.path={root}/classes.npz"],
+    "dataset": ["data.train._target_=tests.userdata.Clusters", "+data.train.num_samples=64"],
     "synthetic": ["data.num_samples=256"],
     "tokens": ["model=gpt", "data.path={root}/tokens"],
     "text": ["model=gpt", "data.path={root}/text", "data.cache_dir={root}/cache"],
 }
-READ_LAZILY = ("image_folder", "tokens", "text")
+READ_LAZILY = ("image_folder", "dataset", "tokens", "text")
 
 
 def test_every_data_and_model_config_is_covered() -> None:
@@ -101,7 +102,7 @@ def test_data_config_loads_and_batches(name: str, root: Path) -> None:
         loader=data["loader"],
         num_workers=data["num_workers"],
     )
-    # Image folders and token files are read lazily; everything else is in-memory tensors.
+    # Image folders, a user's Dataset and token files are read lazily; the rest is in memory.
     assert batches.in_memory == (name not in READ_LAZILY)
     x, y = next(iter(batches.train_batches(epoch=0)))
     assert tuple(x.shape) == (2, *splits.input_shape) and len(y) == 2
@@ -223,7 +224,10 @@ def test_every_experiment_composes_as_documented(root: Path) -> None:
     mnist = _compose("experiment=mnist_cnn", "data.root={root}", root=root)
     assert mnist["loss"]["_target_"] == "torch.nn.NLLLoss" and mnist["model"]["log_softmax"]
     cifar = _compose("experiment=cifar10_resnet18", "data.root={root}", root=root)
-    assert cifar["model"]["small_input"] and cifar["data"]["augment"]
+    assert cifar["model"]["small_input"]
+    assert cifar["data"]["train_transforms"] == [
+        {"_target_": "distrain.data.vision.RandomCropFlip", "padding": 4, "flip": True}
+    ]
     assert cifar["optimizer"]["lr_scaling"] == "linear"
     for experiment, overrides in {**EXPERIMENTS, **LANGUAGE_MODELS}.items():
         paths = [o for o in overrides if o.startswith(("data.root", "data.path"))]
