@@ -27,7 +27,7 @@ from distrain.data.base import Splits
 from distrain.device import choose_device_type, gpus_per_worker
 from distrain.group import GroupFailed, WorkerError, WorkerGroup
 from distrain.loop import NonFiniteError
-from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
+from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
 from distrain.progress import make_progress
 from distrain.rundir import RunDirectory, git_revision
 from distrain.stragglers import StragglerDetector
@@ -61,7 +61,7 @@ def dry_build(job: dict[str, Any]) -> Splits:
     """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor."""
     splits: Splits = _explain("data", lambda: build.build_splits(job["data"]))
     model = _explain("model", lambda: build.build_model(job["model"], splits))
-    loss_fn = _explain("loss", lambda: build.build_loss(job["loss"]))
+    loss_fn = _explain("loss", lambda: build.build_loss(job["loss"], splits.task))
     batch_size, trainer = job["data"]["batch_size"], job["trainer"]
     optimizer = _explain(
         "optimizer",
@@ -437,6 +437,8 @@ class Supervisor:
             cause = error.cause
             if isinstance(cause, NonFiniteError):
                 raise TrainingFailed(str(cause)) from None
+            if isinstance(cause, config.ConfigError):  # bad data found in a batch (a token id)
+                raise config.ConfigError(f"{group.where(rank)}: {cause}") from None
             if _is_collective_failure(cause):
                 # A collective broke because a peer went away: infrastructure, so restart. The
                 # peer's own death may be reported a moment later; name it if it is.
@@ -526,6 +528,8 @@ class Supervisor:
             self.progress.epoch(metrics)
         elif isinstance(metrics, HistogramMetrics):
             self.board.log_histograms(metrics)
+        elif isinstance(metrics, SampleMetrics):
+            self.board.log_samples(metrics)
         else:
             straggler = self.detector.update(metrics)
             self.board.log_step(metrics, straggler_rank=self.detector.flagged)

@@ -33,6 +33,7 @@ class ShardBatches:
         device: torch.device,
         loader: str = "auto",
         num_workers: int = 0,
+        eval_batch_size: int | None = None,
     ) -> None:
         self.in_memory = splits.in_memory if loader == "auto" else loader == "memory"
         if self.in_memory and not splits.in_memory:
@@ -42,7 +43,8 @@ class ShardBatches:
         self.val_transform = splits.val_transform
         self.num_workers = num_workers
         self.transform = splits.train_transform
-        self.eval_batch = max(self.sampler.local_batch, 256)
+        # Language models pass their micro-batch: (B, T, V) logits of 256 windows can be gigabytes.
+        self.eval_batch = eval_batch_size or max(self.sampler.local_batch, 256)
         self.val_indices = eval_shard(len(splits.val), rank, world_size)
         if self.in_memory:
             self.train_tensors = _to_device(splits.train, device)
@@ -63,6 +65,8 @@ class ShardBatches:
         if self.in_memory:
             x_all, y_all = self.train_tensors
             batches = ((x_all[i.to(x_all.device)], y_all[i.to(y_all.device)]) for i in indices)
+        elif hasattr(self.train_set, "get_batch"):  # e.g. token windows: one gather per batch
+            batches = (self._to_device(self.train_set.get_batch(i)) for i in indices)
         else:
             batches = self._loader(self.train_set, [i.tolist() for i in indices])
         for x, y in batches:
@@ -79,12 +83,20 @@ class ShardBatches:
             for begin in range(start, stop, self.eval_batch):
                 end = min(begin + self.eval_batch, stop)
                 yield x_all[begin:end], y_all[begin:end]
+        elif hasattr(self.val_set, "get_batch"):
+            for begin in range(start, stop, self.eval_batch):
+                end = min(begin + self.eval_batch, stop)
+                yield self._to_device(self.val_set.get_batch(torch.arange(begin, end)))
         else:
             chunks = [
                 list(range(b, min(b + self.eval_batch, stop)))
                 for b in range(start, stop, self.eval_batch)
             ]
             yield from self._loader(self.val_set, chunks)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _loader(self, dataset: Dataset, batches: list[list[int]]) -> Iterator[Batch]:
         loader = DataLoader(
