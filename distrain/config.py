@@ -63,6 +63,9 @@ class TrainerConfig:
     debug_delay_rank: int | None = None
     debug_delay_s: float = 0.0
     shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
+    # CUDA only: TF32 matmuls/convolutions under precision=32 (None: on for compute capability
+    # >= 8, i.e. Ampere and newer; decided in distrain/device.py). cudnn.benchmark is always on.
+    tf32: bool | None = None
 
 
 @dataclass

@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from distrain.config import ConfigError
+
 CPU, CUDA = "cpu", "cuda"
+# Ray leaves CUDA_VISIBLE_DEVICES alone when this is "1": every actor then sees all the node's GPUs
+# and must pick its own by the id Ray assigned it.
+NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 
 
-def choose_device_type(requested: str, cluster_gpus: float) -> str:
-    """`trainer.device` (auto|cpu|cuda) and the cluster's GPU count -> "cpu" or "cuda"."""
+def choose_device_type(
+    requested: str, cluster_gpus: float, workers: int = 1, autoscaler_gpus: float = 0.0
+) -> str:
+    """`trainer.device` (auto|cpu|cuda) and the cluster's GPUs -> "cpu" or "cuda".
+
+    `auto` picks cuda only when the GPUs cover one per worker, counting what an autoscaler may add
+    (`autoscaler_gpus`, its maximum): a cluster with fewer GPUs than workers would otherwise wait
+    for GPUs that never come.
+    """
     if requested == "auto":
-        return CUDA if cluster_gpus >= 1 else CPU
+        return CUDA if max(cluster_gpus, autoscaler_gpus) >= max(workers, 1) else CPU
     return requested
 
 
@@ -22,21 +38,107 @@ def gpus_per_worker(device_type: str) -> int:
     return 1 if device_type == CUDA else 0
 
 
-def worker_device(device_type: str) -> torch.device:
-    """The device a worker actor owns.
+def assigned_gpu_ids() -> list[str]:
+    """The GPU ids Ray reserved for this actor (strings, as Ray reports them in the env var)."""
+    import ray
 
-    Ray sets CUDA_VISIBLE_DEVICES of each GPU actor to the one GPU it reserved, so inside the
-    actor that GPU is always index 0.
+    return [str(i) for i in ray.get_gpu_ids()]
+
+
+@dataclass(frozen=True)
+class DevicePlacement:
+    visible: str | None  # CUDA_VISIBLE_DEVICES to set before any CUDA call (None: leave it)
+    index: int  # the local CUDA device index this rank uses
+
+
+def _id_order(gpu_id: str) -> tuple[int, int | str]:
+    return (0, int(gpu_id)) if gpu_id.isdigit() else (1, gpu_id)
+
+
+def share_visible_devices(
+    placements: Sequence[tuple[str, Sequence[str]]],
+    *,
+    noset: bool = False,
+    process_visible: Sequence[str | None] = (),
+) -> list[DevicePlacement]:
+    """Per rank, from each rank's (node id, GPU ids Ray assigned it): what it should see and use.
+
+    As Ray Train does: every worker on a node sees the union of that node's assigned GPUs (NCCL
+    finds NVLink/NVSwitch peers and sets up faster, and NVLS needs it), and picks its own by its
+    position in that list. Under RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 Ray sets nothing:
+    rank r's process sees `process_visible[r]` (its CUDA_VISIBLE_DEVICES; every GPU when unset),
+    and its assigned id is looked up there.
     """
-    if device_type == CUDA:
-        torch.cuda.set_device(0)
-        return torch.device(CUDA, 0)
-    return torch.device(CPU)
+    if noset:
+        out = []
+        for rank, (_, ids) in enumerate(placements):
+            env = process_visible[rank] if rank < len(process_visible) else None
+            visible = [v.strip() for v in (env or "").split(",") if v.strip()]
+            own = str(ids[0])
+            out.append(DevicePlacement(None, visible.index(own) if visible else int(own)))
+        return out
+    per_node: dict[str, set[str]] = {}
+    for node, ids in placements:
+        per_node.setdefault(node, set()).update(str(i) for i in ids)
+    out = []
+    for node, ids in placements:
+        shared = sorted(per_node[node], key=_id_order)
+        out.append(DevicePlacement(",".join(shared), shared.index(str(ids[0]))))
+    return out
+
+
+def noset_visible_devices() -> bool:
+    return os.environ.get(NOSET_ENV, "0").lower() in ("1", "true")
+
+
+def worker_device(device_type: str, placement: DevicePlacement | None = None) -> torch.device:
+    """The device a worker actor owns; for cuda, `placement` says which (see share_visible_devices).
+
+    CUDA_VISIBLE_DEVICES is read when CUDA initialises, so it is set here before the first call.
+    """
+    if device_type != CUDA:
+        return torch.device(CPU)
+    placement = placement or DevicePlacement(visible=None, index=0)
+    if placement.visible is not None:
+        os.environ[VISIBLE_ENV] = placement.visible
+    torch.cuda.set_device(placement.index)
+    return torch.device(CUDA, placement.index)
+
+
+def default_tf32(device: torch.device) -> bool:
+    """TF32 matmul/convolutions by default on Ampere and newer (compute capability >= 8)."""
+    return device.type == CUDA and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def configure_math(device: torch.device, precision: str, tf32: bool | None) -> None:
+    """Per-process math settings of a CUDA worker; a CPU worker is left as torch sets it.
+
+    `tf32` None means `default_tf32`. bf16 on a GPU without bf16 support is a ConfigError (autocast
+    would otherwise quietly run in fp32 or fail deep in a kernel).
+    """
+    if device.type != CUDA:
+        return
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"trainer.precision=bf16 needs a GPU with bf16 support; {name} has none. "
+            "Use trainer.precision=16 (fp16 with loss scaling) or 32."
+        )
+    use_tf32 = default_tf32(device) if tf32 is None else tf32
+    torch.set_float32_matmul_precision("high" if use_tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = use_tf32
+    # Fixed input shapes (a full batch every step): the autotuner's pick is reused.
+    torch.backends.cudnn.benchmark = True
 
 
 def dist_backend(device_type: str) -> str:
     """NCCL between GPUs, gloo between CPU processes."""
     return "nccl" if device_type == CUDA else "gloo"
+
+
+def process_group_device(device: torch.device) -> torch.device | None:
+    """`device_id` for init_process_group: NCCL binds the communicator to it (eager init)."""
+    return device if device.type == CUDA else None
 
 
 def autocast_factory(device_type: str, precision: str) -> Callable[[], AbstractContextManager]:
@@ -50,3 +152,19 @@ def autocast_factory(device_type: str, precision: str) -> Callable[[], AbstractC
 def grad_scaler(device_type: str, precision: str) -> torch.amp.GradScaler:
     """fp16 needs loss scaling against underflow; bf16 and fp32 get a disabled (no-op) scaler."""
     return torch.amp.GradScaler(device_type, enabled=precision == "16")
+
+
+def timing_event(device: torch.device) -> Any:
+    """A CUDA event that records GPU time (timing.EventClock); None on CPU."""
+    return torch.cuda.Event(enable_timing=True) if device.type == CUDA else None
+
+
+def seed_device_rng(device: torch.device, seed: int) -> None:
+    """Seed this device's generator alone (a resume whose checkpoint has no state for it)."""
+    if device.type == CUDA:
+        torch.cuda.manual_seed(seed)
+
+
+def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` in page-locked memory when it feeds a GPU (async copies need it), else as is."""
+    return tensor.pin_memory() if device.type == CUDA else tensor

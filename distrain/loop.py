@@ -106,7 +106,10 @@ def grad_norm(parts: Parts) -> float:
     grads = [p.grad for p in parts.model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads).item()
+    # torch.nn.utils.get_total_norm (torch >= 2.6) in what torch 2.4 has: one fused kernel for
+    # the per-tensor norms, then the norm of those.
+    norms = torch._foreach_norm(grads, 2.0)
+    norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
     # Under fp16 the gradients are still multiplied by the loss scale here.
     return norm / parts.scaler.get_scale() if parts.scaler.is_enabled() else norm
 

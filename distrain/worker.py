@@ -38,8 +38,15 @@ class Worker:
         ifname = job["cluster"]["socket_ifname"]
         if ifname:
             os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = ifname
-        self.device = devices.worker_device(device_type)
+        self.device_type = device_type
+        # CUDA is not touched until `place`: CUDA_VISIBLE_DEVICES must be set before it starts.
+        self.device = devices.worker_device(device_type) if device_type == devices.CPU else None
         self.precision = trainer["precision"]
+
+    def place(self, placement: devices.DevicePlacement | None) -> None:
+        """Take this rank's device (group.py shares each node's GPU list among its workers)."""
+        self.device = devices.worker_device(self.device_type, placement)
+        devices.configure_math(self.device, self.precision, self.job["trainer"].get("tf32"))
 
     def free_address(self) -> tuple[str, int]:
         """This node's IP as Ray sees it, and a port free on it now (rank 0's rendezvous)."""
@@ -55,6 +62,9 @@ class Worker:
             "node_id": context.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
+            "gpu_ids": devices.assigned_gpu_ids() if self.device_type == devices.CUDA else [],
+            "noset": devices.noset_visible_devices(),
+            "visible": os.environ.get(devices.VISIBLE_ENV),
         }
 
     def setup(self, rendezvous: dict[str, Any], checkpoint: list[Any] | None = None) -> None:
