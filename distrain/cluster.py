@@ -202,7 +202,7 @@ atexit.register(release)  # a sweep ended by an error or Ctrl-C leaves no Ray be
 class WorkerResources:
     workers: int
     cpus: float  # per worker
-    gpus: int  # per worker
+    gpus: float  # per worker (below 1: workers share a GPU, trainer.gpus_per_worker)
 
     def bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cpus}

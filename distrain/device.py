@@ -21,21 +21,27 @@ VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 
 
 def choose_device_type(
-    requested: str, cluster_gpus: float, workers: int = 1, autoscaler_gpus: float = 0.0
+    requested: str,
+    cluster_gpus: float,
+    workers: int = 1,
+    autoscaler_gpus: float = 0.0,
+    gpus_per_worker: float = 1.0,
 ) -> str:
     """`trainer.device` (auto|cpu|cuda) and the cluster's GPUs -> "cpu" or "cuda".
 
-    `auto` picks cuda only when the GPUs cover one per worker, counting what an autoscaler may add
-    (`autoscaler_gpus`, its maximum): a cluster with fewer GPUs than workers would otherwise wait
-    for GPUs that never come.
+    `auto` picks cuda only when the GPUs cover every worker's share, counting what an autoscaler
+    may add (`autoscaler_gpus`, its maximum): a cluster with fewer GPUs than the workers need
+    would otherwise wait for GPUs that never come.
     """
     if requested == "auto":
-        return CUDA if max(cluster_gpus, autoscaler_gpus) >= max(workers, 1) else CPU
+        need = max(workers, 1) * gpus_per_worker
+        return CUDA if max(cluster_gpus, autoscaler_gpus) >= need - 1e-9 else CPU
     return requested
 
 
-def gpus_per_worker(device_type: str) -> int:
-    return 1 if device_type == CUDA else 0
+def worker_gpus(device_type: str, gpus_per_worker: float = 1.0) -> float:
+    """The GPUs Ray reserves per worker (trainer.gpus_per_worker on cuda, none on cpu)."""
+    return gpus_per_worker if device_type == CUDA else 0
 
 
 def assigned_gpu_ids() -> list[str]:
@@ -49,6 +55,11 @@ def assigned_gpu_ids() -> list[str]:
 class DevicePlacement:
     visible: str | None  # CUDA_VISIBLE_DEVICES to set before any CUDA call (None: leave it)
     index: int  # the local CUDA device index this rank uses
+    shared: bool = False  # another rank uses the same GPU (trainer.gpus_per_worker < 1)
+
+
+# Set once per worker process by `worker_device`: NCCL refuses two ranks on one GPU.
+_gpu_shared = False
 
 
 def _id_order(gpu_id: str) -> tuple[int, int | str]:
@@ -69,21 +80,25 @@ def share_visible_devices(
     rank r's process sees `process_visible[r]` (its CUDA_VISIBLE_DEVICES; every GPU when unset),
     and its assigned id is looked up there.
     """
+    users: dict[tuple[str, str], int] = {}  # (node, GPU id) -> ranks using it
+    for node, ids in placements:
+        users[node, str(ids[0])] = users.get((node, str(ids[0])), 0) + 1
+    out = []
     if noset:
-        out = []
-        for rank, (_, ids) in enumerate(placements):
+        for rank, (node, ids) in enumerate(placements):
             env = process_visible[rank] if rank < len(process_visible) else None
             visible = [v.strip() for v in (env or "").split(",") if v.strip()]
             own = str(ids[0])
-            out.append(DevicePlacement(None, visible.index(own) if visible else int(own)))
+            index = visible.index(own) if visible else int(own)
+            out.append(DevicePlacement(None, index, users[node, own] > 1))
         return out
     per_node: dict[str, set[str]] = {}
     for node, ids in placements:
         per_node.setdefault(node, set()).update(str(i) for i in ids)
-    out = []
     for node, ids in placements:
-        shared = sorted(per_node[node], key=_id_order)
-        out.append(DevicePlacement(",".join(shared), shared.index(str(ids[0]))))
+        node_ids = sorted(per_node[node], key=_id_order)
+        own = str(ids[0])
+        out.append(DevicePlacement(",".join(node_ids), node_ids.index(own), users[node, own] > 1))
     return out
 
 
@@ -96,9 +111,11 @@ def worker_device(device_type: str, placement: DevicePlacement | None = None) ->
 
     CUDA_VISIBLE_DEVICES is read when CUDA initialises, so it is set here before the first call.
     """
+    global _gpu_shared
     if device_type != CUDA:
         return torch.device(CPU)
     placement = placement or DevicePlacement(visible=None, index=0)
+    _gpu_shared = placement.shared
     if placement.visible is not None:
         os.environ[VISIBLE_ENV] = placement.visible
     torch.cuda.set_device(placement.index)
@@ -132,13 +149,14 @@ def configure_math(device: torch.device, precision: str, tf32: bool | None) -> N
 
 
 def dist_backend(device_type: str) -> str:
-    """NCCL between GPUs, gloo between CPU processes."""
-    return "nccl" if device_type == CUDA else "gloo"
+    """NCCL between GPUs, gloo between CPU processes and between ranks sharing a GPU (NCCL
+    refuses two ranks on one device; gloo all-reduces CUDA tensors through host memory)."""
+    return "nccl" if device_type == CUDA and not _gpu_shared else "gloo"
 
 
 def process_group_device(device: torch.device) -> torch.device | None:
     """`device_id` for init_process_group: NCCL binds the communicator to it (eager init)."""
-    return device if device.type == CUDA else None
+    return device if dist_backend(device.type) == "nccl" else None
 
 
 def autocast_factory(device_type: str, precision: str) -> Callable[[], AbstractContextManager]:
@@ -159,9 +177,24 @@ def timing_event(device: torch.device) -> Any:
     return torch.cuda.Event(enable_timing=True) if device.type == CUDA else None
 
 
-def seed_device_rng(device: torch.device, seed: int) -> None:
-    """Seed this device's generator alone (a resume whose checkpoint has no state for it)."""
-    if device.type == CUDA:
+def copy_event(device: torch.device) -> Any:
+    """A CUDA event without timing, to wait for one asynchronous copy; None on CPU."""
+    return torch.cuda.Event() if device.type == CUDA else None
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The generator state of this device (a checkpoint's `rng.cuda`); None on CPU."""
+    return torch.cuda.get_rng_state(device) if device.type == CUDA else None
+
+
+def restore_device_rng(device: torch.device, state: torch.Tensor | None, seed: int) -> None:
+    """Continue the device's generator from `state`; a checkpoint without one (written on CPU)
+    seeds it from `seed`, the rule a CPU stream restarted on a new worker count follows."""
+    if device.type != CUDA:
+        return
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
+    else:
         torch.cuda.manual_seed(seed)
 
 

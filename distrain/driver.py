@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from distrain import build, checkpoint, cluster, config
 from distrain.data.base import Splits
-from distrain.device import choose_device_type, gpus_per_worker
+from distrain.device import choose_device_type, worker_gpus
 from distrain.group import (
     GroupFailed,
     SetupTransportFailed,
@@ -129,6 +129,7 @@ def train(
             ray.cluster_resources().get("GPU", 0.0),
             workers=job["trainer"]["workers"],
             autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
+            gpus_per_worker=job["trainer"]["gpus_per_worker"],
         )
         supervisor = Supervisor(job, run_dir, splits, device_type, overrides or [])
         result = supervisor.run(resume, started)
@@ -214,7 +215,9 @@ class Supervisor:
 
     def _need(self, world_size: int) -> cluster.WorkerResources:
         return cluster.WorkerResources(
-            world_size, self.trainer["cpus_per_worker"], gpus_per_worker(self.device_type)
+            world_size,
+            self.trainer["cpus_per_worker"],
+            worker_gpus(self.device_type, self.trainer["gpus_per_worker"]),
         )
 
     def _start_group(self, payload: dict[str, Any] | None) -> WorkerGroup:

@@ -142,12 +142,14 @@ class Worker:
         if payload.get("scaler") is not None:
             parts.scaler.load_state_dict(payload["scaler"])
         rng = payload.get("rng") or []
+        # A new worker count has new streams, still a function of (seed, rank, step).
+        seed = self.job["trainer"]["seed"] + 1 + self.rank + 7919 * payload["step"]
         if len(rng) == self.world_size:  # same worker count: continue each rank's stream exactly
             torch.set_rng_state(rng[self.rank]["cpu"])
-            if self.device.type == "cuda" and rng[self.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[self.rank]["cuda"])
-        else:  # a new worker count has new streams, still a function of (seed, rank, step)
-            torch.manual_seed(self.job["trainer"]["seed"] + 1 + self.rank + 7919 * payload["step"])
+            # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
+            devices.restore_device_rng(self.device, rng[self.rank].get("cuda"), seed)
+        else:
+            torch.manual_seed(seed)  # every device's generator
         # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
         position = payload["position"]
         if self.rank != 0:
@@ -164,7 +166,7 @@ class Worker:
             "position": vars(position).copy(),
             "rng": {
                 "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "cuda": devices.device_rng_state(self.device),
             },
         }
         if self.rank == 0:

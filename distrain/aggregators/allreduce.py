@@ -33,7 +33,7 @@ from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.comm_timing import CommTimer
 from distrain.aggregators.shm_allreduce import ShmAllReduce
 from distrain.config import ConfigError
-from distrain.device import dist_backend
+from distrain.device import dist_backend, process_group_device, timing_event
 
 log = logging.getLogger(__name__)
 TRANSPORTS = ("auto", "backend")
@@ -106,6 +106,8 @@ class AllReduce(GradientAggregator):
         timeout_s: float,
     ) -> None:
         self.device, self.world_size = device, world_size
+        if timing_event(device) is not None:  # CUDA: time backward's wait on the GPU
+            self.comm_timer.make_event = functools.partial(timing_event, device)
         if world_size == 1:
             return
         # TORCH_NCCL_ASYNC_ERROR_HANDLING makes a stuck NCCL collective raise after `timeout`
@@ -117,6 +119,9 @@ class AllReduce(GradientAggregator):
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
+            # NCCL: bind the communicator to this GPU and create it now (eager init), so a
+            # broken NCCL setup fails here, in setup, where it is retried (group.py).
+            device_id=process_group_device(device),
         )
         self.timeout_s = timeout_s
         if self.transport == "auto" and device.type == "cpu" and self.compression != "powersgd":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,13 @@ from torch.utils.data import Dataset, TensorDataset
 from distrain import device as devices
 from distrain.data.base import Splits
 from distrain.data.batches import ShardBatches
+from distrain.group import is_transport_failure
 from distrain.histograms import BINS, model_histograms
 from distrain.loop import grad_norm
+from distrain.metrics import MetricsCollector
 from distrain.sharding import ShardSampler
+from distrain.stragglers import StragglerDetector
+from distrain.timing import EventClock, SinceEvent, StepClock, make_clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -236,3 +242,144 @@ def test_histograms_match_the_host_computation() -> None:
         expected[f"weights/{name}"] = _reference_histogram(p)
         expected[f"grads/{name}"] = _reference_histogram(p.grad)
     assert got == expected
+
+
+def test_ranks_sharing_a_gpu_are_marked_shared() -> None:
+    """trainer.gpus_per_worker < 1: Ray gives two ranks the same GPU id; they must use gloo."""
+    out = devices.share_visible_devices([("a", ["0"]), ("a", ["0"]), ("a", ["1"]), ("b", ["0"])])
+    assert [(p.visible, p.index, p.shared) for p in out] == [
+        ("0,1", 0, True),
+        ("0,1", 0, True),
+        ("0,1", 1, False),
+        ("0", 0, False),
+    ]
+
+
+# --- 3: GPU-time phases ----------------------------------------------------------------------
+
+
+class TimelineEvent:
+    """Stands in for torch.cuda.Event(enable_timing=True): `record` reads a GPU timeline that
+    the test advances by hand (ms), so the clock's bookkeeping is checked exactly."""
+
+    now_ms = 0.0
+
+    def record(self) -> None:
+        self.at_ms = TimelineEvent.now_ms
+
+    def elapsed_time(self, end: TimelineEvent) -> float:
+        return end.at_ms - self.at_ms
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _gpu_step(clock, *, data_ms, compute_ms, wait_ms, optimizer_ms) -> None:
+    """One step as train_step times it; backward's wait follows the last bucket's launch."""
+    TimelineEvent.now_ms += data_ms
+    clock.lap("data_s")
+    TimelineEvent.now_ms += compute_ms
+    launch = TimelineEvent()
+    launch.record()  # what CommTimer records when DDP launches the last bucket
+    TimelineEvent.now_ms += wait_ms
+    clock.lap("forward_backward_s")
+    clock.lap("aggregation_wait_s")
+    clock.shift("forward_backward_s", "aggregation_wait_s", SinceEvent(launch))
+    TimelineEvent.now_ms += optimizer_ms
+    clock.lap("optimizer_s")
+
+
+def test_event_clock_splits_gpu_time_and_reuses_events() -> None:
+    made = []
+
+    def make() -> TimelineEvent:
+        made.append(TimelineEvent())
+        return made[-1]
+
+    clock = EventClock(make)
+    for _ in range(3):
+        _gpu_step(clock, data_ms=1, compute_ms=10, wait_ms=40, optimizer_ms=2)
+        TimelineEvent.now_ms += 100  # logging between steps: no phase's time
+        clock.restart()
+    totals = clock.pop()
+    assert totals == pytest.approx(
+        {
+            "data_s": 0.003,
+            "forward_backward_s": 0.030,
+            "aggregation_wait_s": 0.120,
+            "optimizer_s": 0.006,
+        }
+    )
+    created = len(made)
+    _gpu_step(clock, data_ms=1, compute_ms=10, wait_ms=0, optimizer_ms=2)
+    assert len(made) == created  # the next interval records into recycled events
+    assert clock.pop()["aggregation_wait_s"] == 0.0
+
+
+def test_busy_time_finds_the_slow_gpu() -> None:
+    """Synchronous steps: every rank's wall time is equal; on the fast rank the difference is
+    backward's wait for the all-reduce, which must not count as busy (compute) time."""
+    detector = StragglerDetector(["n0", "n1", "n2"], threshold=1.3, patience=2)
+    found = None
+    for interval in range(3):
+        collector = MetricsCollector(3, "classification")
+        for rank, compute_ms in enumerate([10, 10, 45]):  # rank 2 is the slow GPU
+            clock = EventClock(TimelineEvent)
+            for _ in range(4):
+                _gpu_step(
+                    clock, data_ms=1, compute_ms=compute_ms, wait_ms=50 - compute_ms, optimizer_ms=2
+                )
+            record = {
+                "kind": "step",
+                "rank": rank,
+                "step": 4 * (interval + 1),
+                "epoch": 0,
+                "loss": 1.0,
+                "lr": 0.1,
+                "grad_norm": 1.0,
+                "samples": 32,
+                "steps": 4,
+                "interval_s": 0.212,
+                "skipped_steps": 0,
+                **clock.pop(),
+            }
+            metrics = collector.add(record)
+        found = detector.update(metrics) or found
+    assert found is not None and found.rank == 2
+    assert found.ratio == pytest.approx(48 / 13)
+
+
+def test_make_clock_on_cpu_is_the_host_clock() -> None:
+    assert type(make_clock(CPU)) is StepClock
+
+
+# --- 5: setup failures of the transport are retried -----------------------------------------
+
+
+def _taken_port() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def test_store_bind_on_a_taken_port_is_a_transport_failure() -> None:
+    """The port rank 0 picked is taken before its store binds it: a real DistNetworkError."""
+    sock, port = _taken_port()
+    with sock:
+        with pytest.raises(RuntimeError) as store_error:
+            torch.distributed.TCPStore("127.0.0.1", port, 1, True, timeout=timedelta(seconds=5))
+        with socket.socket() as other, pytest.raises(OSError) as bind_error:
+            other.bind(("127.0.0.1", port))
+    assert isinstance(store_error.value, torch.distributed.DistError)
+    assert is_transport_failure(store_error.value)
+    assert is_transport_failure(bind_error.value)
+
+
+def test_user_errors_are_not_transport_failures() -> None:
+    with pytest.raises(RuntimeError) as shapes:
+        torch.nn.Linear(3, 2)(torch.zeros(4, 5))
+    with pytest.raises(ImportError) as missing:
+        import distrain_no_such_module  # noqa: F401
+    for error in (shapes.value, missing.value, ValueError("data.root does not exist")):
+        assert not is_transport_failure(error)
