@@ -330,9 +330,9 @@ def straggler_check(setup: list[str], tmp: Path) -> Callable[[], dict[str, Any]]
 # --- main -------------------------------------------------------------------------------------
 
 
-def write(report: Report, info: dict[str, Any]) -> Path:
+def write(report: Report, info: dict[str, Any], stem: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_check.json").write_text(
+    (RESULTS / f"{stem}.json").write_text(
         json.dumps({**info, "checks": report.rows}, indent=1) + "\n"
     )
     lines = [f"# GPU check: {info['gpu']} x{info['gpus']}", ""]
@@ -346,7 +346,7 @@ def write(report: Report, info: dict[str, Any]) -> Path:
         }
         measured = ", ".join(f"{k}={v}" for k, v in shown.items()).replace("|", "/")
         lines.append(f"| {row['section']} | {row['check']} | {row['status']} | {measured} |")
-    path = RESULTS / "gpu_check.md"
+    path = RESULTS / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -409,7 +409,7 @@ def main() -> int:
         if "speed" in sections and not dry:
             speed_checks(report, gpus)
     info["wall_s"] = round(time.monotonic() - started, 1)
-    path = write(report, info)
+    path = write(report, info, "gpu_check_cpu_dry_run" if dry else "gpu_check")
     failed = [r for r in report.rows if r["status"] in ("FAIL", "error")]
     print(f"gpu-check: {len(report.rows) - len(failed)} of {len(report.rows)} not failed; {path}")
     return 1 if failed else 0

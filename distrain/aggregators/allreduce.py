@@ -113,15 +113,16 @@ class AllReduce(GradientAggregator):
         # TORCH_NCCL_ASYNC_ERROR_HANDLING makes a stuck NCCL collective raise after `timeout`
         # instead of hanging forever (gloo honours the timeout natively).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # NCCL: `device_id` (torch >= 2.3) binds the communicator to this GPU and creates it now
+        # (eager init), so a broken NCCL setup fails here, in setup, where group.py retries it.
+        bound = process_group_device(device)
         dist.init_process_group(
             backend=dist_backend(device.type),
             init_method=f"tcp://{rendezvous['master_addr']}:{rendezvous['master_port']}",
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
-            # NCCL: bind the communicator to this GPU and create it now (eager init), so a
-            # broken NCCL setup fails here, in setup, where it is retried (group.py).
-            device_id=process_group_device(device),
+            **({"device_id": bound} if bound is not None else {}),
         )
         self.timeout_s = timeout_s
         if self.transport == "auto" and device.type == "cpu" and self.compression != "powersgd":
