@@ -80,6 +80,8 @@ def share_visible_devices(
     rank r's process sees `process_visible[r]` (its CUDA_VISIBLE_DEVICES; every GPU when unset),
     and its assigned id is looked up there.
     """
+    if any(not ids for _, ids in placements):
+        raise ValueError(f"a CUDA worker was given no GPU by Ray: {list(placements)}")
     users: dict[tuple[str, str], int] = {}  # (node, GPU id) -> ranks using it
     for node, ids in placements:
         users[node, str(ids[0])] = users.get((node, str(ids[0])), 0) + 1

@@ -136,13 +136,16 @@ class WorkerGroup:
         if self.device_type != devices.CUDA:
             return [None] * self.world_size
         ids = [(node["node_id"], node["gpu_ids"]) for node in self.nodes]
-        return list(
-            devices.share_visible_devices(
-                ids,
-                noset=any(node["noset"] for node in self.nodes),
-                process_visible=[node["visible"] for node in self.nodes],
+        try:
+            return list(
+                devices.share_visible_devices(
+                    ids,
+                    noset=any(node["noset"] for node in self.nodes),
+                    process_visible=[node["visible"] for node in self.nodes],
+                )
             )
-        )
+        except ValueError as error:  # Ray reserved no GPU for a worker: its accounting is off
+            raise GroupFailed(str(error)) from None
 
     def describe(self) -> list[dict[str, Any]]:
         """Rank, node, pid and actor name of every worker: written to the run dir's workers.json."""

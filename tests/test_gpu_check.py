@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
     before = sorted((ROOT / "benchmarks" / "results").glob("gpu_check*"))
     proc = subprocess.run(
-        ["make", "--no-print-directory", "gpu-check"],
+        ["make", "-s", "--no-print-directory", "gpu-check"],
         cwd=ROOT,
         capture_output=True,
         text=True,

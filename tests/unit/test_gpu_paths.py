@@ -383,3 +383,13 @@ def test_user_errors_are_not_transport_failures() -> None:
         import distrain_no_such_module  # noqa: F401
     for error in (shapes.value, missing.value, ValueError("data.root does not exist")):
         assert not is_transport_failure(error)
+
+
+@pytest.mark.parametrize("share", [0, 1.5])
+def test_gpus_per_worker_outside_zero_one_is_a_config_error(share: float) -> None:
+    from distrain.config import ConfigError, validate
+    from tests.conftest import compose_job
+
+    with pytest.raises(ConfigError, match=r"trainer\.gpus_per_worker"):
+        validate(compose_job(f"trainer.gpus_per_worker={share}"))
+    validate(compose_job("trainer.gpus_per_worker=0.5", "trainer.tf32=true"))
