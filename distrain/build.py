@@ -15,6 +15,8 @@ import torch
 from hydra.utils import get_object, instantiate
 from torch import nn
 
+from distrain.config import ConfigError
+from distrain.data import transforms
 from distrain.data.base import LOADER_KEYS, Splits
 
 log = logging.getLogger("distrain")
@@ -32,14 +34,24 @@ def _accepts(fn: Any, name: str) -> bool:
 
 
 def build_splits(data: dict[str, Any]) -> Splits:
-    builder_config = {k: v for k, v in data.items() if k not in LOADER_KEYS}
-    splits = instantiate(builder_config, _convert_="all")
+    """The builder's splits with `data.train_transforms` / `data.val_transforms` attached: per
+    batch on the device when batched in memory, per sample in the DataLoader otherwise."""
+    train = transforms.build_pipeline(data.get("train_transforms"), "data.train_transforms")
+    val = transforms.build_pipeline(data.get("val_transforms"), "data.val_transforms")
+    builder_config = {k: v for k, v in data.items() if k not in LOADER_KEYS + transforms.KEYS}
+    try:
+        splits = instantiate(builder_config, _convert_="all")
+    except Exception as error:  # Hydra wraps what the builder raised: a ConfigError is the news
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
     if not isinstance(splits, Splits):
         raise TypeError(
             f"data._target_={data['_target_']} returned {type(splits).__name__}, "
             "not distrain.data.base.Splits"
         )
-    return splits
+    per_batch = splits.in_memory and data.get("loader", "auto") != "dataloader"
+    return transforms.attach(splits, train, val, per_batch=per_batch)
 
 
 def build_model(model: dict[str, Any], splits: Splits) -> nn.Module:
@@ -106,6 +118,9 @@ def check_model_fits_data(model: nn.Module, splits: Splits, loss_fn: nn.Module) 
     """Forward two real samples on CPU: the output must be (2, num_outputs) and fit the loss."""
     x = torch.stack([splits.train[i][0] for i in range(2)])
     y = torch.stack([torch.as_tensor(splits.train[i][1]) for i in range(2)])
+    if splits.train_transform is not None:  # in-memory data: the batch transform on the device
+        with torch.random.fork_rng(devices=[]):
+            x = splits.train_transform(x)
     with torch.no_grad():
         out = model(x)
     expected = (2, splits.num_outputs)

@@ -21,10 +21,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from distrain import cluster, driver, sweep
-from distrain.config import ConfigError, register_configs, validate
+from distrain import driver, sweep
+from distrain.config import ConfigError, register_configs
 from distrain.progress import print_summary
-from distrain.rundir import RunDirectory, git_revision
+from distrain.rundir import RunDirectory
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PATH_KEYS = ("root", "path", "val_root")  # data paths made absolute before workers see them
@@ -53,14 +53,21 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     except (ConfigError, driver.TrainingFailed) as error:
         print(f"distrain: {_kind(error)}: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
-    except driver.Interrupted as stop:
-        print(f"distrain: interrupted: {stop}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
-        sys.exit(130)
-    _finish(metrics, run_dir, cfg.logger.progress)
+    except KeyboardInterrupt as stop:
+        _interrupted(stop, cfg.logger.progress)
+    _finish(metrics, cfg.logger.progress)
     return metrics
+
+
+def _interrupted(stop: KeyboardInterrupt, progress_mode: str) -> None:
+    """Ctrl-C/SIGTERM: exit 130 with how to go on; a run that completed anyway is recorded."""
+    if isinstance(stop, driver.Interrupted) and stop.metrics is not None:
+        _finish(stop.metrics, progress_mode)
+    if isinstance(stop, driver.Interrupted):
+        print(f"distrain: interrupted: {stop}", file=sys.stderr)
+    else:
+        print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
+    sys.exit(130)
 
 
 def _kind(error: BaseException) -> str:
@@ -88,13 +95,11 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
         if action == sweep.RESUME and job.get("resume") is None:
             job["resume"] = str(run_dir.path)
             print(f"distrain: {label}: resuming from its last checkpoint", file=sys.stderr)
-        validate(job)  # a mistake in the job's values fails before any Ray is started for it
-        # One Ray for all the jobs: the driver finds it initialised and leaves it running.
-        cluster.keep_connected(job["cluster"])
-        metrics = driver.train(job, run_dir, overrides=overrides)
-    except KeyboardInterrupt:
-        print(f"distrain: interrupted in {label}", file=sys.stderr)
-        sys.exit(130)
+        # One Ray for all the jobs, started (after the job's checks) by the first and kept.
+        metrics = driver.train(job, run_dir, overrides=overrides, keep_cluster=True)
+    except KeyboardInterrupt as stop:
+        print(f"distrain: interrupted in {label}; the sweep stops here", file=sys.stderr)
+        _interrupted(stop, cfg.logger.progress)
     except Exception as error:  # one bad job must not end the sweep; its run dir says why
         kind = _kind(error)
         record = {"error": f"{kind}: {error}", "overrides": overrides}
@@ -104,14 +109,12 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
         run_dir.write_json(failed, record)
         print(f"distrain: {label} failed: {kind}: {error}", file=sys.stderr)
         return None
-    _finish(metrics, run_dir, cfg.logger.progress)
+    _finish(metrics, cfg.logger.progress)
     return metrics
 
 
-def _finish(metrics: dict[str, Any], run_dir: RunDirectory, progress_mode: str) -> None:
-    metrics["overrides"] = list(HydraConfig.get().overrides.task)
-    metrics["git_revision"] = git_revision(CONF_DIR.parent)
-    run_dir.write_metrics(metrics)
+def _finish(metrics: dict[str, Any], progress_mode: str) -> None:
+    """The run's summary table (metrics.json is already written, by the driver)."""
     print_summary(metrics, progress_mode)
 
 
@@ -161,6 +164,12 @@ def main() -> None:
     register_configs()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        # Between two jobs of a sweep (or while Hydra composes the next one) no job is running:
+        # nothing to checkpoint, but the sweep stops like a Ctrl-C inside a job.
+        print("distrain: interrupted between jobs; the sweep stops here", file=sys.stderr)
+        sys.exit(130)
     if sweep.last_summary is not None and any(r["status"] == "FAILED" for r in sweep.last_summary):
         sys.exit(1)  # a sweep with a failed job is not a success, for scripts and CI

@@ -12,7 +12,9 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,10 @@ def _init(cluster: dict[str, Any]) -> None:
         "namespace": "distrain",
     }
     if address is None:
+        # Ray (>= 2.5x) turns token authentication on for a new local cluster and warns about
+        # it on every start. This Ray is private to the job, so keep the secure default and say
+        # it explicitly, which Ray takes without the warning; RAY_AUTH_MODE set by the user wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # "local" always starts a new Ray, even when another one runs on this machine.
         kwargs |= {
             "address": "local",
@@ -138,19 +144,28 @@ def _init(cluster: dict[str, Any]) -> None:
     else:
         check_reachable(address, cluster["connect_timeout_s"])
         kwargs["address"] = address
+    # ray.init replaces the SIGTERM handler with sys.exit; distrain's own (stop like Ctrl-C,
+    # with a checkpoint) must stay, so a scheduler's SIGTERM during start-up still stops cleanly.
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**kwargs)
     except ConnectionError as error:
         raise ConfigError(f"could not join the Ray cluster at {address!r}: {error}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread() and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextlib.contextmanager
-def connect(cluster: dict[str, Any]) -> Iterator[None]:
+def connect(cluster: dict[str, Any], *, keep: bool = False) -> Iterator[None]:
     """Join `cluster.address`, or start an embedded Ray that lives as long as this context.
 
     A Ray already initialised in this process (a test session, a --multirun sweep that keeps one
-    with `keep_connected`) is reused and left running.
+    with `keep_connected`) is reused and left running. `keep=True` (a sweep's job) leaves the
+    Ray it connects to running for the next job (see `keep_connected`).
     """
+    if keep:
+        keep_connected(cluster)
     if ray.is_initialized():
         yield
         return

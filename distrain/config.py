@@ -228,13 +228,12 @@ def validate(job: dict[str, Any]) -> None:
         scaling == "none" or lr is not None,
         "optimizer.lr_scaling=linear scales optimizer.lr, but this optimizer has no lr key.",
     )
-    for key in ("_target_",):
-        for group in ("model", "data", "optimizer", "loss", "aggregator"):
-            _require(
-                isinstance(job[group], dict) and key in job[group],
-                f"{group} has no {key}: every {group} config names the class or function to build "
-                f"(e.g. {group}=<one of conf/{group}/*.yaml>).",
-            )
+    for group in ("model", "data", "optimizer", "loss", "aggregator"):
+        _require(
+            isinstance(job[group], dict) and "_target_" in job[group],
+            f"{group} has no _target_: every {group} config names the class or function to build "
+            f"(e.g. {group}=<one of conf/{group}/*.yaml>).",
+        )
 
     batch_size = data.get("batch_size")
     _require(

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -34,7 +35,7 @@ from distrain.group import (
 from distrain.loop import NonFiniteError
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
 from distrain.progress import make_progress
-from distrain.rundir import RunDirectory
+from distrain.rundir import RunDirectory, git_revision
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
 
@@ -42,6 +43,7 @@ log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
 RESUME_MUST_MATCH = ("model", "loss", "aggregator")
+PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
 
 class TrainingFailed(RuntimeError):
@@ -49,7 +51,16 @@ class TrainingFailed(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM handled: the message says how to resume."""
+    """Ctrl-C / SIGTERM handled: the message says how to resume.
+
+    `metrics` is set when the stop arrived as the workers finished their last steps anyway: the
+    run is complete (model.pt and metrics.json written) and still ends as interrupted (exit 130),
+    so a sweep stops there instead of starting its next job.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 def dry_build(job: dict[str, Any]) -> Splits:
@@ -110,18 +121,23 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def train(
-    job: dict[str, Any], run_dir: RunDirectory, overrides: list[str] | None = None
+    job: dict[str, Any],
+    run_dir: RunDirectory,
+    overrides: list[str] | None = None,
+    *,
+    keep_cluster: bool = False,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the metrics also written to metrics.json.
 
     `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
+    `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
     """
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
     splits = dry_build(job)
     resume = load_resume(job)
-    with cluster.connect(job["cluster"]):
+    with cluster.connect(job["cluster"], keep=keep_cluster):
         auto = job["trainer"]["device"] == "auto"
         limits = cluster.autoscaler_limits() if auto else None
         device_type = choose_device_type(
@@ -138,8 +154,16 @@ def train(
         "device": device_type,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
+        "overrides": list(overrides or []),
+        "git_revision": git_revision(PROJECT_DIR),
     }
-    run_dir.write_metrics(metrics)
+    run_dir.write_metrics(metrics)  # once, complete: a sweep takes a readable one as finished
+    if supervisor.stop_requested:
+        raise Interrupted(
+            f"the stop arrived as training ended: all {result['steps']} steps are done, "
+            f"model.pt and metrics.json are in {run_dir.path}.",
+            metrics,
+        )
     return metrics
 
 
@@ -178,6 +202,7 @@ class Supervisor:
         self.history: list[EpochMetrics] = []
         self.failures: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
+        self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -357,6 +382,7 @@ class Supervisor:
                     stop_deadline = time.monotonic() + self.trainer["stop_timeout_s"]
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     break
+        self.stop_requested = self.stop_requested or stop.requested
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
             latest = self.store.latest()
             raise Interrupted(

@@ -78,7 +78,6 @@ class MetricsCollector:
         self._pending: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
         # Shared with the supervisor, so the history survives restarts of the worker group.
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
-        self.last_step: StepMetrics | None = None
 
     def add(self, record: dict[str, Any]) -> StepMetrics | EpochMetrics | HistogramMetrics | None:
         kind = record["kind"]
@@ -110,7 +109,6 @@ class MetricsCollector:
             workers=workers,
             per_rank=ranks,
         )
-        self.last_step = metrics
         return metrics
 
     def _epoch(self, ranks: dict[int, dict[str, Any]]) -> EpochMetrics:

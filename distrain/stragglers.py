@@ -5,6 +5,12 @@ step is the same everywhere; what differs is the *busy* time (data + forward/bac
 distrain/metrics.py). A worker whose busy time per step stays above the median of the others'
 by more than `threshold` for `patience` consecutive logged intervals is a straggler: reported
 once, with its node; it can be reported again after `patience` intervals back under the threshold.
+
+A ratio alone is not evidence on tiny steps: workers sharing cores with other processes lose a
+few milliseconds to the OS scheduler now and then, which is 1.5x of a 1 ms step. So a straggler
+must also have cost real time: over its `patience` intervals its compute must exceed the others'
+median by at least `min_excess_s` in total (default 0.1 s, well above scheduling jitter of a few
+ms per interval, far below what a slow GPU or an overloaded node costs).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from distrain.metrics import StepMetrics
+
+MIN_EXCESS_S = 0.1  # seconds of extra compute over `patience` intervals (see the docstring)
 
 
 @dataclass
@@ -39,11 +47,20 @@ class Straggler:
 
 
 class StragglerDetector:
-    def __init__(self, node_ips: list[str], *, threshold: float, patience: int) -> None:
+    def __init__(
+        self,
+        node_ips: list[str],
+        *,
+        threshold: float,
+        patience: int,
+        min_excess_s: float = MIN_EXCESS_S,
+    ) -> None:
         self.node_ips = node_ips
-        self.threshold = threshold
+        self.threshold = threshold  # a ratio: busy time per step / the others' median
         self.patience = patience
+        self.min_excess_s = min_excess_s
         self._above: dict[int, int] = {}  # the current slowest rank: intervals above threshold
+        self._excess_s = 0.0  # its compute beyond the others' median, summed over those
         self._below = 0  # intervals the flagged rank has been back under the threshold
         self.flagged: int | None = None  # the rank currently reported as straggling
         self.reports: list[Straggler] = []
@@ -67,8 +84,14 @@ class StragglerDetector:
         if ratios[slowest] <= self.threshold:
             self._above.clear()
             return None
+        others_s = statistics.median(v for r, v in busy.items() if r != slowest)
+        steps = metrics.per_rank[slowest]["steps"]
+        excess_s = (busy[slowest] - others_s) * steps
+        self._excess_s = excess_s + (self._excess_s if slowest in self._above else 0.0)
         self._above = {slowest: self._above.get(slowest, 0) + 1}
         if self._above[slowest] < self.patience or self.flagged == slowest:
+            return None
+        if self._excess_s < self.min_excess_s:  # scheduling noise on tiny steps, not a straggler
             return None
         self.flagged, self._below = slowest, 0
         others = [v for r, v in busy.items() if r != slowest]

@@ -102,7 +102,7 @@ class TensorBoardWriter:
             add("epoch/val_accuracy", metrics.val_accuracy, epoch)
         if metrics.val_top5_accuracy is not None:
             add("epoch/val_top5_accuracy", metrics.val_top5_accuracy, epoch)
-        add("epoch/epoch_s", metrics.train_s, epoch)
+        add("epoch/train_s", metrics.train_s, epoch)
         add("epoch/eval_s", metrics.eval_s, epoch)
         add("epoch/samples_per_s", metrics.samples_per_s, epoch)
         self.writer.flush()

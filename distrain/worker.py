@@ -12,7 +12,7 @@ import ray
 import torch
 from hydra.utils import instantiate
 
-from distrain import build
+from distrain import build, network
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
@@ -35,9 +35,7 @@ class Worker:
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", force=True)
         # One intra-op thread per reserved CPU, so N workers on N cores do not oversubscribe.
         torch.set_num_threads(max(1, int(trainer["cpus_per_worker"])))
-        ifname = job["cluster"]["socket_ifname"]
-        if ifname:
-            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = ifname
+        network.bind_collectives(job["cluster"]["socket_ifname"], ray.util.get_node_ip_address())
         self.device_type = device_type
         # CUDA is not touched until `place`: CUDA_VISIBLE_DEVICES must be set before it starts.
         self.device = devices.worker_device(device_type) if device_type == devices.CPU else None

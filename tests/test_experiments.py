@@ -67,6 +67,7 @@ DATA = {
     "cifar10": ["data.root={root}", "data.check_integrity=false"],
     "image_folder": ["data.root={root}/images", "data.num_workers=0"],
     "tensors": ["data.path={root}/classes.npz"],
+    "dataset": ["data.train._target_=tests.userdata.Clusters", "+data.train.num_samples=64"],
     "synthetic": ["data.num_samples=256"],
 }
 
@@ -94,8 +95,8 @@ def test_data_config_loads_and_batches(name: str, root: Path) -> None:
         loader=data["loader"],
         num_workers=data["num_workers"],
     )
-    # Only the image folder is read lazily; everything else is in-memory tensors.
-    assert batches.in_memory == (name != "image_folder")
+    # Only the image folder and a user's Dataset are read lazily; the rest is in-memory tensors.
+    assert batches.in_memory == (name not in ("image_folder", "dataset"))
     x, y = next(iter(batches.train_batches(epoch=0)))
     assert tuple(x.shape) == (2, *splits.input_shape) and len(y) == 2
     # Rank 1's part of global batch 0 is the same rule for every dataset.
@@ -212,7 +213,10 @@ def test_every_experiment_composes_as_documented(root: Path) -> None:
     mnist = _compose("experiment=mnist_cnn", "data.root={root}", root=root)
     assert mnist["loss"]["_target_"] == "torch.nn.NLLLoss" and mnist["model"]["log_softmax"]
     cifar = _compose("experiment=cifar10_resnet18", "data.root={root}", root=root)
-    assert cifar["model"]["small_input"] and cifar["data"]["augment"]
+    assert cifar["model"]["small_input"]
+    assert cifar["data"]["train_transforms"] == [
+        {"_target_": "distrain.data.vision.RandomCropFlip", "padding": 4, "flip": True}
+    ]
     assert cifar["optimizer"]["lr_scaling"] == "linear"
     for experiment in EXPERIMENTS:
         paths = [o for o in EXPERIMENTS[experiment] if o.startswith("data.root")]

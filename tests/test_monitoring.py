@@ -104,7 +104,7 @@ EPOCH_TAGS = [
     "epoch/val_loss",
     "epoch/val_accuracy",
     "epoch/val_top5_accuracy",
-    "epoch/epoch_s",
+    "epoch/train_s",
     "epoch/eval_s",
     "epoch/samples_per_s",
 ]

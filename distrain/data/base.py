@@ -25,16 +25,19 @@ class Splits:
     """A dataset as the framework sees it.
 
     `num_outputs` is the number of classes for classification and the target width for
-    regression. `train_transform` (optional) is applied to each *batch* of training inputs on the
-    worker's device, e.g. random crop + flip for CIFAR-10; it must be a picklable callable.
+    regression. `input_shape` None: measured on training sample 0 as the model sees it (after
+    the transforms). `train_transform` / `val_transform` (optional) are applied to each *batch*
+    of inputs on the worker's device (in-memory data; `data.train_transforms` set them); they
+    must be picklable callables.
     """
 
     train: Dataset
     val: Dataset
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
     num_outputs: int
     task: str = "classification"  # or "regression"
     train_transform: BatchTransform | None = None
+    val_transform: BatchTransform | None = None
 
     @property
     def in_memory(self) -> bool:

@@ -44,6 +44,7 @@ class ShardBatches:
             raise ValueError("data.loader=memory needs a dataset built from in-memory tensors")
         self.sampler = ShardSampler(len(splits.train), global_batch, rank, world_size, seed)
         self.device = device
+        self.val_transform = splits.val_transform
         self.num_workers = num_workers
         self.transform = splits.train_transform
         self.eval_batch = max(self.sampler.local_batch, 256)
@@ -92,6 +93,10 @@ class ShardBatches:
         yield from table  # rows of `table`: views, no copy
 
     def val_batches(self) -> Iterator[Batch]:
+        for x, y in self._shard_val_batches():
+            yield (self.val_transform(x) if self.val_transform else x), y
+
+    def _shard_val_batches(self) -> Iterator[Batch]:
         start, stop = self.val_indices.start, self.val_indices.stop
         if self.in_memory:
             x_all, y_all = self.val_tensors

@@ -1,8 +1,10 @@
 """Your own images, one sub-folder per class, read lazily by `torchvision.datasets.ImageFolder`.
 
 Layout: `<root>/<class_name>/<image>.{png,jpg,...}`. Such a set may not fit in memory, so this
-builder returns regular Datasets and the worker batches them with a `DataLoader`. Every image is
-converted to RGB, resized to `image_size` x `image_size` pixels (so batches stack) and normalised.
+builder returns regular Datasets and the worker batches them with a `DataLoader`. Items are RGB
+PIL images; `data.train_transforms` / `data.val_transforms` (conf/data/image_folder.yaml: resize
+to `data.image_size` squared so batches stack, to tensor, normalise by `data.mean`/`data.std`)
+turn them into tensors in the DataLoader's workers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _load_folder(path: str, transform: object, what: str):  # -> torchvision ImageFolder
+def _load_folder(path: str, what: str):  # -> torchvision ImageFolder of PIL images
     from torchvision import datasets  # heavy import, only when this builder is used
 
     if not os.path.isdir(path):
@@ -29,7 +31,7 @@ def _load_folder(path: str, transform: object, what: str):  # -> torchvision Ima
             f"its images, e.g. {os.path.join(path, 'cat', '0001.png')}."
         )
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return datasets.ImageFolder(path)
     except FileNotFoundError as err:  # no class folders, or class folders without images
         extensions = ", ".join(sorted(datasets.folder.IMG_EXTENSIONS))
         said = str(err) if "xtensions" in str(err) else f"{err} Image extensions: {extensions}."
@@ -53,9 +55,9 @@ def image_folder(
 
     With `val_root` set it must have the same class folders as `root`, and `val_fraction` is
     ignored; otherwise `val_fraction` of `root`'s images (seeded by `seed`) become validation.
+    `image_size`, `mean` and `std` are the values the default transforms interpolate; they are
+    checked here so a bad one is named. The input shape is measured after the transforms.
     """
-    from torchvision import transforms
-
     if int(image_size) < 1:
         raise ValueError(f"data.image_size must be a positive number of pixels, got {image_size}")
     if len(mean) != 3 or len(std) != 3:
@@ -63,22 +65,12 @@ def image_folder(
             f"data.mean and data.std need one value per RGB channel (3), got {list(mean)} "
             f"and {list(std)}"
         )
-    size = int(image_size)
-    transform = transforms.Compose(
-        [
-            # A (size, size) tuple, not an int: an int keeps the aspect ratio and the images
-            # of one batch would then have different shapes.
-            transforms.Resize((size, size)),
-            transforms.ToTensor(),
-            transforms.Normalize(list(mean), list(std)),
-        ]
-    )
     root = os.path.abspath(os.path.expanduser(str(root)))
-    train_full = _load_folder(root, transform, "data.root")
+    train_full = _load_folder(root, "data.root")
 
     if val_root is not None:
         val_root = os.path.abspath(os.path.expanduser(str(val_root)))
-        val = _load_folder(val_root, transform, "data.val_root")
+        val = _load_folder(val_root, "data.val_root")
         if val.class_to_idx != train_full.class_to_idx:
             raise ValueError(
                 f"data.val_root={val_root!r} has class folders {val.classes} but data.root="
@@ -101,6 +93,6 @@ def image_folder(
     return Splits(
         train=train,
         val=val,
-        input_shape=(3, size, size),
+        input_shape=None,  # what data.train_transforms make of an image
         num_outputs=len(train_full.classes),
     )

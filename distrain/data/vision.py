@@ -35,10 +35,11 @@ _CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batc
 class RandomCropFlip:
     """Random crop with zero padding plus random horizontal flip of a whole (N, C, H, W) batch.
 
-    Runs on the batch's own device with one gather: every sample gets its own crop offset and
-    flip, expressed as row/column index tensors into the padded batch, so there is no Python loop
-    over samples. The inputs are already normalised, so zero padding is the mean colour. A plain
-    class (not a lambda) so Ray can pickle it into the worker.
+    CIFAR-10's default `data.train_transforms` (conf/data/cifar10.yaml). Runs on the batch's own
+    device with one gather: every sample gets its own crop offset and flip, expressed as
+    row/column index tensors into the padded batch, so there is no Python loop over samples. The
+    inputs are already normalised, so zero padding is the mean colour. A plain class (not a
+    lambda) so Ray can pickle it into the worker.
     """
 
     def __init__(self, padding: int = 4, flip: bool = True) -> None:
@@ -48,9 +49,12 @@ class RandomCropFlip:
         self.flip = bool(flip)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 3:  # one (C, H, W) sample, as a DataLoader's worker applies it
+            return self(images[None])[0]
         if images.dim() != 4:
             raise ValueError(
-                f"RandomCropFlip expects an (N, C, H, W) batch, got {tuple(images.shape)}"
+                f"RandomCropFlip expects an (N, C, H, W) batch or a (C, H, W) image, got "
+                f"{tuple(images.shape)}"
             )
         if self.padding == 0 and not self.flip:
             return images
@@ -202,22 +206,20 @@ def _cifar10_class(check_integrity: bool) -> type:
 def cifar10(
     root: str,
     download: bool = False,
-    augment: bool = True,
-    crop_padding: int = 4,
     limit_train: int | None = None,
     limit_val: int | None = None,
     check_integrity: bool = True,
 ) -> Splits:
     """CIFAR-10: 50,000 train / 10,000 val images of 3x32x32, 10 classes.
 
-    With `augment`, training batches get `RandomCropFlip(crop_padding)` on the worker's device.
+    Augmentation is not built in: conf/data/cifar10.yaml lists `RandomCropFlip(padding=4)` as
+    `data.train_transforms`, run per batch on the worker's device (`data/transforms.py`).
     `check_integrity=False` skips the MD5 check against the official release (files must still
     exist and be in its format): for a re-packed copy, or test files.
     """
     _check_limit("limit_train", limit_train)
     _check_limit("limit_val", limit_val)
     root = os.path.abspath(os.path.expanduser(str(root)))
-    transform = RandomCropFlip(padding=crop_padding, flip=True) if augment else None
     dataset_cls = _cifar10_class(check_integrity)
     problem = (
         "missing, or not matching the MD5 checksums of the official release; for a re-packed "
@@ -242,5 +244,4 @@ def cifar10(
         val=tensors[1],
         input_shape=tuple(tensors[0].tensors[0].shape[1:]),
         num_outputs=10,
-        train_transform=transform,
     )

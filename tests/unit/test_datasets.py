@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from distrain.build import build_splits
 from distrain.data.image_folder import image_folder
 from distrain.data.synthetic import synthetic
 from distrain.data.tensors import tensors
 from distrain.data.vision import RandomCropFlip, cifar10, fashion_mnist, mnist
+from tests.conftest import compose_job
 from tests.fakedata import write_cifar, write_mnist, write_pngs
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX)
@@ -75,12 +77,10 @@ def test_cifar10_reads_pickled_batches(tmp_path):
     raw_value = written["data_batch_1"][0][0, 32] / 255
     assert x[0, 0, 1, 0].item() == pytest.approx((raw_value - mean[0]) / std[0], abs=1e-5)
 
-    assert isinstance(splits.train_transform, RandomCropFlip)
-    assert splits.train_transform.padding == 4
-    plain = cifar10(
-        root=str(tmp_path), augment=False, limit_train=4, limit_val=1, check_integrity=False
-    )
-    assert plain.train_transform is None and len(plain.train) == 4 and len(plain.val) == 1
+    # Augmentation comes from conf/data/cifar10.yaml's train_transforms, not the builder.
+    assert splits.train_transform is None
+    few = cifar10(root=str(tmp_path), limit_train=4, limit_val=1, check_integrity=False)
+    assert len(few.train) == 4 and len(few.val) == 1
 
 
 def test_cifar10_missing_or_corrupt_files_name_path(tmp_path):
@@ -110,6 +110,17 @@ def test_random_crop_flip_identity_and_shape():
     assert out.shape == batch.shape and out.dtype == batch.dtype
     with pytest.raises(ValueError, match="padding"):
         RandomCropFlip(padding=-1)
+
+
+def test_random_crop_flip_takes_one_image_as_a_batch_of_one():
+    """Per sample, as a DataLoader worker applies it (data.loader=dataloader)."""
+    image = torch.randn(3, 8, 8)
+    torch.manual_seed(0)
+    one = RandomCropFlip(padding=2)(image)
+    torch.manual_seed(0)
+    torch.testing.assert_close(one, RandomCropFlip(padding=2)(image[None])[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) batch or a \(C, H, W\) image"):
+        RandomCropFlip()(torch.randn(8, 8))
 
 
 def test_random_crop_flip_flips_some_samples():
@@ -147,9 +158,16 @@ def test_random_crop_flip_crops_shifted_windows():
 def test_image_folder_reads_class_folders(tmp_path):
     colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
     write_pngs(tmp_path / "train", colours, per_class=4)
-    splits = image_folder(
-        root=str(tmp_path / "train"), image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, seed=1
+    # Resize, to tensor and normalise are conf/data/image_folder.yaml's default transforms.
+    job = compose_job(
+        "data=image_folder",
+        f"data.root={tmp_path / 'train'}",
+        "data.image_size=8",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.5,0.5,0.5]",
+        "data.seed=1",
     )
+    splits = build_splits(job["data"])
     assert not splits.in_memory
     assert splits.input_shape == (3, 8, 8) and splits.num_outputs == 3
     assert len(splits.train) + len(splits.val) == 12 and len(splits.val) == 2  # round(12 * 0.2)
@@ -165,6 +183,7 @@ def test_image_folder_reads_class_folders(tmp_path):
     write_pngs(tmp_path / "val", colours, per_class=1)
     with_val = image_folder(root=str(tmp_path / "train"), val_root=str(tmp_path / "val"))
     assert len(with_val.train) == 12 and len(with_val.val) == 3
+    assert with_val.input_shape is None  # measured after the transforms, by build_splits
 
 
 def test_image_folder_errors(tmp_path):

@@ -103,6 +103,19 @@ def test_no_straggler_below_threshold_or_for_blips() -> None:
     assert single.update(interval(1, {0: 1.0})) is None  # one worker has nobody to lag behind
 
 
+def test_scheduling_noise_on_tiny_steps_is_not_a_straggler() -> None:
+    """The default job on two shared cores: 1 ms steps, one worker preempted for ~5 ms per
+    interval (1.5x) three intervals running. That is noise, not a straggler; the same ratio on
+    steps that cost real time is one."""
+    detector = StragglerDetector(["a", "b"], threshold=1.3, patience=3)
+    noisy = {0: 0.0010, 1: 0.0015}  # 0.5 ms x 10 steps = 5 ms beyond the other per interval
+    assert all(detector.update(interval(10 * (i + 1), noisy)) is None for i in range(3))
+    slow = StragglerDetector(["a", "b"], threshold=1.3, patience=3)
+    real = {0: 0.010, 1: 0.015}  # 50 ms per interval: 0.15 s over the three
+    found = [slow.update(interval(10 * (i + 1), real)) for i in range(3)]
+    assert found[2] is not None and found[2].rank == 1
+
+
 def test_step_clock_shifts_waiting_out_of_compute() -> None:
     clock = StepClock()
     time.sleep(0.02)

@@ -1,0 +1,75 @@
+"""The README's recipe for your own dataset, through the real CLI: `data=dataset
+data.train._target_=my_package.MyDataset`, trained by 2 workers on the session's Ray; and its
+mistakes, which end the run before any connection (an unreachable Ray address proves it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.slow
+def test_a_user_dataset_by_target_trains_through_the_cli(ray_address: str, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "data=dataset",
+        "data.train._target_=tests.userdata.Clusters",
+        "+data.train.num_samples=320",
+        # A user's transform from config, applied per sample in the DataLoader.
+        "data.train_transforms=[{_target_:tests.userdata.AddOffset,offset:0.5}]",
+        "data.val_transforms=[{_target_:tests.userdata.AddOffset,offset:0.5}]",
+        "data.batch_size=32",
+        "model.hidden_sizes=[16]",
+        "trainer.epochs=3",
+        "trainer.workers=2",
+        f"cluster.address={ray_address}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["steps"] == 3 * (256 // 32)  # 64 of 320 are val
+    assert metrics["val_accuracy"] >= 0.9, metrics  # three well-separated clusters
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    weights = [v for k, v in state.items() if k.endswith("weight")]
+    assert weights[0].shape == (16, 8) and weights[-1].shape == (3, 16)  # inferred shape, classes
+    log = result.stdout + result.stderr
+    assert "3 output(s) from reading every target (320 samples)" in log
+
+
+BAD_INPUT = {
+    "not a Dataset": (
+        ["data.train._target_=tests.userdata.NotADataset"],
+        "data.train built NotADataset (tests.userdata.NotADataset), not a map-style "
+        "torch.utils.data.Dataset",
+    ),
+    "no dataset named": ([], "data.train._target_ has no value"),
+    "unknown transform": (
+        [
+            "data.train._target_=tests.userdata.Clusters",
+            "data.train_transforms=[{_target_:tests.userdata.AddOfset,offset:1}]",
+        ],
+        "has no 'AddOfset' (did you mean tests.userdata.AddOffset?)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_user_data_fails_before_any_actor(case: str, tmp_path: Path) -> None:
+    overrides, message = BAD_INPUT[case]
+    result = run_cli(
+        "data=dataset",
+        *overrides,
+        "cluster.address=127.0.0.1:9",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout_s=90,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "unreachable" not in result.stderr
