@@ -79,7 +79,9 @@ def main() -> None:
         print(f"checkpoint write: median {statistics.median(write_s) * 1e3:.1f} ms over 5")
         print(
             f"killed worker -> training again: {again_s:.1f} s "
-            f"(of which restart after detection: {metrics['failures'][0]['recovery_s']:.1f} s)"
+            f"(of which restart after detection: {metrics['failures'][0]['recovery_s']:.1f} s); "
+            f"downtime from the last step before the kill to the next logged step: "
+            f"{metrics['failures'][0]['downtime_s']:.1f} s"
         )
         print(
             f"restarts {metrics['restarts']}, steps {metrics['steps']}, "

@@ -122,6 +122,13 @@ def describe_worker_error(error: BaseException) -> str:
     return text
 
 
+RAY_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
 def _init(cluster: dict[str, Any]) -> None:
     address = cluster["address"]
     kwargs: dict[str, Any] = {
@@ -130,10 +137,11 @@ def _init(cluster: dict[str, Any]) -> None:
         "namespace": "distrain",
     }
     if address is None:
-        # Ray (>= 2.5x) turns token authentication on for a new local cluster and warns about
-        # it on every start. This Ray is private to the job, so keep the secure default and say
-        # it explicitly, which Ray takes without the warning; RAY_AUTH_MODE set by the user wins.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray turns token authentication on for a new local cluster and warns about it on every
+        # start. This Ray is private to the job: keep Ray's secure default, drop the notice.
+        # (Setting RAY_AUTH_MODE=token here instead would skip Ray's refresh of its cached
+        # config and break the start: the notice is filtered, nothing else changes.)
+        logging.getLogger(RAY_TOKEN_SETUP_LOGGER).addFilter(_drop_token_auth_notice)
         # "local" always starts a new Ray, even when another one runs on this machine.
         kwargs |= {
             "address": "local",

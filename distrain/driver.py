@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from distrain import build, checkpoint, cluster, config
+from distrain import build, checkpoint, cluster, config, hangs
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, worker_gpus
 from distrain.group import (
@@ -203,6 +203,7 @@ class Supervisor:
         self.failures: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
+        self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -287,9 +288,9 @@ class Supervisor:
             self.run_dir.write_json(
                 self.run_dir.path / "workers.json", {"workers": group.describe()}
             )
-            if self.failures:  # seconds from noticing the failure to training again
+            if self.failures:  # seconds from noticing the failure to a working group again
                 last = self.failures[-1]
-                last["recovery_s"] = time.monotonic() - last.pop("detected_s")
+                last["recovery_s"] = time.monotonic() - last["detected_s"]
             if world_size < self.trainer["workers"]:
                 self.progress.message(
                     f"elastic: continuing on {world_size} of {self.trainer['workers']} workers "
@@ -316,7 +317,14 @@ class Supervisor:
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
     def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
-        self.failures.append({"error": str(failure), "detected_s": time.monotonic()})
+        self.failures.append(
+            {
+                "error": str(failure),
+                "detected_s": time.monotonic(),
+                # from the last progress anyone saw: what a user waits, detection included
+                "last_progress_s": self.last_progress_s,
+            }
+        )
         restarts, limit = len(self.failures), self.trainer["max_failures"]
         latest = self.store.latest()
         if restarts > limit:
@@ -360,6 +368,8 @@ class Supervisor:
                     results.append(self._result_of(ref, refs[ref], group))
                 for record in group.drain():
                     last_seen_s[record["rank"]] = time.monotonic()
+                    if record["kind"] in ("step", "epoch"):
+                        self._progressed(last_seen_s[record["rank"]])
                     if record["kind"] == "checkpoint":
                         payload = self._assemble(record, group.world_size, pending_checkpoints)
                         if payload is not None and not payload["epoch_end"]:
@@ -395,6 +405,20 @@ class Supervisor:
             )
         return results
 
+    def _progressed(self, now_s: float) -> None:
+        """A step or epoch record arrived: after a failure, the first one closes its downtime.
+
+        `downtime_s` runs from the last progress before the failure to the first after it
+        (detection, teardown, restart, state restore and the steps redone up to the next
+        logged one), so a partition's wait for the timeout is counted, not only the restart.
+        """
+        self.last_progress_s = now_s
+        failure = self.failures[-1] if self.failures else None
+        if failure is not None and "downtime_s" not in failure:
+            failure["detection_s"] = failure["detected_s"] - failure["last_progress_s"]
+            failure["downtime_s"] = now_s - failure.pop("last_progress_s")
+            failure.pop("detected_s")
+
     def _result_of(self, ref: Any, rank: int, group: WorkerGroup) -> dict[str, Any]:
         try:
             return ray.get(ref)
@@ -428,9 +452,14 @@ class Supervisor:
             names = ", ".join(
                 f"{group.where(r)}, silent {now - last_seen_s[r]:.0f} s" for r in silent
             )
+            directory = self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}"
+            stacks = hangs.dump_stacks(group.nodes, directory)
+            frame = hangs.stuck_frame(stacks.get(silent[0], ""))
+            where = f"rank {silent[0]} is in {frame}; " if frame else ""
             raise GroupFailed(
                 f"no progress within trainer.step_timeout_s={timeout_s:g} s from {names}: "
-                "the worker is hung (stuck collective, frozen process) or its node is lost"
+                "the worker is hung (stuck collective, frozen process) or its node is lost; "
+                f"{where}every rank's stack is in {directory}"
             )
 
     def _assemble(
@@ -502,7 +531,11 @@ class Supervisor:
             # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).
             "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
             "restarts": len(self.failures),
-            "failures": self.failures,
+            # Clock readings are internal: a failure with no progress after it keeps none.
+            "failures": [
+                {k: v for k, v in f.items() if k not in ("detected_s", "last_progress_s")}
+                for f in self.failures
+            ],
         }
 
 

@@ -124,6 +124,11 @@ def test_worker_actor_killed_recovers_to_the_same_parameters(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["steps"] == STEPS
     assert "rank 1" in metrics["failures"][0]["error"]
+    failure = metrics["failures"][0]
+    # The downtime a user sees covers detection and restart: from the last step before the
+    # failure to the first logged one after it.
+    assert 0 <= failure["detection_s"] < failure["downtime_s"]
+    assert failure["recovery_s"] < failure["downtime_s"]
     assert_resumed_from_a_checkpoint(stderr)
     assert_same_parameters(run_dir, reference_dropout)
 
@@ -162,11 +167,21 @@ def test_frozen_worker_is_detected_named_and_recovered(
     assert metrics["restarts"] == 1
     error = metrics["failures"][0]["error"]
     assert "trainer.step_timeout_s=4" in error
+    # The wait for the timeout is part of the downtime reported, not hidden.
+    assert 4 <= metrics["failures"][0]["detection_s"] < metrics["failures"][0]["downtime_s"]
     assert (
         error.index(f"rank 1 (node {frozen['node_ip']}, pid {frozen['pid']})")
         < error.find("rank 0")
         or "rank 0" not in error
     )  # the frozen rank is named first
+    # Every rank's stack was dumped (py-spy reads a stopped process) and the error says where
+    # the frozen rank was.
+    hang_dir = run_dir / "hangs" / "failure-1"
+    assert f"every rank's stack is in {hang_dir}" in error
+    for rank in (0, 1):
+        stack = (hang_dir / f"rank{rank}.txt").read_text()
+        assert "distrain" in stack and "(no stack" not in stack, stack[-2000:]
+    assert re.search(r"rank 1 is in \S+ \(\S+:\d+\)", error), error
     assert_resumed_from_a_checkpoint(stderr)
     assert_same_parameters(run_dir, reference_dropout)
 

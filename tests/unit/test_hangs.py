@@ -1,0 +1,61 @@
+"""Stacks of hung processes: py-spy on a real stopped process, and where it is stuck."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distrain import hangs
+
+SCRIPT = """
+import time
+def wait_for_peer():
+    while True:
+        time.sleep(0.05)
+def train():
+    wait_for_peer()
+print("ready", flush=True)
+train()
+"""
+
+
+def test_a_stopped_process_is_dumped_and_located(tmp_path: Path) -> None:
+    script = tmp_path / "frozen.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGSTOP)  # frozen: no signal handler of its own would run
+        stack = hangs.py_spy_dump(proc.pid)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    assert "wait_for_peer" in stack and "train" in stack, stack
+    frame = hangs.stuck_frame(stack)
+    # py-spy shows Python frames only: time.sleep (C) is not one.
+    assert frame is not None and frame.startswith("wait_for_peer (frozen.py:"), frame
+
+
+def test_the_innermost_distrain_frame_is_named() -> None:
+    stack = (
+        "Process 7: ray::Worker.fit\n\n"
+        'Thread 7 (idle): "MainThread"\n'
+        "    wait (torch/distributed/distributed_c10d.py:4000)\n"
+        "    synchronize (distrain/aggregators/allreduce.py:150)\n"
+        "    train_step (distrain/loop.py:80)\n"
+    )
+    assert hangs.stuck_frame(stack) == (
+        "wait (torch/distributed/distributed_c10d.py:4000), "
+        "called from synchronize (distrain/aggregators/allreduce.py:150)"
+    )
+    assert hangs.stuck_frame("(no stack for pid 7: py-spy: denied)\n") is None
+
+
+def test_a_missing_process_says_so() -> None:
+    assert hangs.py_spy_dump(2**22 + 12345).startswith("(no stack for pid")
