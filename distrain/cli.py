@@ -161,6 +161,10 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["export"]:  # a subcommand, not a job: no Hydra
+        from distrain.export import main as export_main
+
+        return export_main(sys.argv[2:])
     register_configs()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]

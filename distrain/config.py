@@ -70,6 +70,8 @@ class TrainerConfig:
     # models); their collectives then go over gloo with CUDA tensors, since NCCL refuses two ranks
     # on one GPU.
     gpus_per_worker: float = 1.0
+    activation_checkpointing: str = "none"  # none | blocks: recompute each block in backward
+    compile: bool = False  # torch.compile the model (per block under aggregator=fsdp)
 
 
 @dataclass
@@ -167,6 +169,11 @@ def validate(job: dict[str, Any]) -> None:
     _require(
         low is None or 1 <= low <= workers,
         f"trainer.min_workers={low} must be between 1 and trainer.workers={workers}, or null.",
+    )
+    _require(
+        trainer["activation_checkpointing"] in ("none", "blocks"),
+        f"trainer.activation_checkpointing={trainer['activation_checkpointing']!r} is not one of "
+        "none, blocks (recompute each repeated block's activations in backward).",
     )
     _require(
         trainer["nan_policy"] in ("stop", "skip_step"),

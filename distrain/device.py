@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -203,3 +204,11 @@ def restore_device_rng(device: torch.device, state: torch.Tensor | None, seed: i
 def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` in page-locked memory when it feeds a GPU (async copies need it), else as is."""
     return tensor.pin_memory() if device.type == CUDA else tensor
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This worker's peak memory: tensors allocated on its GPU, or the process's resident set
+    on a CPU (Linux reports `ru_maxrss` in KiB)."""
+    if device.type == CUDA:
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from distrain import build, checkpoint, cluster, config, hangs
@@ -110,7 +110,7 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
     payload = checkpoint.load(path)
     saved = payload.get("job", {})
     for group in RESUME_MUST_MATCH:
-        if group in saved and saved[group] != job[group]:
+        if group in saved and _resume_key(group, saved[group]) != _resume_key(group, job[group]):
             raise config.ConfigError(
                 f"resume={job['resume']}: checkpoint {path.name} was written with {group}="
                 f"{saved[group]}, but this run has {group}={job[group]}; a resumed run must keep "
@@ -118,6 +118,17 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
             )
     payload["path"] = str(path)
     return payload
+
+
+def _resume_key(group: str, value: Any) -> Any:
+    """What must match on resume: the config, or for the aggregator its class's `resume_key`
+    (allreduce and fsdp share theirs: a checkpoint moves between them)."""
+    if group != "aggregator":
+        return value
+    try:
+        return get_object(value["_target_"]).resume_key(value)
+    except Exception:  # not importable or no hook (a user's class): the whole config
+        return value
 
 
 def train(
@@ -152,6 +163,9 @@ def train(
     metrics = {
         **result,
         "device": device_type,
+        # What the model was built with besides its config (`distrain export` records them).
+        "input_shape": list(splits.input_shape),
+        "num_outputs": splits.num_outputs,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
         "overrides": list(overrides or []),
@@ -471,10 +485,17 @@ class Supervisor:
         if len(ranks) < world_size:
             return None
         del pending[record["step"]]
+        step, timeout_s = record["step"], self.trainer["step_timeout_s"]
         try:
-            states = ray.get([ranks[r]["state"][0] for r in range(world_size)])
+            # Bounded: a share held on a node cut off from this one is not fetched until Ray
+            # declares the node dead (minutes); the hang timeout applies to it as to a step.
+            states = ray.get([ranks[r]["state"][0] for r in range(world_size)], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise GroupFailed(
+                f"checkpoint of step {step}: the workers' shares did not arrive within "
+                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)"
+            ) from None
         except ray.exceptions.RayError as error:  # its owner (a worker) died before we read it
-            step = record["step"]
             raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}") from None
         position = dict(states[0]["position"])
         position["epoch_loss_sum"] = sum(s["position"]["epoch_loss_sum"] for s in states)

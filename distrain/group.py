@@ -152,8 +152,17 @@ class WorkerGroup:
         return [{**node, "actor": name} for node, name in zip(self.nodes, self.names)]
 
     def drain(self) -> list[dict[str, Any]]:
+        # Bounded like a step: a sink cut off from the driver (it lives on the driver's node,
+        # but Ray may place it elsewhere when that node is full) is not waited on for the
+        # minute Ray takes to declare its node dead.
+        timeout_s = self.job["trainer"]["step_timeout_s"]
         try:
-            return ray.get(self.sink.drain.remote())
+            return ray.get(self.sink.drain.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise GroupFailed(
+                f"the metrics sink did not answer within trainer.step_timeout_s={timeout_s:g} s "
+                "(its node unreachable?)"
+            ) from None
         except ray.exceptions.RayActorError as error:
             raise GroupFailed(f"the metrics sink died: {error}") from None
 

@@ -25,7 +25,10 @@ def histograms(tensors: list[torch.Tensor], bins: int = BINS) -> list[dict[str, 
     bucket counts (a few numbers per tensor) reach the host, in two transfers for all of them."""
     if not tensors:
         return []
-    flats = [t.detach().float().flatten() for t in tensors]
+    # A sharded (FSDP) tensor: this rank's shard. Only rank 0 sends histograms, and gathering
+    # would be a collective the other ranks do not join.
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    flats = [t.detach().float().flatten() for t in local]
     stats = torch.stack(
         [torch.stack([f.min(), f.max(), f.sum(), f.square().sum()]) for f in flats]
     ).tolist()  # one device-to-host copy (and sync) for every tensor's statistics

@@ -123,9 +123,13 @@ def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
     correct = torch.zeros((), device=device, dtype=torch.long)
     correct_top5 = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    for x, y in batches:
+    # Under FSDP the forward is a collective: the aggregator pads ranks with empty batches.
+    for x, y in parts.aggregator.eval_batches(batches):
         with parts.autocast():
             out = parts.model(x)
+        if not len(x):  # a padding batch: forward only, nothing to count
+            continue
+        with parts.autocast():
             loss = parts.loss_fn(out, y)
         loss_sum += loss.double() * len(x)
         if parts.task == "classification":

@@ -35,6 +35,14 @@ HPARAM_METRICS = (
     "summary/wall_s",
 )
 
+MEMORY_KEYS = (
+    "parameter_bytes",
+    "gradient_bytes",
+    "optimizer_state_bytes",
+    "peak_memory_mb",
+    "compile_s",
+)
+
 
 class TensorBoardWriter:
     """Per-iteration scalars on the global-step axis, per-epoch scalars on the epoch axis."""
@@ -150,6 +158,11 @@ class TensorBoardWriter:
         for key in ("best_val_accuracy", "best_val_loss", "samples_per_s", "wall_s"):
             if isinstance(summary.get(key), int | float):
                 self.writer.add_scalar(f"summary/{key}", summary[key], step)
+        # Each worker's memory (aggregators/base.py stats): compare strategies from one directory.
+        for rank, stats in enumerate(summary.get("aggregator", [])):
+            for key in MEMORY_KEYS:
+                if isinstance(stats.get(key), int | float):
+                    self.writer.add_scalar(f"memory/{key}/rank{rank}", stats[key], step)
         _, _, end = hparams_summaries({}, {})
         if failed:
             value = end.value[0]

@@ -12,7 +12,7 @@ import ray
 import torch
 from hydra.utils import instantiate
 
-from distrain import build, network
+from distrain import blocks, build, network
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
@@ -96,6 +96,13 @@ class Worker:
         torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
         model = build.build_model(job["model"], splits).to(self.device)
         torch.manual_seed(trainer["seed"] + 1 + self.rank)  # distinct dropout/augmentation streams
+        # While blocked on its peers the worker still reports, naming whom it waits for.
+        aggregator.on_wait = self._waiting
+        aggregator.wait_beat_s = heartbeat_s(trainer)
+        aggregator.precision = self.precision
+        self.compiled = blocks.prepare(model, aggregator, trainer)
+        # Wrapped before the optimizer is built: FSDP replaces the parameters with their shards.
+        train_model = aggregator.wrap(model)
         # The aggregator builds it: ZeRO sharding, or a server-side step, are its business.
         optimizer = aggregator.build_optimizer(
             build.optimizer_factory(job["optimizer"], global_batch=data["batch_size"]),
@@ -110,12 +117,9 @@ class Worker:
             steps_per_epoch=batches.steps_per_epoch,
             total_steps=min(total_steps, max_steps or total_steps),
         )
-        # While blocked on its peers the worker still reports, naming whom it waits for.
-        aggregator.on_wait = self._waiting
-        aggregator.wait_beat_s = heartbeat_s(trainer)
         self.parts = Parts(
             model=model,
-            train_model=aggregator.wrap(model),
+            train_model=train_model,
             loss_fn=build.build_loss(job["loss"]).to(self.device),
             optimizer=optimizer,
             scheduler=scheduler,
@@ -133,8 +137,9 @@ class Worker:
 
     def _restore(self, payload: dict[str, Any]) -> Position:
         parts = self.parts
-        parts.model.load_state_dict(payload["model"])
-        parts.optimizer.load_state_dict(payload["optimizer"])
+        parts.aggregator.load_state(
+            parts.model, parts.optimizer, payload["model"], payload["optimizer"]
+        )
         if parts.scheduler is not None and payload.get("scheduler") is not None:
             parts.scheduler.load_state_dict(payload["scheduler"])
         if payload.get("scaler") is not None:
@@ -156,10 +161,13 @@ class Worker:
 
     def _capture(self, position: Position) -> dict[str, Any]:
         """This rank's share of a checkpoint: everything on rank 0, the RNG state on every rank."""
-        parts = self.parts
-        optimizer = parts.optimizer
-        if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
-            optimizer.consolidate_state_dict(to=0)
+        parts, aggregator = self.parts, self.parts.aggregator
+        # Full state dicts in one format for every strategy; gathering them may be a collective
+        # (ZeRO, FSDP), so every rank takes part and rank 0 keeps them.
+        model_state = aggregator.model_state_dict(parts.model)
+        optimizer_state = aggregator.optimizer_state_dict(
+            parts.model, parts.optimizer, rank=self.rank
+        )
         state: dict[str, Any] = {
             "position": vars(position).copy(),
             "rng": {
@@ -169,8 +177,8 @@ class Worker:
         }
         if self.rank == 0:
             state |= {
-                "model": parts.model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": parts.scheduler.state_dict() if parts.scheduler else None,
                 "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
             }
@@ -189,6 +197,7 @@ class Worker:
         self._outbox: list[dict[str, Any]] = []
         self._next_report_s = time.monotonic()
         slowed = trainer["debug_delay_rank"] == self.rank  # test only: a simulated straggler
+        self.parts.aggregator.fit_started_s = time.perf_counter()
         position, stopped = fit(
             self.parts,
             epochs=trainer["epochs"],
@@ -212,10 +221,13 @@ class Worker:
             "stopped": stopped,
             "skipped_steps": position.skipped_steps,
         }
+        model_state = self.parts.aggregator.model_state_dict(self.parts.model)  # all ranks
         if self.rank == 0:
-            result["state_dict"] = _to_cpu(self.parts.model.state_dict())
+            result["state_dict"] = _to_cpu(model_state)
         self.parts.aggregator.close()
         result["aggregator"] = self.parts.aggregator.stats()
+        if self.compiled:  # torch.compile ran during the first step
+            result["aggregator"]["compile_s"] = result["aggregator"]["first_step_extra_s"]
         return result
 
     def _waiting(self, ranks: list[int]) -> None:

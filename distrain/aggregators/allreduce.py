@@ -88,6 +88,13 @@ class AllReduce(GradientAggregator):
         """Every job setting works with all-reduce, trainer.shard_optimizer included."""
 
     @classmethod
+    def resume_key(cls, config: dict[str, Any]) -> Any:
+        # Buckets and transport do not change the step; compression does.
+        if config.get("compression", "none") == "none":
+            return "mean-gradient"  # as aggregator=fsdp's: resume across the two
+        return config
+
+    @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
         # As Ray Train does: rank 0's node IP as Ray sees it (not localhost, so other nodes can
         # reach it) and a port that is free on that node right now.

@@ -23,13 +23,17 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from itertools import pairwise
 from typing import Any
 
 import torch
 from torch import nn
 
+from distrain.blocks import find_blocks
 from distrain.config import ConfigError
+from distrain.device import peak_memory
 
+FIRST_STEPS = 8  # steps whose end times are kept for `first_step_extra_s`
 MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -39,6 +43,7 @@ class GradientAggregator(ABC):
     # driver's hang report names the ranks that stopped rather than the ones waiting for them.
     on_wait: Callable[[list[int]], None] | None = None
     wait_beat_s: float = 1.0
+    precision: str = "32"  # trainer.precision, set by the worker before `wrap`
 
     @classmethod
     def check_job(cls, job: dict[str, Any]) -> None:
@@ -64,6 +69,15 @@ class GradientAggregator(ABC):
         """Driver side: actors `rendezvous` started, killed with the worker group."""
         return []
 
+    @classmethod
+    def resume_key(cls, config: dict[str, Any]) -> Any:
+        """What a checkpoint's aggregator config must share with the resuming job's.
+
+        The default is the whole config. Strategies whose step is the textbook one on the
+        global batch return the same key, so a run resumes across them (e.g. fsdp <-> allreduce).
+        """
+        return config
+
     @abstractmethod
     def connect(
         self,
@@ -87,6 +101,14 @@ class GradientAggregator(ABC):
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to run forward/backward on (the same parameters as `model`)."""
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's blocks (activation checkpointing; FSDP's units): its repeated blocks."""
+        return find_blocks(model)
+
+    def compile_units(self, model: nn.Module) -> list[nn.Module]:
+        """What `trainer.compile=true` compiles, before `wrap`: the whole model by default."""
+        return [model]
+
     def sync_if(self, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch; gradients are only communicated when `sync` is true."""
         return contextlib.nullcontext()
@@ -99,6 +121,8 @@ class GradientAggregator(ABC):
         self.steps = getattr(self, "steps", 0) + 1
         if self.steps == 1:  # the first optimizer step follows at once (start-up benchmarks)
             self.first_step_unix_s = time.time()
+        if self.steps <= FIRST_STEPS:  # the first step's extra time (compilation, warm-up)
+            self.__dict__.setdefault("step_ends_s", []).append(time.perf_counter())
 
     def backward_wait_s(self) -> float:
         """Seconds the last backward spent blocked on this strategy's communication.
@@ -109,18 +133,77 @@ class GradientAggregator(ABC):
         """
         return 0.0
 
+    def eval_batches(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """The validation batches this rank evaluates; a strategy whose forward is a collective
+        makes every rank run the same number of them."""
+        return batches
+
+    # Checkpoints: the full (unsharded) state, in one format for every strategy. Called on every
+    # rank (a strategy may gather shards); only rank 0's result is kept.
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        return model.state_dict()
+
+    def optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int
+    ) -> dict[str, Any] | None:
+        """Rank 0: the full optimizer state (`Optimizer.state_dict()` format); others: None."""
+        if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
+            optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if rank == 0 else None
+
+    def load_state(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict[str, Any],
+        optimizer_state: dict[str, Any],
+    ) -> None:
+        """Every rank, from the full state (ZeRO keeps its share of the optimizer state)."""
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Leave the group."""
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters after `close` (bytes sent, staleness, ...): for metrics.json."""
+        optimizer = getattr(self, "optimizer", None)
         return {
             "steps": getattr(self, "steps", 0),
             "first_step_unix_s": getattr(self, "first_step_unix_s", None),
-            "optimizer_state_bytes": optimizer_state_bytes(getattr(self, "optimizer", None)),
+            "first_step_extra_s": self.first_step_extra_s(),
+            **state_bytes(optimizer),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             # This worker process's peak resident memory (Linux reports KiB).
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **peak_memory(getattr(self, "device", None) or torch.device("cpu")),
         }
+
+    def first_step_extra_s(self) -> float | None:
+        """How much longer the first step took than the median of the next ones: with
+        `trainer.compile=true`, the compilation. `fit_started_s` is set by the worker."""
+        ends = getattr(self, "step_ends_s", [])
+        start = getattr(self, "fit_started_s", None)
+        if start is None or len(ends) < 3:
+            return None
+        steady = sorted(b - a for a, b in pairwise(ends))
+        return max(0.0, ends[0] - start - steady[len(steady) // 2])
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` held by this process: a sharded DTensor's local shard only."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """This worker's bytes of trainable parameters and their gradients (those it optimizes)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
+    return {
+        "parameter_bytes": sum(local_bytes(p) for p in params),
+        "gradient_bytes": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+    }
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
@@ -132,7 +215,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
         return 0
     local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its shard here
     return sum(
-        value.numel() * value.element_size()
+        local_bytes(value)
         for state in local.state.values()
         for value in state.values()
         if isinstance(value, torch.Tensor)

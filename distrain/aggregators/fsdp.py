@@ -1,0 +1,216 @@
+"""`aggregator=fsdp`: torch's FSDP2 (`fully_shard`), so a worker holds 1/W of the model.
+
+Each block of the wrap policy (distrain/blocks.py: the model's repeated blocks, or the classes
+named in `aggregator.wrap`) is one FSDP unit, then the root takes what is left. Parameters,
+gradients and optimizer state are sharded (DTensors): a unit's parameters are all-gathered just
+before its forward and backward and freed after (`reshard_after_forward`), gradients are
+reduce-scattered to their shards, and the optimizer steps on the local shard only. Because
+`fully_shard` works in place, the bare module the worker holds IS the sharded model: its forward
+is a collective, so evaluation runs on every rank in lock-step (`eval_batches`).
+
+Checkpoints keep the format of every other strategy (full model and optimizer state dicts,
+optimizer state keyed by parameter index): gathered with torch's
+`distributed.checkpoint.state_dict` helpers, so a run can resume on any worker count and
+strategy (FSDP 2 -> DDP 1, DDP 2 -> FSDP 3).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+
+from distrain.aggregators.base import GradientAggregator
+from distrain.blocks import find_blocks
+from distrain.config import ConfigError
+from distrain.device import dist_backend
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class FSDP(GradientAggregator):
+    def __init__(
+        self,
+        wrap: list[str] | None = None,
+        reshard_after_forward: bool = True,
+        cpu_offload: bool = False,
+    ) -> None:
+        self.wrap_classes = list(wrap or [])
+        self.reshard_after_forward = reshard_after_forward
+        self.cpu_offload = cpu_offload
+        self.module: nn.Module | None = None
+        self.steps = 0
+
+    @classmethod
+    def check_job(cls, job: dict[str, Any]) -> None:
+        trainer = job["trainer"]
+        if trainer.get("shard_optimizer"):
+            raise ConfigError(
+                "trainer.shard_optimizer=true is redundant with aggregator=fsdp, which already "
+                "shards the optimizer state (with the parameters and gradients); set "
+                "trainer.shard_optimizer=false."
+            )
+        if trainer["precision"] == "16":
+            raise ConfigError(
+                "trainer.precision=16 is not supported by aggregator=fsdp (its gradient scaler "
+                "would need sharded gradients); use trainer.precision=bf16 (bf16 compute, fp32 "
+                "gradient reduction) or 32."
+            )
+
+    @classmethod
+    def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
+        # Even one worker joins a group (of one): fully_shard needs a process group.
+        host, port = ray.get(workers[0].free_address.remote())
+        return {"master_addr": host, "master_port": port}
+
+    @classmethod
+    def resume_key(cls, config: dict[str, Any]) -> Any:
+        return "mean-gradient"  # the textbook step on the global batch, as allreduce's
+
+    def connect(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        rendezvous: dict[str, Any],
+        timeout_s: float,
+    ) -> None:
+        self.device, self.rank, self.world_size = device, rank, world_size
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(
+            backend=dist_backend(device.type),
+            init_method=f"tcp://{rendezvous['master_addr']}:{rendezvous['master_port']}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return find_blocks(model, self.wrap_classes)
+
+    def compile_units(self, model: nn.Module) -> list[nn.Module]:
+        # Per block, as torchtitan does: each unit's all-gather stays outside compiled code.
+        return self.blocks(model) or [model]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        mixed = MixedPrecisionPolicy()  # fp32 everywhere
+        if self.precision == "bf16":  # bf16 parameters and compute, gradients reduced in fp32
+            mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        offload = OffloadPolicy()
+        if self.cpu_offload:  # sharded parameters, gradients and optimizer state live on the CPU
+            offload = CPUOffloadPolicy(pin_memory=self.device.type != "cpu")
+        settings = {
+            "reshard_after_forward": self.reshard_after_forward,
+            "mp_policy": mixed,
+            "offload_policy": offload,
+        }
+        for block in self.blocks(model):
+            fully_shard(block, **settings)
+        fully_shard(model, **settings)
+        self.module = model
+        return model
+
+    def sync_if(self, sync: bool) -> AbstractContextManager:
+        # FSDP2 reads the flag in backward (which the loop runs after this context closes), so it
+        # is set here and left set: every micro-batch sets it again. Non-last micro-batches keep
+        # unsharded gradients and reduce-scatter nothing.
+        assert isinstance(self.module, FSDPModule)
+        self.module.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def eval_batches(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Validation batches in lock-step: the sharded forward is a collective.
+
+        Validation shards differ by up to one sample, so ranks may have one batch fewer. Before
+        each batch the ranks agree (one all-reduce of a flag) whether any still has one; a rank
+        that has run out forwards an empty batch (no samples, so nothing is added to the sums).
+        Simpler than gathering full parameters for evaluation, and memory stays sharded.
+        """
+        empty = None
+        source = iter(batches)
+        while True:
+            batch = next(source, None)
+            more = torch.tensor([batch is not None], dtype=torch.int32, device=self.device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                return
+            if batch is not None:
+                empty = tuple(t[:0] for t in batch)
+                yield batch
+            elif empty is None:
+                raise RuntimeError(
+                    f"rank {self.rank} has no validation sample to shape an empty batch: "
+                    "the validation set is smaller than trainer.workers"
+                )
+            else:
+                yield empty
+
+    # Checkpoints: full (unsharded) state dicts, gathered from the shards on every rank.
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        return get_model_state_dict(model, options=FULL)
+
+    def optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int
+    ) -> dict[str, Any] | None:
+        state = get_optimizer_state_dict(model, optimizer, options=FULL)
+        return _by_index(state) if rank == 0 else None
+
+    def load_state(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict[str, Any],
+        optimizer_state: dict[str, Any],
+    ) -> None:
+        # Every rank has the whole payload (Ray hands it to each): each keeps its shards.
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=options)
+        names = [name for name, _ in model.named_parameters()]
+        state = _by_name(optimizer_state, names)
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """DCP's full optimizer state (keyed by parameter name) in `Optimizer.state_dict()`'s format
+    (keyed by the parameter's index in the groups, in order): the checkpoint format of every
+    strategy, so a checkpoint resumes under any of them."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+
+
+def _by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of `_by_index`: indices follow `model.parameters()`, the order the optimizer
+    was built in."""
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
