@@ -11,7 +11,7 @@ pass / FAIL / error with its message / not run with the reason):
   same seed, global batch, data order and steps (the digits MLP of tests/test_equivalence.py,
   TF32 off so fp32 is comparable): the relative L2 distance of the final parameters, or, for
   the lossy or asynchronous methods (PowerSGD, async parameter server), the validation
-  accuracy against the reference's. A checkpoint written on the GPU is resumed on the CPU and
+  accuracy against the reference's. FSDP is compared on the parameters too. A checkpoint written on the GPU is resumed on the CPU and
   one written on the CPU on the GPU.
 * speed: distrain (benchmarks/distrain_bench.py) and torchrun DDP (peers/torchrun_ddp.py,
   NCCL) on the CNN and ResNet-18 workloads: samples/s and time to first step, same batch.
@@ -75,6 +75,7 @@ CORRECTNESS: list[tuple[str, list[str], str, tuple[str, float]]] = [
     ("precision=bf16", ["trainer.precision=bf16"], "bf16", ("params", 3e-2)),
     ("precision=16", ["trainer.precision=16"], "16", ("params", 3e-2)),
     ("ZeRO-1 (shard_optimizer)", ["trainer.shard_optimizer=true"], "32", ("params", 1e-4)),
+    ("FSDP (aggregator=fsdp)", ["aggregator=fsdp"], "32", ("params", 1e-4)),
     ("gradient accumulation", ["data.micro_batch_size=8"], "32", ("params", 1e-4)),
     ("parameter server sync", ["aggregator=parameter_server"], "32", ("params", 1e-4)),
     (
@@ -416,9 +417,6 @@ def main() -> int:
                 for name, overrides, precision, compare in CORRECTNESS:
                     check = correctness_check(overrides, precision, compare, setup, tmp)
                     report.check("correctness", name, check)
-                report.check(
-                    "correctness", "FSDP", lambda: {}, why_not="distrain has no FSDP strategy"
-                )
                 for first, second in (("cuda", "cpu"), ("cpu", "cuda")):
                     name = f"checkpoint written on {first}, resumed on {second}"
                     report.check("correctness", name, checkpoint_check(first, second, setup, tmp))
