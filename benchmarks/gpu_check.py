@@ -11,8 +11,8 @@ pass / FAIL / error with its message / not run with the reason):
   same seed, global batch, data order and steps (the digits MLP of tests/test_equivalence.py,
   TF32 off so fp32 is comparable): the relative L2 distance of the final parameters, or, for
   the lossy or asynchronous methods (PowerSGD, async parameter server), the validation
-  accuracy against the reference's. FSDP is compared on the parameters too. A checkpoint written on the GPU is resumed on the CPU and
-  one written on the CPU on the GPU.
+  accuracy against the reference's. FSDP is compared on the parameters too. A checkpoint
+  written on the GPU is resumed on the CPU and one written on the CPU on the GPU.
 * speed: distrain (benchmarks/distrain_bench.py) and torchrun DDP (peers/torchrun_ddp.py,
   NCCL) on the CNN and ResNet-18 workloads: samples/s and time to first step, same batch.
 * stragglers: two workers, one slowed on purpose (trainer.debug_delay_*): the time split and

@@ -14,6 +14,8 @@ sync PS) runs N times in all, alternating, and the fastest run of each is kept: 
 machine one run can be slowed several-fold by someone else's job.
 Then digits with fp16/bf16 gradient compression against none: bytes all-reduced per step, as
 counted by distrain's communication hooks, and validation accuracy after the default job.
+Last, the LM workload (benchmarks/lm_bench.py: a byte-level GPT against nanoGPT's loop and
+torchrun DDP of it, with MFU), unless --skip-lm.
 """
 
 import argparse
@@ -142,6 +144,7 @@ def main() -> None:
     )
     p.add_argument("--skip-peers", action="store_true", help="distrain only")
     p.add_argument("--skip-compression", action="store_true")
+    p.add_argument("--skip-lm", action="store_true", help="no LM workload (benchmarks/lm_bench.py)")
     p.add_argument("--out", type=Path, default=RESULTS / "latest")
     args = p.parse_args()
     started, info = time.time(), machine()
@@ -180,6 +183,9 @@ def main() -> None:
 
     write_report(args.out, rows, compression, info, workers=args.workers)
     print(f"wrote {args.out}.md, {args.out}.png, {args.out}.jsonl", file=sys.stderr)
+    if not args.skip_lm:  # a GPT on a token file: its own table, results/lm_latest.md
+        lm = [sys.executable, str(REPO / "benchmarks" / "lm_bench.py"), "--workers"]
+        subprocess.run([*lm, str(args.workers)], check=True, env=_env(), cwd=REPO)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import nn
 from distrain.config import ConfigError
 from distrain.data import transforms
 from distrain.data.base import LOADER_KEYS, Splits
+from distrain.lm import PerTokenLoss
 
 log = logging.getLogger("distrain")
 # Keys of `conf/optimizer/*.yaml` that distrain reads; the torch optimizer never sees them.
@@ -58,6 +59,8 @@ def build_model(model: dict[str, Any], splits: Splits) -> nn.Module:
     """Input and output sizes come from the data, passed to models that take them."""
     target = get_object(model["_target_"])
     sizes = {"input_shape": tuple(splits.input_shape), "num_outputs": splits.num_outputs}
+    if splits.task == "language_model":  # a language model's classes are its token ids
+        sizes["vocab_size"] = splits.num_outputs
     kwargs = {k: v for k, v in sizes.items() if _accepts(target, k) and k not in model}
     return instantiate(model, **kwargs, _convert_="all")
 
@@ -110,12 +113,15 @@ def build_scheduler(
     return make(optimizer, **{k: v for k, v in counts.items() if _accepts(make, k)})
 
 
-def build_loss(loss: dict[str, Any]) -> nn.Module:
-    return instantiate(loss, _convert_="all")
+def build_loss(loss: dict[str, Any], task: str = "classification") -> nn.Module:
+    """The configured loss; for a language model, applied to every token (distrain/lm.py)."""
+    loss_fn = instantiate(loss, _convert_="all")
+    return PerTokenLoss(loss_fn) if task == "language_model" else loss_fn
 
 
 def check_model_fits_data(model: nn.Module, splits: Splits, loss_fn: nn.Module) -> None:
-    """Forward two real samples on CPU: the output must be (2, num_outputs) and fit the loss."""
+    """Forward two real samples on CPU: the output must be (2, num_outputs) and fit the loss
+    (for a language model (2, T, vocab_size): logits at every position)."""
     x = torch.stack([splits.train[i][0] for i in range(2)])
     y = torch.stack([torch.as_tensor(splits.train[i][1]) for i in range(2)])
     if splits.train_transform is not None:  # in-memory data: the batch transform on the device
@@ -123,6 +129,18 @@ def check_model_fits_data(model: nn.Module, splits: Splits, loss_fn: nn.Module) 
             x = splits.train_transform(x)
     with torch.no_grad():
         out = model(x)
+    if splits.task == "language_model":
+        expected = (2, x.shape[1], splits.num_outputs)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the model's output is {shape} for a batch of 2 windows of {x.shape[1]} tokens, "
+                f"but a language model must return logits (B, T, V) = {expected}: one score per "
+                f"vocabulary id ({splits.num_outputs}, from the data) at every position. Let the "
+                "model take vocab_size from the data and return logits for every position."
+            )
+        _check_loss_fits(loss_fn, out, y, splits.task)
+        return
     expected = (2, splits.num_outputs)
     if tuple(out.shape) != expected:
         raise ValueError(
@@ -135,19 +153,20 @@ def check_model_fits_data(model: nn.Module, splits: Splits, loss_fn: nn.Module) 
 
 
 def _check_loss_fits(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, task: str) -> None:
-    loss_name = type(loss_fn).__name__
+    inner = loss_fn.loss_fn if isinstance(loss_fn, PerTokenLoss) else loss_fn
+    loss_name = type(inner).__name__
     advice = (
         "use loss=cross_entropy (or loss=nll with a log-softmax output) for classification "
-        "and loss=mse for regression"
+        "and language models, and loss=mse for regression"
     )
     # Checked by type first: cross-entropy takes float targets as class probabilities and MSE
     # broadcasts, so on the wrong task either may run without an error and learn nonsense.
     wrong = (
         (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
-        if task == "classification"
+        if task in ("classification", "language_model")
         else (nn.CrossEntropyLoss, nn.NLLLoss)
     )
-    if isinstance(loss_fn, wrong):
+    if isinstance(inner, wrong):
         raise ValueError(f"the loss {loss_name} does not fit a {task} dataset: {advice}.")
     try:
         with torch.no_grad():
@@ -163,10 +182,10 @@ def _check_loss_fits(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, tas
             f"the loss {loss_name} returned {getattr(loss, 'shape', type(loss).__name__)}, not a "
             "scalar: use reduction='mean' (the default)."
         )
-    if isinstance(loss_fn, nn.NLLLoss):
+    if isinstance(inner, nn.NLLLoss):
         # NLLLoss takes log-probabilities; on raw logits it minimises -logit without bound and
         # training diverges silently. Log-probabilities have logsumexp 0 in every row.
-        total = out.float().logsumexp(dim=1)
+        total = out.float().logsumexp(dim=-1)
         if not torch.allclose(total, torch.zeros_like(total), atol=1e-3):
             raise ValueError(
                 "loss=nll (NLLLoss) needs log-probabilities, but the model's outputs are not: "

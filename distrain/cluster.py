@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -226,6 +227,9 @@ class WorkerResources:
     workers: int
     cpus: float  # per worker
     gpus: float  # per worker (below 1: workers share a GPU, trainer.gpus_per_worker)
+    # Ray node ids not to place workers on (unreachable at an earlier failure, still counted
+    # alive by Ray until its health checks give up on them).
+    excluded_nodes: frozenset[str] = frozenset()
 
     def bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cpus}
@@ -278,6 +282,10 @@ def check_resources(need: WorkerResources, placement: str) -> bool:
     available = ray.available_resources()
     total = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n["Alive"]]
+    for node in [n for n in nodes if n["NodeID"] in need.excluded_nodes]:
+        nodes.remove(node)
+        for resource, amount in node["Resources"].items():
+            available[resource] = max(available.get(resource, 0.0) - amount, 0.0)
     limits = autoscaler_limits()
     scale_up = False
     for resource, per_worker, knob in (
@@ -328,11 +336,24 @@ def _brief(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "nothing"
 
 
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node
+
+
+def _takes_label_selectors() -> bool:
+    """Whether this Ray places bundles by node label (newer than distrain's Ray floor); without
+    it an excluded node is only left out of the resource count."""
+    return "bundle_label_selector" in inspect.signature(placement_group).parameters
+
+
 def reserve(
     need: WorkerResources, placement: str, timeout_s: float, hint: str = ""
 ) -> PlacementGroup:
     """A placement group with one bundle per worker; gives up after `timeout_s`."""
-    group = placement_group([need.bundle()] * need.workers, strategy=placement)
+    options: dict[str, Any] = {}
+    if need.excluded_nodes and _takes_label_selectors():
+        avoid = {NODE_ID_LABEL: f"!in({','.join(sorted(need.excluded_nodes))})"}
+        options["bundle_label_selector"] = [avoid] * need.workers
+    group = placement_group([need.bundle()] * need.workers, strategy=placement, **options)
     if not group.wait(timeout_seconds=timeout_s):
         remove_placement_group(group)
         raise ConfigError(

@@ -72,6 +72,9 @@ class TrainerConfig:
     gpus_per_worker: float = 1.0
     activation_checkpointing: str = "none"  # none | blocks: recompute each block in backward
     compile: bool = False  # torch.compile the model (per block under aggregator=fsdp)
+    # MFU's peak per worker device in TFLOP/s (None: a GPU's from distrain/mfu.py's table, a
+    # CPU's measured by one matmul at start-up).
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -96,6 +99,14 @@ class LoggerConfig:
     # `straggler_patience` consecutive logged intervals is reported as a straggler.
     straggler_threshold: float = 1.3
     straggler_patience: int = 3
+    # Language models: at each evaluation rank 0 continues the validation file's first
+    # `sample_prompt_tokens` tokens `sample_count` times by `sample_tokens` tokens (0: off),
+    # shown in TensorBoard's text tab.
+    sample_tokens: int = 200
+    sample_count: int = 2
+    sample_prompt_tokens: int = 32
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 40
 
 
 @dataclass
@@ -204,6 +215,7 @@ def validate(job: dict[str, Any]) -> None:
         f"logger.straggler_patience={logger['straggler_patience']} must be at least 1 "
         "(logged intervals in a row).",
     )
+    _check_sampling(logger, trainer)
     delay_rank = trainer["debug_delay_rank"]
     _require(
         delay_rank is None or 0 <= delay_rank < workers,
@@ -273,6 +285,25 @@ def validate(job: dict[str, Any]) -> None:
         f"data.loader={loader!r} is not one of auto, memory, dataloader.",
     )
     _check_aggregator(job)
+
+
+def _check_sampling(logger: dict[str, Any], trainer: dict[str, Any]) -> None:
+    for key in ("sample_tokens", "sample_count", "sample_prompt_tokens"):
+        _require(logger[key] >= 0, f"logger.{key}={logger[key]} must be >= 0.")
+    _require(
+        logger["sample_count"] >= 1 and logger["sample_prompt_tokens"] >= 1,
+        f"logger.sample_count={logger['sample_count']} and logger.sample_prompt_tokens="
+        f"{logger['sample_prompt_tokens']} must be at least 1 (logger.sample_tokens=0 turns "
+        "sampling off).",
+    )
+    _require(
+        logger["sample_temperature"] > 0,
+        f"logger.sample_temperature={logger['sample_temperature']} must be > 0.",
+    )
+    top_k = logger["sample_top_k"]
+    _require(top_k is None or top_k >= 1, f"logger.sample_top_k={top_k} must be >= 1, or null.")
+    peak = trainer["peak_tflops"]
+    _require(peak is None or peak > 0, f"trainer.peak_tflops={peak} must be > 0, or null.")
 
 
 def _check_aggregator(job: dict[str, Any]) -> None:

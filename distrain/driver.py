@@ -33,7 +33,7 @@ from distrain.group import (
     is_transport_failure,
 )
 from distrain.loop import NonFiniteError
-from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector
+from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
 from distrain.progress import make_progress
 from distrain.rundir import RunDirectory, git_revision
 from distrain.stragglers import StragglerDetector
@@ -67,7 +67,7 @@ def dry_build(job: dict[str, Any]) -> Splits:
     """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor."""
     splits: Splits = _explain("data", lambda: build.build_splits(job["data"]))
     model = _explain("model", lambda: build.build_model(job["model"], splits))
-    loss_fn = _explain("loss", lambda: build.build_loss(job["loss"]))
+    loss_fn = _explain("loss", lambda: build.build_loss(job["loss"], splits.task))
     batch_size, trainer = job["data"]["batch_size"], job["trainer"]
     optimizer = _explain(
         "optimizer",
@@ -218,6 +218,8 @@ class Supervisor:
         self.last_checkpoint: dict[str, Any] | None = None
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
+        self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
+        self.current_nodes: list[dict[str, Any]] = []
         self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
@@ -258,6 +260,7 @@ class Supervisor:
             world_size,
             self.trainer["cpus_per_worker"],
             worker_gpus(self.device_type, self.trainer["gpus_per_worker"]),
+            excluded_nodes=self.excluded_nodes,
         )
 
     def _start_group(self, payload: dict[str, Any] | None) -> WorkerGroup:
@@ -331,6 +334,11 @@ class Supervisor:
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
     def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
+        # A node that did not answer is avoided from now on: Ray counts it alive for a minute
+        # or more, and a group placed on it would wait for Ray to declare it dead. The driver's
+        # own node always answers, whatever a probe under load said.
+        here = ray.get_runtime_context().get_node_id()
+        self.excluded_nodes |= failure.unreachable_nodes - {here}
         self.failures.append(
             {
                 "error": str(failure),
@@ -369,6 +377,7 @@ class Supervisor:
             threshold=logger["straggler_threshold"],
             patience=logger["straggler_patience"],
         )
+        self.current_nodes = group.nodes
         refs = group.fit()
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
@@ -442,6 +451,8 @@ class Supervisor:
             cause = error.cause
             if isinstance(cause, NonFiniteError):
                 raise TrainingFailed(str(cause)) from None
+            if isinstance(cause, config.ConfigError):  # bad data found in a batch (a token id)
+                raise config.ConfigError(f"{group.where(rank)}: {cause}") from None
             if _is_collective_failure(cause):
                 # A collective broke because a peer went away: infrastructure, so restart. The
                 # peer's own death may be reported a moment later; name it if it is.
@@ -467,13 +478,14 @@ class Supervisor:
                 f"{group.where(r)}, silent {now - last_seen_s[r]:.0f} s" for r in silent
             )
             directory = self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}"
-            stacks = hangs.dump_stacks(group.nodes, directory)
+            stacks, lost = hangs.dump_stacks(group.nodes, directory)
             frame = hangs.stuck_frame(stacks.get(silent[0], ""))
             where = f"rank {silent[0]} is in {frame}; " if frame else ""
             raise GroupFailed(
                 f"no progress within trainer.step_timeout_s={timeout_s:g} s from {names}: "
                 "the worker is hung (stuck collective, frozen process) or its node is lost; "
-                f"{where}every rank's stack is in {directory}"
+                f"{where}every rank's stack is in {directory}",
+                unreachable_nodes=lost,
             )
 
     def _assemble(
@@ -491,9 +503,11 @@ class Supervisor:
             # declares the node dead (minutes); the hang timeout applies to it as to a step.
             states = ray.get([ranks[r]["state"][0] for r in range(world_size)], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
+            nodes = {self.current_nodes[r]["node_id"] for r in range(world_size)}
             raise GroupFailed(
                 f"checkpoint of step {step}: the workers' shares did not arrive within "
-                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)"
+                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)",
+                unreachable_nodes=hangs.unreachable(nodes),
             ) from None
         except ray.exceptions.RayError as error:  # its owner (a worker) died before we read it
             raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}") from None
@@ -528,6 +542,8 @@ class Supervisor:
             self.progress.epoch(metrics)
         elif isinstance(metrics, HistogramMetrics):
             self.board.log_histograms(metrics)
+        elif isinstance(metrics, SampleMetrics):
+            self.board.log_samples(metrics)
         else:
             straggler = self.detector.update(metrics)
             self.board.log_step(metrics, straggler_rank=self.detector.flagged)

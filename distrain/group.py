@@ -32,7 +32,15 @@ NAMESPACE = "distrain"  # worker actors are named, so `ray.get_actor(name, NAMES
 
 
 class GroupFailed(RuntimeError):
-    """Infrastructure failure (a worker died, hung or could not start): worth a restart."""
+    """Infrastructure failure (a worker died, hung or could not start): worth a restart.
+
+    `unreachable_nodes`: Ray node ids that did not answer a probe when the failure was found (a
+    cut link): the next group avoids them while Ray still counts them alive.
+    """
+
+    def __init__(self, message: str, unreachable_nodes: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.unreachable_nodes = unreachable_nodes
 
 
 class SetupTransportFailed(GroupFailed):

@@ -47,8 +47,28 @@ def _dump_here(pids: list[int]) -> dict[int, str]:
     return {pid: py_spy_dump(pid) for pid in pids}
 
 
-def dump_stacks(nodes: list[dict[str, Any]], directory: Path) -> dict[int, str]:
-    """Every rank's stack as {rank: text}, also written to `directory/rank<r>.txt`.
+@ray.remote(num_cpus=0)
+def _answer() -> None:
+    return None
+
+
+def unreachable(node_ids: set[str], timeout_s: float = DUMP_TIMEOUT_S) -> frozenset[str]:
+    """The nodes among `node_ids` where a zero-CPU task does not run within `timeout_s`."""
+    refs = {
+        _answer.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ).remote(): node_id
+        for node_id in node_ids
+    }
+    _, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    return frozenset(refs[ref] for ref in late)
+
+
+def dump_stacks(nodes: list[dict[str, Any]], directory: Path) -> tuple[dict[int, str], frozenset]:
+    """Every rank's stack as {rank: text}, also written to `directory/rank<r>.txt`, and the ids
+    of the nodes that did not answer (unreachable: a cut link, a frozen machine).
 
     `nodes` are the group's worker records (rank, node_id, node_ip, pid).
     """
@@ -78,7 +98,7 @@ def dump_stacks(nodes: list[dict[str, Any]], directory: Path) -> dict[int, str]:
     directory.mkdir(parents=True, exist_ok=True)
     for rank, text in stacks.items():
         (directory / f"rank{rank}.txt").write_text(text)
-    return stacks
+    return stacks, frozenset(node_id for node_id, ref in refs.items() if ref not in ready)
 
 
 def stuck_frame(stack: str) -> str | None:

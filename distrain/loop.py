@@ -38,8 +38,16 @@ class Parts:
     autocast: Callable[[], AbstractContextManager]
     scaler: torch.amp.GradScaler
     micro_batch_size: int
-    task: str  # classification | regression
+    task: str  # classification | regression | language_model
     num_outputs: int = 0  # classes of a classification task (top-5 accuracy when > 5)
+    # Language models: tokens per sample (the window), FLOPs per token and this worker's peak
+    # FLOP/s (tokens/s and MFU; distrain/mfu.py), bytes per token (bits per byte when known),
+    # and on rank 0 a sampler that continues a fixed prompt (text for TensorBoard).
+    tokens_per_sample: int = 0
+    flops_per_token: float = 0.0
+    peak_flops_per_s: float = 0.0
+    bytes_per_token: float | None = None
+    sample: Callable[[], list[str]] | None = None
 
 
 def train_step(
@@ -123,6 +131,7 @@ def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
     correct = torch.zeros((), device=device, dtype=torch.long)
     correct_top5 = torch.zeros((), device=device, dtype=torch.long)
     count = 0
+    per_token = parts.task == "language_model"  # the loss is a mean over every token
     # Under FSDP the forward is a collective: the aggregator pads ranks with empty batches.
     for x, y in parts.aggregator.eval_batches(batches):
         with parts.autocast():
@@ -131,17 +140,32 @@ def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
             continue
         with parts.autocast():
             loss = parts.loss_fn(out, y)
-        loss_sum += loss.double() * len(x)
+        n = y.numel() if per_token else len(x)
+        loss_sum += loss.double() * n
         if parts.task == "classification":
             correct += (out.argmax(dim=1) == y).sum()
             if out.shape[1] > 5:  # top-5 only means something with more than 5 classes
                 correct_top5 += (out.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
-        count += len(x)
+        count += n
     parts.model.train()
     sums = {"val_loss_sum": loss_sum.item(), "val_correct": int(correct), "val_count": count}
+    if per_token and parts.bytes_per_token:
+        sums["val_bytes"] = count * parts.bytes_per_token
     if parts.task == "classification" and parts.num_outputs > 5:
         sums["val_correct_top5"] = int(correct_top5)
     return sums
+
+
+def _throughput(parts: Parts, samples: int) -> dict[str, float]:
+    """Tokens and model FLOPs of `samples` trained samples, and the peak (language models)."""
+    if not parts.tokens_per_sample:
+        return {}
+    tokens = samples * parts.tokens_per_sample
+    return {
+        "tokens": tokens,
+        "flops": tokens * parts.flops_per_token,
+        "peak_flops_per_s": parts.peak_flops_per_s,
+    }
 
 
 def _inspector(
@@ -301,6 +325,7 @@ def fit(
                         "steps": interval_steps,
                         "interval_s": now - interval_start,
                         "skipped_steps": pos.skipped_steps,
+                        **_throughput(parts, interval_steps * batches.local_batch),
                         **clock.pop(),
                     }
                 )
@@ -334,8 +359,13 @@ def fit(
             "samples": epoch_steps * batches.local_batch,  # trained in this session
             "train_s": train_s,
             "eval_s": time.perf_counter() - eval_start,
+            **_throughput(parts, epoch_steps * batches.local_batch),
             **sums,
         }
+        if parts.sample is not None:  # a language model: a few lines from a prompt
+            lines = parts.sample()  # None on the ranks that only take part (FSDP)
+            if lines is not None:
+                send({"kind": "sample", "step": pos.step, "epoch": epoch, "text": lines})
         if pos.step_in_epoch == batches.steps_per_epoch:  # not when max_steps ended it early
             pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)
         # The epoch-end checkpoint is captured before the epoch is reported, so the driver has

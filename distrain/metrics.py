@@ -7,6 +7,7 @@ accuracy over every validation sample.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ class WorkerFigures:
     busy_s: float  # data + forward/backward + optimizer: the step time this worker needs alone
     samples_per_s: float  # local samples / busy time: the rate this worker could sustain alone
     phases_s: dict[str, float]  # seconds per step in each phase of distrain/timing.py
+    tokens_per_s: float | None = None  # language models: local tokens / busy time
+    mfu: float | None = None  # model FLOPs / busy time / this worker's peak FLOP/s
 
 
 @dataclass
@@ -39,6 +42,8 @@ class StepMetrics:
     phases_s: dict[str, float]  # seconds per step in each phase, mean over the workers
     workers: dict[int, WorkerFigures]
     per_rank: dict[int, dict[str, Any]] = field(repr=False)
+    tokens_per_s: float | None = None  # language models: all workers' tokens / wall time
+    mfu: float | None = None  # all workers' model FLOP/s over the sum of their peaks
 
     @property
     def slowest_to_fastest(self) -> float:
@@ -57,10 +62,29 @@ class EpochMetrics:
     samples: int
     val_top5_accuracy: float | None = None  # classification with more than 5 classes
     eval_s: float = 0.0
+    # Language models: val_loss is nats per token; bits per byte when bytes per token is known.
+    val_bits_per_byte: float | None = None
+    tokens: int = 0
+    mfu: float | None = None
+    worker_tokens_per_s: list[float] | None = None  # by rank: its tokens / its training time
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / max(self.train_s, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.train_s, 1e-9)
+
+    @property
+    def val_perplexity(self) -> float:
+        return math.exp(min(self.val_loss, 700.0))
+
+
+@dataclass
+class SampleMetrics:
+    step: int
+    text: list[str]  # rank 0's continuations of the fixed prompt
 
 
 @dataclass
@@ -79,10 +103,14 @@ class MetricsCollector:
         # Shared with the supervisor, so the history survives restarts of the worker group.
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
 
-    def add(self, record: dict[str, Any]) -> StepMetrics | EpochMetrics | HistogramMetrics | None:
+    def add(
+        self, record: dict[str, Any]
+    ) -> StepMetrics | EpochMetrics | HistogramMetrics | SampleMetrics | None:
         kind = record["kind"]
         if kind == "histograms":  # rank 0 only
             return HistogramMetrics(step=record["step"], histograms=record["histograms"])
+        if kind == "sample":  # rank 0 only
+            return SampleMetrics(step=record["step"], text=record["text"])
         key = (kind, record["step"] if kind == "step" else record["epoch"])
         ranks = self._pending[key]
         ranks[record["rank"]] = record
@@ -109,6 +137,9 @@ class MetricsCollector:
             workers=workers,
             per_rank=ranks,
         )
+        if "tokens" in records[0]:
+            metrics.tokens_per_s = sum(r["tokens"] for r in records) / max(interval_s, 1e-9)
+            metrics.mfu = _mfu(records, interval_s)
         return metrics
 
     def _epoch(self, ranks: dict[int, dict[str, Any]]) -> EpochMetrics:
@@ -129,6 +160,14 @@ class MetricsCollector:
             eval_s=max(r.get("eval_s", 0.0) for r in records),
             samples=total["samples"],
         )
+        if "tokens" in total:
+            metrics.tokens = total["tokens"]
+            metrics.mfu = _mfu(records, metrics.train_s)
+            metrics.worker_tokens_per_s = [
+                ranks[r]["tokens"] / max(ranks[r]["train_s"], 1e-9) for r in sorted(ranks)
+            ]
+        if "val_bytes" in total:  # nats per token x tokens = nats; / ln 2 = bits
+            metrics.val_bits_per_byte = total["val_loss_sum"] / math.log(2) / total["val_bytes"]
         self.epochs.append(metrics)
         return metrics
 
@@ -153,15 +192,36 @@ class MetricsCollector:
         if last.val_top5_accuracy is not None:
             summary["val_top5_accuracy"] = last.val_top5_accuracy
             summary["best_val_top5_accuracy"] = max(e.val_top5_accuracy or 0.0 for e in self.epochs)
+        if last.tokens:  # a language model
+            summary["val_perplexity"] = last.val_perplexity
+            summary["tokens_per_s"] = sum(e.tokens for e in self.epochs) / max(train_s, 1e-9)
+            summary["worker_tokens_per_s"] = last.worker_tokens_per_s  # the last epoch's
+            if last.mfu is not None:
+                summary["mfu"] = last.mfu
+        if last.val_bits_per_byte is not None:
+            summary["val_bits_per_byte"] = last.val_bits_per_byte
         return summary
+
+
+def _mfu(records: list[dict[str, Any]], seconds: float) -> float | None:
+    """Model FLOP/s of all workers over the sum of their peaks; None when a peak is unknown."""
+    peaks = [r.get("peak_flops_per_s", 0.0) for r in records]
+    if not all(peaks):
+        return None
+    return sum(r["flops"] for r in records) / max(seconds, 1e-9) / sum(peaks)
 
 
 def _worker_figures(record: dict[str, Any]) -> WorkerFigures:
     steps = max(record["steps"], 1)
     phases_s = {p: record[p] / steps for p in PHASES}
     busy_s = sum(phases_s[p] for p in BUSY_PHASES)
-    return WorkerFigures(
+    figures = WorkerFigures(
         busy_s=busy_s,
         samples_per_s=record["samples"] / steps / max(busy_s, 1e-9),
         phases_s=phases_s,
     )
+    if "tokens" in record:
+        figures.tokens_per_s = record["tokens"] / steps / max(busy_s, 1e-9)
+        if record.get("peak_flops_per_s"):
+            figures.mfu = record["flops"] / steps / max(busy_s, 1e-9) / record["peak_flops_per_s"]
+    return figures

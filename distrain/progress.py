@@ -49,6 +49,14 @@ def _epoch_line(metrics: EpochMetrics, epochs: int) -> str:
         line += f"  val_accuracy {metrics.val_accuracy:.4f}"
     if metrics.val_top5_accuracy is not None:
         line += f"  val_top5 {metrics.val_top5_accuracy:.4f}"
+    if metrics.tokens:  # a language model: perplexity, bits per byte, tokens/s, MFU
+        line += f"  val_ppl {metrics.val_perplexity:.2f}"
+        if metrics.val_bits_per_byte is not None:
+            line += f"  val_bpb {metrics.val_bits_per_byte:.3f}"
+        line += f"  {metrics.tokens_per_s:,.0f} tokens/s"
+        if metrics.mfu is not None:
+            line += f"  MFU {metrics.mfu:.1%}"
+        return line + f"  {metrics.train_s:.1f} s"
     return line + f"  {metrics.samples_per_s:,.0f} samples/s  {metrics.train_s:.1f} s"
 
 
@@ -101,6 +109,9 @@ class RichProgress:
         self._enter_epoch(metrics.epoch)
         in_epoch = metrics.step - metrics.epoch * self.steps_per_epoch
         stats = f"loss {metrics.loss:.4f}  {metrics.samples_per_s:,.0f} samples/s"
+        if metrics.tokens_per_s is not None:
+            stats = f"loss {metrics.loss:.4f}  {metrics.tokens_per_s:,.0f} tokens/s"
+            stats += f"  MFU {metrics.mfu:.1%}" if metrics.mfu is not None else ""
         self.progress.update(
             self.job, completed=metrics.step, count=f"epoch {metrics.epoch + 1}/{self.epochs}"
         )
@@ -175,10 +186,20 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("wall time", f"{metrics['wall_s']:.1f} s"),
         ("samples/s", f"{metrics.get('samples_per_s', 0.0):,.0f}"),
     ]
+    if "tokens_per_s" in metrics:
+        rows.append(("tokens/s", f"{metrics['tokens_per_s']:,.0f}"))
+        per_worker = ", ".join(f"{x:,.0f}" for x in metrics.get("worker_tokens_per_s") or [])
+        rows.append(("tokens/s per worker", per_worker))
+    if "mfu" in metrics:
+        rows.append(("MFU", f"{metrics['mfu']:.1%}"))
     if "train_loss" in metrics:
         rows.append(("train loss", f"{metrics['train_loss']:.4f}"))
     if "val_loss" in metrics:
         rows.append(("val loss", final_best("val_loss", "best_val_loss")))
+    if "val_perplexity" in metrics:
+        rows.append(("val perplexity", f"{metrics['val_perplexity']:.3f}"))
+    if "val_bits_per_byte" in metrics:
+        rows.append(("val bits per byte", f"{metrics['val_bits_per_byte']:.4f}"))
     if "val_accuracy" in metrics:
         rows.append(("val accuracy (top-1)", final_best("val_accuracy", "best_val_accuracy")))
     if "val_top5_accuracy" in metrics:

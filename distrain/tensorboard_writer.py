@@ -17,7 +17,7 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from distrain.metrics import EpochMetrics, HistogramMetrics, StepMetrics
+from distrain.metrics import EpochMetrics, HistogramMetrics, SampleMetrics, StepMetrics
 from distrain.stragglers import Straggler
 from distrain.timing import PHASES
 
@@ -73,7 +73,15 @@ class TensorBoardWriter:
             "workers/slowest_to_fastest": metrics.slowest_to_fastest,
             "workers/straggler_rank": -1 if straggler_rank is None else straggler_rank,
         }
+        if metrics.tokens_per_s is not None:
+            values["throughput/tokens_per_s"] = metrics.tokens_per_s
+        if metrics.mfu is not None:
+            values["throughput/mfu"] = metrics.mfu
         for rank, worker in metrics.workers.items():
+            if worker.tokens_per_s is not None:
+                values[f"workers/rank{rank}/tokens_per_s"] = worker.tokens_per_s
+            if worker.mfu is not None:
+                values[f"workers/rank{rank}/mfu"] = worker.mfu
             values[f"workers/rank{rank}/samples_per_s"] = worker.samples_per_s
             values[f"workers/rank{rank}/step_s"] = worker.busy_s
             for phase in PHASES:
@@ -113,6 +121,19 @@ class TensorBoardWriter:
         add("epoch/train_s", metrics.train_s, epoch)
         add("epoch/eval_s", metrics.eval_s, epoch)
         add("epoch/samples_per_s", metrics.samples_per_s, epoch)
+        if metrics.tokens:  # a language model
+            add("epoch/val_perplexity", metrics.val_perplexity, epoch)
+            add("epoch/tokens_per_s", metrics.tokens_per_s, epoch)
+        if metrics.mfu is not None:
+            add("epoch/mfu", metrics.mfu, epoch)
+        if metrics.val_bits_per_byte is not None:
+            add("epoch/val_bits_per_byte", metrics.val_bits_per_byte, epoch)
+        self.writer.flush()
+
+    def log_samples(self, metrics: SampleMetrics) -> None:
+        """Generated text in the Text tab; indented, so markdown shows it verbatim."""
+        text = "\n\n".join("    " + line.replace("\n", "\n    ") for line in metrics.text)
+        self.writer.add_text("samples", text, metrics.step)
         self.writer.flush()
 
     def log_histograms(self, metrics: HistogramMetrics) -> None:
@@ -155,7 +176,8 @@ class TensorBoardWriter:
         if not self._session_open:
             return
         step = summary.get("epochs", 0)
-        for key in ("best_val_accuracy", "best_val_loss", "samples_per_s", "wall_s"):
+        keys = ("best_val_accuracy", "best_val_loss", "samples_per_s", "wall_s")
+        for key in (*keys, "tokens_per_s", "mfu", "val_bits_per_byte"):
             if isinstance(summary.get(key), int | float):
                 self.writer.add_scalar(f"summary/{key}", summary[key], step)
         # Each worker's memory (aggregators/base.py stats): compare strategies from one directory.

@@ -12,7 +12,7 @@ import ray
 import torch
 from hydra.utils import instantiate
 
-from distrain import blocks, build, network
+from distrain import blocks, build, lm, mfu, network
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
@@ -92,6 +92,10 @@ class Worker:
             device=self.device,
             loader=data.get("loader", "auto"),
             num_workers=data.get("num_workers", 0),
+            # Language models evaluate micro-batch by micro-batch: (B, T, V) logits are large.
+            eval_batch_size=data.get("micro_batch_size")
+            if splits.task == "language_model"
+            else None,
         )
         torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
         model = build.build_model(job["model"], splits).to(self.device)
@@ -120,7 +124,7 @@ class Worker:
         self.parts = Parts(
             model=model,
             train_model=train_model,
-            loss_fn=build.build_loss(job["loss"]).to(self.device),
+            loss_fn=build.build_loss(job["loss"], splits.task).to(self.device),
             optimizer=optimizer,
             scheduler=scheduler,
             aggregator=aggregator,
@@ -131,9 +135,50 @@ class Worker:
             task=splits.task,
             num_outputs=splits.num_outputs,
         )
+        if splits.task == "language_model":
+            self._language_model(splits)
         self.start = Position()
         if checkpoint:
             self.start = self._restore(ray.get(checkpoint[0]))
+
+    def _language_model(self, splits: Any) -> None:
+        """Tokens/s and MFU figures for every rank; on rank 0 the sampler (logger.sample_*)."""
+        parts, logger, block_size = self.parts, self.job["logger"], splits.input_shape[0]
+        parts.tokens_per_sample = block_size
+        parts.flops_per_token = mfu.flops_per_token(parts.model, block_size)
+        parts.peak_flops_per_s = mfu.peak_flops_per_s(
+            self.device, self.precision, self.job["trainer"]["peak_tflops"]
+        )
+        parts.bytes_per_token = getattr(splits.val, "bytes_per_token", None)
+        prompt = getattr(splits.val, "prompt", None)
+        # Rank 0 samples; where the forward is a collective (FSDP) every rank runs it in step
+        # (the same generator, the same tokens) and only rank 0's lines are sent.
+        lead = self.rank == 0
+        if not (lead or parts.aggregator.collective_forward):
+            return
+        if not logger["sample_tokens"] or prompt is None:
+            return
+        decode = getattr(splits.val, "decode", lambda ids: " ".join(map(str, ids)))
+        context = prompt(logger["sample_prompt_tokens"]).to(self.device)
+        generator = torch.Generator().manual_seed(self.job["trainer"]["seed"])
+
+        def sample() -> list[str] | None:
+            with parts.autocast():
+                lines = lm.generate(
+                    parts.model,
+                    context,
+                    num_samples=logger["sample_count"],
+                    max_new_tokens=logger["sample_tokens"],
+                    block_size=block_size,
+                    temperature=logger["sample_temperature"],
+                    top_k=logger["sample_top_k"],
+                    generator=generator,
+                )
+            return (
+                [decode(context.tolist()) + " ⟶ " + decode(ids) for ids in lines] if lead else None
+            )
+
+        parts.sample = sample
 
     def _restore(self, payload: dict[str, Any]) -> Position:
         parts = self.parts

@@ -25,6 +25,7 @@ from tests.conftest import REPO, compose_job, run_cli
 from tests.fakedata import write_cifar, write_mnist, write_pngs
 from tests.test_cli import scalars
 from tests.test_equivalence import assert_same_parameters, distrain_run, plain_pytorch_loop
+from tests.test_lm import write_token_files
 
 CONF = REPO / "conf"
 CPU = torch.device("cpu")
@@ -49,6 +50,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.savez(root / "named.npz", inputs=x, targets=x[:, :2])
     # A linear regression target: learnable, and not a classification.
     np.savez(root / "regression.npz", x=x, y=x @ rng.normal(size=(4, 2)).astype(np.float32))
+    write_token_files(root / "tokens")
+    (root / "text").mkdir()
+    (root / "text" / "a.txt").write_text("some text to learn from\n" * 400)
     return root
 
 
@@ -69,14 +73,17 @@ DATA = {
     "tensors": ["data.path={root}/classes.npz"],
     "dataset": ["data.train._target_=tests.userdata.Clusters", "+data.train.num_samples=64"],
     "synthetic": ["data.num_samples=256"],
+    "tokens": ["model=gpt", "data.path={root}/tokens"],
+    "text": ["model=gpt", "data.path={root}/text", "data.cache_dir={root}/cache"],
 }
+READ_LAZILY = ("image_folder", "dataset", "tokens", "text")
 
 
 def test_every_data_and_model_config_is_covered() -> None:
     assert set(DATA) == _options("data")
     assert set(MODELS) == _options("model")
     assert set(LOSSES) == _options("loss")
-    assert set(EXPERIMENTS) == _options("experiment")
+    assert set(EXPERIMENTS) | set(LANGUAGE_MODELS) == _options("experiment")
 
 
 @pytest.mark.parametrize("name", sorted(DATA))
@@ -95,8 +102,8 @@ def test_data_config_loads_and_batches(name: str, root: Path) -> None:
         loader=data["loader"],
         num_workers=data["num_workers"],
     )
-    # Only the image folder and a user's Dataset are read lazily; the rest is in-memory tensors.
-    assert batches.in_memory == (name not in ("image_folder", "dataset"))
+    # Image folders, a user's Dataset and token files are read lazily; the rest is in memory.
+    assert batches.in_memory == (name not in READ_LAZILY)
     x, y = next(iter(batches.train_batches(epoch=0)))
     assert tuple(x.shape) == (2, *splits.input_shape) and len(y) == 2
     # Rank 1's part of global batch 0 is the same rule for every dataset.
@@ -111,7 +118,9 @@ MODELS = {
     "cnn": ["data=mnist", "data.root={root}"],
     "resnet18": ["data=cifar10", "data.root={root}", "data.check_integrity=false"],
     "rnn": ["data=synthetic", "data.input_shape=[12,8]", "data.num_samples=256"],
+    "gpt": ["data=text", "data.path={root}/text", "data.cache_dir={root}/cache"],
 }
+CLASSIFIERS = sorted(m for m in MODELS if m != "gpt")
 
 
 def _one_step(job: dict, global_batch: int = 8) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -119,7 +128,7 @@ def _one_step(job: dict, global_batch: int = 8) -> tuple[torch.nn.Module, torch.
     splits = build.build_splits(job["data"])
     torch.manual_seed(0)
     model = build.build_model(job["model"], splits)
-    loss_fn = build.build_loss(job["loss"])
+    loss_fn = build.build_loss(job["loss"], splits.task)
     build.check_model_fits_data(model, splits, loss_fn)
     optimizer = build.build_optimizer(job["optimizer"], model, global_batch=global_batch)
     batches = ShardBatches(
@@ -142,7 +151,7 @@ def test_model_config_builds_and_takes_a_step_on_its_data(name: str, root: Path)
     _one_step(_compose(f"model={name}", *MODELS[name], root=root))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_model_with_log_softmax_trains_with_nll(name: str, root: Path) -> None:
     job = _compose(f"model={name}", *MODELS[name], "model.log_softmax=true", "loss=nll", root=root)
     model, x = _one_step(job)
@@ -199,6 +208,8 @@ EXPERIMENTS = {
     ],
 }
 STATED_ACCURACY = {"iris_mlp": 0.9, "blobs_classifier": 0.9}
+# Language models: composed here, run in tests/test_lm.py.
+LANGUAGE_MODELS = {"gpt_stdlib": [], "gpt2_small": ["data.path={root}/tokens"]}
 
 
 def test_every_experiment_composes_as_documented(root: Path) -> None:
@@ -218,11 +229,11 @@ def test_every_experiment_composes_as_documented(root: Path) -> None:
         {"_target_": "distrain.data.vision.RandomCropFlip", "padding": 4, "flip": True}
     ]
     assert cifar["optimizer"]["lr_scaling"] == "linear"
-    for experiment in EXPERIMENTS:
-        paths = [o for o in EXPERIMENTS[experiment] if o.startswith("data.root")]
+    for experiment, overrides in {**EXPERIMENTS, **LANGUAGE_MODELS}.items():
+        paths = [o for o in overrides if o.startswith(("data.root", "data.path"))]
         job = _compose(f"experiment={experiment}", *paths, root=root)
         validate(job)
-        assert job["trainer"]["workers"] == 2
+        assert job["trainer"]["workers"] == (8 if experiment == "gpt2_small" else 2)
         assert (
             (CONF / "experiment" / f"{experiment}.yaml")
             .read_text()

@@ -115,6 +115,7 @@ def two_hosts() -> Iterator[dict[str, Any]]:
             "namespace": head_ns,
             "address": f"{head_ip}:6379",
             "node_ips": {head_ip, node_ip},
+            "cut": ["ip", "-n", node_ns, "link", "set", node_if, "down"],
             "env": env,
         }
     finally:
@@ -172,3 +173,73 @@ def test_two_hosts_train_like_one_node_with_no_interface_setting(
     params_one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
     for name, value in params_one.items():  # two summands: the same sum in either order
         assert torch.equal(params_two[name], value), name
+
+
+# Runs last in this module: it cuts the link for good.
+CUT_JOB = [
+    "trainer.workers=2",
+    "trainer.epochs=30",
+    "optimizer.lr=0.05",
+    "model.hidden_sizes=[32,32]",
+    "logger.progress=plain",
+    "trainer.step_timeout_s=20",
+    "trainer.min_workers=1",
+]
+
+
+def test_a_cut_link_is_detected_within_the_timeout_and_training_goes_on(
+    two_hosts: dict[str, Any], ray_address: str, tmp_path: Path
+) -> None:
+    """The link to the second host goes down mid-run (`ip link set ... down`). The driver must
+    notice within trainer.step_timeout_s (it used to wait ~2 minutes for Ray to declare the node
+    dead, on a checkpoint share held there), never place the new group on the cut node, and
+    continue on one worker with the same global batch: the same mathematics, so the result is
+    the uninterrupted run's."""
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", two_hosts["namespace"]),
+            *DISTRAIN,
+            f"cluster.address={two_hosts['address']}",
+            "cluster.placement=STRICT_SPREAD",
+            *CUT_JOB,
+            # ~10 ms per step: the cut surely lands mid-run
+            "trainer.debug_delay_rank=0",
+            "trainer.debug_delay_s=0.01",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=two_hosts["env"],
+    )
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("epoch 3/"):
+                break
+        subprocess.run(two_hosts["cut"], check=True, timeout=30)
+        rest = proc.communicate(timeout=400)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "elastic: continuing on 1 of 2 workers" in stderr, stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["workers"] == 1 and metrics["restarts"] == 1
+    failure = metrics["failures"][0]
+    # Bounded by the step timeout (plus the probes' few seconds), not by Ray's node-death wait.
+    assert failure["detection_s"] < 2 * 20, failure
+    single = run_cli(
+        f"cluster.address={ray_address}",
+        *CUT_JOB,
+        f"hydra.run.dir={tmp_path / 'one'}",
+        cwd=tmp_path,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    healed = torch.load(run_dir / "model.pt", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(healed[name], value, rtol=1e-4, atol=1e-5, msg=name)

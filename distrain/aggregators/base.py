@@ -133,6 +133,10 @@ class GradientAggregator(ABC):
         """
         return 0.0
 
+    # True where the model's forward is itself a collective (FSDP): every rank must run each
+    # forward (evaluation, sampling) in step.
+    collective_forward = False
+
     def eval_batches(self, batches: Iterable[Any]) -> Iterable[Any]:
         """The validation batches this rank evaluates; a strategy whose forward is a collective
         makes every rank run the same number of them."""

@@ -50,6 +50,8 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class FSDP(GradientAggregator):
+    collective_forward = True
+
     def __init__(
         self,
         wrap: list[str] | None = None,

@@ -17,6 +17,9 @@ from torch.utils.data import Dataset, TensorDataset
 # Keys of `conf/data/*.yaml` that configure batching, not the dataset builder.
 LOADER_KEYS = ("batch_size", "micro_batch_size", "loader", "num_workers")
 
+# language_model: inputs (B, T) token ids, targets the same windows shifted by one token.
+TASKS = ("classification", "regression", "language_model")
+
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -35,7 +38,7 @@ class Splits:
     val: Dataset
     input_shape: tuple[int, ...] | None
     num_outputs: int
-    task: str = "classification"  # or "regression"
+    task: str = "classification"  # or "regression", or "language_model" (distrain/data/tokens.py)
     train_transform: BatchTransform | None = None
     val_transform: BatchTransform | None = None
 
@@ -44,8 +47,8 @@ class Splits:
         return isinstance(self.train, TensorDataset) and isinstance(self.val, TensorDataset)
 
     def __post_init__(self) -> None:
-        if self.task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
 
 
 def tensor_splits(

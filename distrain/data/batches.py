@@ -38,6 +38,7 @@ class ShardBatches:
         device: torch.device,
         loader: str = "auto",
         num_workers: int = 0,
+        eval_batch_size: int | None = None,
     ) -> None:
         self.in_memory = splits.in_memory if loader == "auto" else loader == "memory"
         if self.in_memory and not splits.in_memory:
@@ -47,12 +48,14 @@ class ShardBatches:
         self.val_transform = splits.val_transform
         self.num_workers = num_workers
         self.transform = splits.train_transform
-        self.eval_batch = max(self.sampler.local_batch, 256)
+        # Language models pass their micro-batch: (B, T, V) logits of 256 windows can be gigabytes.
+        self.eval_batch = eval_batch_size or max(self.sampler.local_batch, 256)
         self.val_indices = eval_shard(len(splits.val), rank, world_size)
         if self.in_memory:
             self.train_tensors = _to_device(splits.train, device)
             self.val_tensors = _to_device(splits.val, device)
         else:
+            self.train_set, self.val_set = splits.train, splits.val
             self.epoch_sampler = EpochBatchSampler(self.sampler)
             self.train_loader = self._make_loader(splits.train, self.epoch_sampler)
             start, stop = self.val_indices.start, self.val_indices.stop
@@ -77,9 +80,12 @@ class ShardBatches:
                 (x_all.index_select(0, i), y_all.index_select(0, i))
                 for i in self.epoch_indices(epoch, start_step)
             )
+        elif hasattr(self.train_set, "get_batch"):  # e.g. token windows: one gather per batch
+            indices = self.sampler.local_indices(epoch, start_step)
+            batches = (self._to_device(self.train_set.get_batch(i)) for i in indices)
         else:
             self.epoch_sampler.set_epoch(epoch, start_step)
-            batches = self._to_device(self.train_loader)
+            batches = self._loader_batches(self.train_loader)
         for x, y in batches:
             yield (self.transform(x) if self.transform else x), y
 
@@ -103,8 +109,16 @@ class ShardBatches:
             for begin in range(start, stop, self.eval_batch):
                 end = min(begin + self.eval_batch, stop)
                 yield x_all[begin:end], y_all[begin:end]
+        elif hasattr(self.val_set, "get_batch"):
+            for begin in range(start, stop, self.eval_batch):
+                end = min(begin + self.eval_batch, stop)
+                yield self._to_device(self.val_set.get_batch(torch.arange(begin, end)))
         else:
-            yield from self._to_device(self.val_loader)
+            yield from self._loader_batches(self.val_loader)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _make_loader(self, dataset: Dataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
         return DataLoader(
@@ -115,9 +129,9 @@ class ShardBatches:
             persistent_workers=self.num_workers > 0,
         )
 
-    def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def _loader_batches(self, loader: DataLoader) -> Iterator[Batch]:
+        for batch in loader:
+            yield self._to_device(batch)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
