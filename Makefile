@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: help install train test test-fast lint format bench tensorboard clean
+.PHONY: help install train test test-fast lint format bench gpu-check tensorboard clean
 
 help: ## list the workflows
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 bench: $(STAMP) ## benchmarks side by side with plain PyTorch, torchrun DDP and Ray Train
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/run.py $(ARGS)
+
+gpu-check: $(STAMP) ## prove the CUDA path on this machine's GPUs (<5 min); without a GPU: one line, exit 0
+	@$(PY) benchmarks/gpu_check.py $(ARGS)
 
 tensorboard: $(STAMP) ## serve TensorBoard on outputs/ and multirun/ (http://localhost:6006)
 	$(VENV)/bin/tensorboard --logdir_spec outputs:outputs,multirun:multirun --port 6006

@@ -92,6 +92,9 @@ def main() -> None:
     p.add_argument("--measure-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--t0", type=float, default=None, help="epoch seconds of the launch command")
+    p.add_argument(
+        "--set", action="append", default=[], help="an extra override, e.g. trainer.device=cuda"
+    )
     args = p.parse_args()
     t0 = args.t0 or time.time()
     workload = make_workload(args.workload, args.seed)
@@ -110,6 +113,7 @@ def main() -> None:
             "logger.progress=none",
             # The peers write no checkpoints; distrain writes its first and its last.
             "trainer.checkpoint_min_interval_s=3600",
+            *args.set,
         ]
     )
     job.update(job_overrides(args.workload, args.seed))

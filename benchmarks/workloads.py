@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-WORKLOADS = ("digits_mlp", "mlp6m", "cnn")
+WORKLOADS = ("digits_mlp", "mlp6m", "cnn", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,20 @@ def _template_images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.
     return 0.3 * templates[y] + torch.randn(n, 1, 28, 28, generator=gen), y
 
 
+def _template_rgb(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    # CIFAR-10-sized images (3x32x32) built like `_template_images`: learnable, no download.
+    y = torch.randint(0, 10, (n,), generator=gen)
+    templates = torch.randn(10, 3, 8, 8, generator=gen).repeat_interleave(4, -1)
+    templates = templates.repeat_interleave(4, -2)
+    return 0.3 * templates[y] + torch.randn(n, 3, 32, 32, generator=gen), y
+
+
+def _resnet18() -> nn.Module:
+    from distrain.models.resnet import resnet18  # torchvision's, with the 32x32 stem
+
+    return resnet18((3, 32, 32), 10)
+
+
 def make_workload(name: str, seed: int = 0) -> Workload:
     """Build workload `name`; data and initial weights depend only on `seed`."""
     gen = torch.Generator().manual_seed(seed)
@@ -85,6 +99,9 @@ def make_workload(name: str, seed: int = 0) -> Workload:
     elif name == "cnn":
         x, y = _template_images(4096, gen)
         build, lr, batch = _cnn, 0.01, 64
+    elif name == "resnet18":  # GPU-sized: gpu_check.py runs it, make bench does not
+        x, y = _template_rgb(4096, gen)
+        build, lr, batch = _resnet18, 0.05, 128
     else:
         raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
 

@@ -226,7 +226,7 @@ atexit.register(release)  # a sweep ended by an error or Ctrl-C leaves no Ray be
 class WorkerResources:
     workers: int
     cpus: float  # per worker
-    gpus: int  # per worker
+    gpus: float  # per worker (below 1: workers share a GPU, trainer.gpus_per_worker)
     # Ray node ids not to place workers on (unreachable at an earlier failure, still counted
     # alive by Ray until its health checks give up on them).
     excluded_nodes: frozenset[str] = frozenset()

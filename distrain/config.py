@@ -63,6 +63,13 @@ class TrainerConfig:
     debug_delay_rank: int | None = None
     debug_delay_s: float = 0.0
     shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
+    # CUDA only: TF32 matmuls/convolutions under precision=32 (None: on for compute capability
+    # >= 8, i.e. Ampere and newer; decided in distrain/device.py). cudnn.benchmark is always on.
+    tf32: bool | None = None
+    # CUDA only: the GPU share Ray reserves per worker. Below 1, workers share a GPU (tests, small
+    # models); their collectives then go over gloo with CUDA tensors, since NCCL refuses two ranks
+    # on one GPU.
+    gpus_per_worker: float = 1.0
     activation_checkpointing: str = "none"  # none | blocks: recompute each block in backward
     compile: bool = False  # torch.compile the model (per block under aggregator=fsdp)
     # MFU's peak per worker device in TFLOP/s (None: a GPU's from distrain/mfu.py's table, a
@@ -142,6 +149,12 @@ def validate(job: dict[str, Any]) -> None:
     _require(
         trainer["cpus_per_worker"] > 0,
         f"trainer.cpus_per_worker={trainer['cpus_per_worker']} must be > 0.",
+    )
+    gpus = trainer.get("gpus_per_worker", 1.0)
+    _require(
+        0 < gpus <= 1,
+        f"trainer.gpus_per_worker={gpus} must be in (0, 1]: a worker uses one GPU; below 1, "
+        "workers share one.",
     )
     for key in ("setup_timeout_s", "step_timeout_s", "stop_timeout_s"):
         _require(trainer[key] > 0, f"trainer.{key}={trainer[key]} must be > 0 seconds.")

@@ -24,8 +24,14 @@ from omegaconf import OmegaConf
 
 from distrain import build, checkpoint, cluster, config, hangs
 from distrain.data.base import Splits
-from distrain.device import choose_device_type, gpus_per_worker
-from distrain.group import GroupFailed, WorkerError, WorkerGroup
+from distrain.device import choose_device_type, worker_gpus
+from distrain.group import (
+    GroupFailed,
+    SetupTransportFailed,
+    WorkerError,
+    WorkerGroup,
+    is_transport_failure,
+)
 from distrain.loop import NonFiniteError
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
 from distrain.progress import make_progress
@@ -143,8 +149,14 @@ def train(
     splits = dry_build(job)
     resume = load_resume(job)
     with cluster.connect(job["cluster"], keep=keep_cluster):
+        auto = job["trainer"]["device"] == "auto"
+        limits = cluster.autoscaler_limits() if auto else None
         device_type = choose_device_type(
-            job["trainer"]["device"], ray.cluster_resources().get("GPU", 0.0)
+            job["trainer"]["device"],
+            ray.cluster_resources().get("GPU", 0.0),
+            workers=job["trainer"]["workers"],
+            autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
+            gpus_per_worker=job["trainer"]["gpus_per_worker"],
         )
         supervisor = Supervisor(job, run_dir, splits, device_type, overrides or [])
         result = supervisor.run(resume, started)
@@ -247,7 +259,7 @@ class Supervisor:
         return cluster.WorkerResources(
             world_size,
             self.trainer["cpus_per_worker"],
-            gpus_per_worker(self.device_type),
+            worker_gpus(self.device_type, self.trainer["gpus_per_worker"]),
             excluded_nodes=self.excluded_nodes,
         )
 
@@ -273,7 +285,9 @@ class Supervisor:
             except (config.ConfigError, GroupFailed) as error:
                 if group is not None:
                     group.shutdown()
-                if not self.failures:  # the first start: nothing to recover, say what happened
+                # The first start: nothing to recover, say what happened; a transport failure
+                # while forming the group (NCCL init, a port taken) is retried all the same.
+                if not self.failures and not isinstance(error, SetupTransportFailed):
                     if isinstance(error, GroupFailed):
                         raise TrainingFailed(str(error)) from None
                     raise
@@ -589,12 +603,7 @@ class StopRequest:
 
 def _is_collective_failure(error: BaseException) -> bool:
     """gloo and NCCL report a vanished peer as DistError or a RuntimeError naming the backend."""
-    if isinstance(error, torch.distributed.DistError | ConnectionError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed")
-    )
+    return is_transport_failure(error)
 
 
 def _dead_peers(group: WorkerGroup, exclude: int, grace_s: float = 3.0) -> list[int]:

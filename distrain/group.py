@@ -7,11 +7,13 @@ last checkpoint. Keeping the group's lifecycle in one place makes "no orphan act
 
 from __future__ import annotations
 
+import errno
 import time
 import uuid
 from typing import Any
 
 import ray
+import torch
 from hydra.utils import get_object
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import (
@@ -20,7 +22,9 @@ from ray.util.scheduling_strategies import (
 )
 
 from distrain import cluster
+from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
+from distrain.config import ConfigError
 from distrain.reporting import MetricsSink
 from distrain.worker import Worker
 
@@ -37,6 +41,42 @@ class GroupFailed(RuntimeError):
     def __init__(self, message: str, unreachable_nodes: frozenset[str] = frozenset()) -> None:
         super().__init__(message)
         self.unreachable_nodes = unreachable_nodes
+
+
+class SetupTransportFailed(GroupFailed):
+    """A collective or transport failed while the group was forming (NCCL communicator init, a
+    rendezvous port taken between picking it and binding it): a new group is likely to succeed,
+    so it is retried even on the first start."""
+
+
+# What torch.distributed, gloo and NCCL put in the messages of the failures above.
+TRANSPORT_MARKERS = (
+    "NCCL",
+    "nccl",
+    "gloo",
+    "Gloo",
+    "c10d",
+    "EADDRINUSE",
+    "address already in use",
+    "Address already in use",
+    "Connection reset",
+    "Connection closed",
+    "Connection refused",
+)
+
+
+def is_transport_failure(error: BaseException) -> bool:
+    """A collective or the network under it failed (not the user's code): worth a new group.
+
+    torch raises DistError subclasses (DistNetworkError for a store that cannot bind or connect,
+    DistBackendError for NCCL); older paths raise a RuntimeError naming the backend.
+    """
+    if isinstance(error, torch.distributed.DistError | ConnectionError):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.EADDRINUSE, errno.ECONNREFUSED):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(m in text for m in TRANSPORT_MARKERS)
 
 
 class WorkerError(RuntimeError):
@@ -84,6 +124,11 @@ class WorkerGroup:
         ]
         timeout_s = trainer["setup_timeout_s"]
         self.nodes = self._get([w.node.remote() for w in self.workers], timeout_s, "start")
+        self._get(
+            [w.place.remote(p) for w, p in zip(self.workers, self._placements())],
+            timeout_s,
+            "take its device",
+        )
         actors_s = time.perf_counter() - started
         aggregator: type[GradientAggregator] = get_object(self.job["aggregator"]["_target_"])
         self.rendezvous = aggregator.rendezvous(self.workers, self.job["aggregator"])
@@ -93,6 +138,22 @@ class WorkerGroup:
         )
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
+
+    def _placements(self) -> list[devices.DevicePlacement | None]:
+        """Each rank's device: on GPUs, every worker of a node sees the node's assigned GPUs."""
+        if self.device_type != devices.CUDA:
+            return [None] * self.world_size
+        ids = [(node["node_id"], node["gpu_ids"]) for node in self.nodes]
+        try:
+            return list(
+                devices.share_visible_devices(
+                    ids,
+                    noset=any(node["noset"] for node in self.nodes),
+                    process_visible=[node["visible"] for node in self.nodes],
+                )
+            )
+        except ValueError as error:  # Ray reserved no GPU for a worker: its accounting is off
+            raise GroupFailed(str(error)) from None
 
     def describe(self) -> list[dict[str, Any]]:
         """Rank, node, pid and actor name of every worker: written to the run dir's workers.json."""
@@ -130,6 +191,13 @@ class WorkerGroup:
             ) from None
         except ray.exceptions.RayTaskError as error:
             cause = error.cause
+            if isinstance(cause, ConfigError):  # e.g. bf16 asked of a GPU without it
+                raise ConfigError(str(cause)) from None
+            if is_transport_failure(cause):
+                first = next((line for line in str(cause).splitlines() if line.strip()), "")
+                raise SetupTransportFailed(
+                    f"a worker failed to {what}: {type(cause).__name__}: {first[:300]}"
+                ) from None
             raise WorkerError(
                 f"a worker failed to {what}: {type(cause).__name__}: {cause}"
                 + (

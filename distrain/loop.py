@@ -19,7 +19,7 @@ from torch import nn
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import Batch, ShardBatches
 from distrain.histograms import model_histograms
-from distrain.timing import StepClock
+from distrain.timing import StepClock, make_clock
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -114,7 +114,10 @@ def grad_norm(parts: Parts) -> float:
     grads = [p.grad for p in parts.model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads).item()
+    # torch.nn.utils.get_total_norm (torch >= 2.6) in what torch 2.4 has: one fused kernel for
+    # the per-tensor norms, then the norm of those.
+    norms = torch._foreach_norm(grads, 2.0)
+    norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
     # Under fp16 the gradients are still multiplied by the loss scale here.
     return norm / parts.scaler.get_scale() if parts.scaler.is_enabled() else norm
 
@@ -272,7 +275,7 @@ def fit(
         epoch_loss = torch.zeros((), device=batches.device)
         interval_loss, interval_steps = torch.zeros((), device=batches.device), 0
         interval_finite = 0  # steps of the interval whose loss counts (not skipped as NaN/inf)
-        clock = StepClock()
+        clock = make_clock(batches.device)  # GPU time (CUDA events) on a GPU
         interval_start = time.perf_counter()
         for x, y in batches.train_batches(epoch, pos.step_in_epoch):
             if debug_delay_s:
@@ -306,8 +309,8 @@ def fit(
                     {"kind": "histograms", "step": pos.step, "histograms": inspected["histograms"]}
                 )
             if log_now:
-                now = time.perf_counter()
                 mean_loss = (interval_loss / max(interval_finite, 1)).item()
+                now = time.perf_counter()  # after the .item() above synchronized the device
                 if nan_policy == "stop":
                     _check_finite(parts, mean_loss, pos.step, epoch)
                 send(

@@ -36,8 +36,15 @@ class Worker:
         # One intra-op thread per reserved CPU, so N workers on N cores do not oversubscribe.
         torch.set_num_threads(max(1, int(trainer["cpus_per_worker"])))
         network.bind_collectives(job["cluster"]["socket_ifname"], ray.util.get_node_ip_address())
-        self.device = devices.worker_device(device_type)
+        self.device_type = device_type
+        # CUDA is not touched until `place`: CUDA_VISIBLE_DEVICES must be set before it starts.
+        self.device = devices.worker_device(device_type) if device_type == devices.CPU else None
         self.precision = trainer["precision"]
+
+    def place(self, placement: devices.DevicePlacement | None) -> None:
+        """Take this rank's device (group.py shares each node's GPU list among its workers)."""
+        self.device = devices.worker_device(self.device_type, placement)
+        devices.configure_math(self.device, self.precision, self.job["trainer"].get("tf32"))
 
     def free_address(self) -> tuple[str, int]:
         """This node's IP as Ray sees it, and a port free on it now (rank 0's rendezvous)."""
@@ -53,6 +60,9 @@ class Worker:
             "node_id": context.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
+            "gpu_ids": devices.assigned_gpu_ids() if self.device_type == devices.CUDA else [],
+            "noset": devices.noset_visible_devices(),
+            "visible": os.environ.get(devices.VISIBLE_ENV),
         }
 
     def setup(self, rendezvous: dict[str, Any], checkpoint: list[Any] | None = None) -> None:
@@ -180,12 +190,14 @@ class Worker:
         if payload.get("scaler") is not None:
             parts.scaler.load_state_dict(payload["scaler"])
         rng = payload.get("rng") or []
+        # A new worker count has new streams, still a function of (seed, rank, step).
+        seed = self.job["trainer"]["seed"] + 1 + self.rank + 7919 * payload["step"]
         if len(rng) == self.world_size:  # same worker count: continue each rank's stream exactly
             torch.set_rng_state(rng[self.rank]["cpu"])
-            if self.device.type == "cuda" and rng[self.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[self.rank]["cuda"])
-        else:  # a new worker count has new streams, still a function of (seed, rank, step)
-            torch.manual_seed(self.job["trainer"]["seed"] + 1 + self.rank + 7919 * payload["step"])
+            # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
+            devices.restore_device_rng(self.device, rng[self.rank].get("cuda"), seed)
+        else:
+            torch.manual_seed(seed)  # every device's generator
         # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
         position = payload["position"]
         if self.rank != 0:
@@ -205,7 +217,7 @@ class Worker:
             "position": vars(position).copy(),
             "rng": {
                 "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "cuda": devices.device_rng_state(self.device),
             },
         }
         if self.rank == 0:

@@ -26,6 +26,7 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--threads-per-worker", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--t0", type=float, default=None, help="epoch seconds of the launch command")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torchrun_ddp only")
     args = p.parse_args()
     if args.warmup_steps < 1 or args.measure_steps < 1:
         p.error("--warmup-steps and --measure-steps must be >= 1")

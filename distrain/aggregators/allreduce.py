@@ -33,7 +33,7 @@ from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.comm_timing import CommTimer
 from distrain.aggregators.shm_allreduce import ShmAllReduce
 from distrain.config import ConfigError
-from distrain.device import dist_backend
+from distrain.device import dist_backend, process_group_device, timing_event
 
 log = logging.getLogger(__name__)
 TRANSPORTS = ("auto", "backend")
@@ -113,17 +113,23 @@ class AllReduce(GradientAggregator):
         timeout_s: float,
     ) -> None:
         self.device, self.world_size = device, world_size
+        if timing_event(device) is not None:  # CUDA: time backward's wait on the GPU
+            self.comm_timer.make_event = functools.partial(timing_event, device)
         if world_size == 1:
             return
         # TORCH_NCCL_ASYNC_ERROR_HANDLING makes a stuck NCCL collective raise after `timeout`
         # instead of hanging forever (gloo honours the timeout natively).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        # NCCL: `device_id` (torch >= 2.3) binds the communicator to this GPU and creates it now
+        # (eager init), so a broken NCCL setup fails here, in setup, where group.py retries it.
+        bound = process_group_device(device)
         dist.init_process_group(
             backend=dist_backend(device.type),
             init_method=f"tcp://{rendezvous['master_addr']}:{rendezvous['master_port']}",
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
+            **({"device_id": bound} if bound is not None else {}),
         )
         self.timeout_s = timeout_s
         if self.transport == "auto" and device.type == "cpu" and self.compression != "powersgd":

@@ -10,6 +10,10 @@ where the last launch is when local backward compute ended (DDP launches the fin
 its last gradient is ready). Communication that overlapped compute is not counted: it cost
 nothing. The wrapper composes with any hook (plain all-reduce, fp16/bf16, PowerSGD, or another
 wrapper), since it only stamps the clock around whatever hook it is given.
+
+On CUDA the host clock cannot see the wait (NCCL completes a bucket's future when the all-reduce
+is queued), so with `make_event` set each launch records a CUDA event instead, and the wait is
+the GPU time from the last launch to the end of backward, resolved by `timing.EventClock`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 import torch
 
+from distrain.timing import SinceEvent
+
 Hook = Callable[[Any, Any], torch.futures.Future]
 
 
@@ -29,11 +35,18 @@ class CommTimer:
         # list.append is atomic under the GIL.
         self._launched_s: list[float] = []
         self._completed_s: list[float] = []
+        self.make_event: Callable[[], Any] | None = None  # set on CUDA: time on the GPU
+        self._last_launch: Any = None
 
     def wrap(self, hook: Hook) -> Hook:
         # No annotations: DDP checks a hook's annotations against the real types, and this
         # module's are strings (postponed evaluation).
         def timed_hook(state, bucket):  # type: ignore[no-untyped-def]
+            if self.make_event is not None:
+                # On the current stream: done when the bucket's gradients are.
+                self._last_launch = self.make_event()
+                self._last_launch.record()
+                return hook(state, bucket)
             self._launched_s.append(time.perf_counter())
             # `then` (not add_done_callback): DDP waits on the returned future, so the stamp is
             # taken before backward can return.
@@ -45,8 +58,11 @@ class CommTimer:
         self._completed_s.append(time.perf_counter())
         return future.value()
 
-    def pop_wait_s(self) -> float:
+    def pop_wait_s(self) -> float | SinceEvent:
         """Seconds the last backward waited for communication; resets for the next one."""
+        if self.make_event is not None:
+            last, self._last_launch = self._last_launch, None
+            return 0.0 if last is None else SinceEvent(last)
         launched, completed = self._launched_s, self._completed_s
         self._launched_s, self._completed_s = [], []
         if not launched or not completed:

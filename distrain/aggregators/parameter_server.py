@@ -4,7 +4,9 @@ No collective backend: workers talk to `aggregator.servers` actors through Ray. 
 parameters, flattened, form one float32 vector split into K contiguous shards of near-equal size;
 server k owns shard k (ps_servers.py). A step costs each worker one flatten (one `torch.cat`), K
 remote calls that carry their shard as numpy arrays, and K copies back: no per-tensor pickling,
-and nothing proportional to the number of parameter tensors crosses Ray.
+and nothing proportional to the number of parameter tensors crosses Ray. On a GPU the flat
+gradient lives in a persistent device buffer and crosses to pinned host memory with one
+asynchronous copy and one event wait per step; the reply goes back asynchronously.
 
 * `mode=sync`: exact synchronous SGD. Servers return the mean gradient shard once all W workers
   pushed; it lands in `.grad` and every worker's own optimizer steps, as with all-reduce.
@@ -34,6 +36,7 @@ from distrain.aggregators.ps_servers import (
     write_chunks,
 )
 from distrain.config import ConfigError
+from distrain.device import copy_event, pinned
 
 MODES = ("sync", "async")
 
@@ -151,19 +154,28 @@ class ParameterServer(GradientAggregator):
             for server, n in zip(self.servers, self.chunks)
         ]
         # Host buffers the object store reads from / replies are copied into; on a CPU device
-        # the received buffer is the one the model uses (no extra copy).
-        self.send = torch.empty(numel, dtype=torch.float32)
-        self.recv_host = torch.empty(numel, dtype=torch.float32)
-        self.recv = self.recv_host if self.device.type == "cpu" else self.recv_host.to(self.device)
+        # the received buffer is the one the model uses (no extra copy). On a GPU they are pinned
+        # (page-locked), so copies to and from the device run asynchronously, and the device
+        # keeps one persistent flat gradient buffer: no allocation per step.
+        self.on_cpu = self.device.type == "cpu"
+        self.send = pinned(torch.empty(numel, dtype=torch.float32), self.device)
+        self.recv_host = pinned(torch.empty(numel, dtype=torch.float32), self.device)
+        self.recv = (
+            self.recv_host if self.on_cpu else torch.empty_like(self.recv_host, device=self.device)
+        )
+        self.flat_grads = None if self.on_cpu else torch.empty_like(self.recv)
         self.recv_views = [
             self.recv[a:b].view_as(p) for p, (a, b) in zip(self.params, _offsets(self.params))
         ]
-        if self.mode == "async":  # the model now lives in `recv`, where replies land
+        if self.mode == "async":  # the model's parameters follow `recv`, where replies land
             with torch.no_grad():
-                torch.cat([p.detach().reshape(-1).cpu() for p in self.params], out=self.recv_host)
-                self.recv.copy_(self.recv_host)
-            for p, view in zip(self.params, self.recv_views):
-                p.data = view
+                torch.cat([p.detach().reshape(-1) for p in self.params], out=self.recv)
+            # On a CPU the parameters become views of `recv` (no copy per step). On a GPU they
+            # keep their own storage, refreshed in place after each reply (_receive): a cuDNN
+            # RNN's weights stay in the one contiguous buffer cuDNN wants.
+            if self.on_cpu:
+                for p, view in zip(self.params, self.recv_views):
+                    p.data = view
             self.versions: list[int] | None = None  # the servers get their shards at step 1
         return model
 
@@ -173,7 +185,9 @@ class ParameterServer(GradientAggregator):
         The first worker's shard wins (all ranks hold the same parameters), with the optimizer
         built from the same `_partial_` config on each server.
         """
-        if self.recv is not self.recv_host:
+        if not self.on_cpu:
+            with torch.no_grad():  # the model as it is now (a checkpoint may have been loaded)
+                torch.cat([p.detach().reshape(-1) for p in self.params], out=self.recv)
             self.recv_host.copy_(self.recv)
         params = self.recv_host.numpy()
         refs = [
@@ -218,10 +232,14 @@ class ParameterServer(GradientAggregator):
         grads = [
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params
         ]
-        if self.device.type == "cpu":
+        if self.on_cpu:
             torch.cat(grads, out=self.send)
-        else:
-            self.send.copy_(torch.cat(grads))
+        else:  # into the persistent device buffer, then one async copy and one event sync
+            torch.cat(grads, out=self.flat_grads)
+            self.send.copy_(self.flat_grads, non_blocking=True)
+            copied = copy_event(self.device)
+            copied.record()
+            copied.synchronize()  # the step's only wait for the device
         return self.send.numpy()
 
     def _receive(self, replies: list[list[np.ndarray]]) -> None:
@@ -229,8 +247,15 @@ class ParameterServer(GradientAggregator):
         recv = self.recv_host.numpy()
         for (a, b), chunks in zip(self.bounds, replies):
             write_chunks(recv[a:b], chunks, add=False)
-        if self.recv is not self.recv_host:
-            self.recv.copy_(self.recv_host)
+        if self.on_cpu:
+            return
+        # Queued on the stream, so later kernels see it; the host buffer is not rewritten
+        # before the next step's event sync, by which time this copy is done.
+        self.recv.copy_(self.recv_host, non_blocking=True)
+        if self.mode == "async":
+            with torch.no_grad():
+                for p, view in zip(self.params, self.recv_views):
+                    p.copy_(view)
 
     def close(self) -> None:
         # A last barrier: every worker leaves with the servers' final counters.

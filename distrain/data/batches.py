@@ -1,19 +1,24 @@
 """Batches of one worker's shard, on its device.
 
 In-memory data (TensorDatasets) is moved to the device once and batched by indexing with the
-shard's indices: no per-sample `__getitem__`, no collate, no host-to-device copy per step.
+shard's indices: no per-sample `__getitem__`, no collate, no host-to-device copy per step. The
+epoch's indices go to the device once per epoch as one (steps, local batch) tensor, and a step
+takes a row of it: a view, so the step loop never waits for the GPU to queue its next batch.
 Anything else goes through a DataLoader whose batch sampler yields the same indices, so both paths
-see exactly the same samples in the same order.
+see exactly the same samples in the same order. That loader is built once (its worker processes
+persist across epochs: forking them from a process holding a CUDA context each epoch is slow and
+fragile); the sampler is told which (epoch, start step) to serve before each epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from distrain.data.base import Splits
+from distrain.device import CUDA, pinned
 from distrain.sharding import ShardSampler, eval_shard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -51,6 +56,14 @@ class ShardBatches:
             self.val_tensors = _to_device(splits.val, device)
         else:
             self.train_set, self.val_set = splits.train, splits.val
+            self.epoch_sampler = EpochBatchSampler(self.sampler)
+            self.train_loader = self._make_loader(splits.train, self.epoch_sampler)
+            start, stop = self.val_indices.start, self.val_indices.stop
+            chunks = [
+                list(range(b, min(b + self.eval_batch, stop)))
+                for b in range(start, stop, self.eval_batch)
+            ]
+            self.val_loader = self._make_loader(splits.val, chunks)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -61,16 +74,29 @@ class ShardBatches:
         return self.sampler.local_batch
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        indices = self.sampler.local_indices(epoch, start_step)
         if self.in_memory:
             x_all, y_all = self.train_tensors
-            batches = ((x_all[i.to(x_all.device)], y_all[i.to(y_all.device)]) for i in indices)
+            batches = (
+                (x_all.index_select(0, i), y_all.index_select(0, i))
+                for i in self.epoch_indices(epoch, start_step)
+            )
         elif hasattr(self.train_set, "get_batch"):  # e.g. token windows: one gather per batch
+            indices = self.sampler.local_indices(epoch, start_step)
             batches = (self._to_device(self.train_set.get_batch(i)) for i in indices)
         else:
-            batches = self._loader(self.train_set, [i.tolist() for i in indices])
+            self.epoch_sampler.set_epoch(epoch, start_step)
+            batches = self._loader_batches(self.train_loader)
         for x, y in batches:
             yield (self.transform(x) if self.transform else x), y
+
+    def epoch_indices(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's indices per step, as rows of one tensor moved to the device once."""
+        rows = list(self.sampler.local_indices(epoch, start_step))
+        if not rows:
+            return
+        # Pinned + non_blocking on a GPU: not even the epoch's one copy makes the host wait.
+        table = pinned(torch.stack(rows), self.device).to(self.device, non_blocking=True)
+        yield from table  # rows of `table`: views, no copy
 
     def val_batches(self) -> Iterator[Batch]:
         for x, y in self._shard_val_batches():
@@ -88,26 +114,47 @@ class ShardBatches:
                 end = min(begin + self.eval_batch, stop)
                 yield self._to_device(self.val_set.get_batch(torch.arange(begin, end)))
         else:
-            chunks = [
-                list(range(b, min(b + self.eval_batch, stop)))
-                for b in range(start, stop, self.eval_batch)
-            ]
-            yield from self._loader(self.val_set, chunks)
+            yield from self._loader_batches(self.val_loader)
 
     def _to_device(self, batch: Batch) -> Batch:
         x, y = batch
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _loader(self, dataset: Dataset, batches: list[list[int]]) -> Iterator[Batch]:
-        loader = DataLoader(
+    def _make_loader(self, dataset: Dataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
+        return DataLoader(
             dataset,
-            batch_sampler=batches,
+            batch_sampler=batch_sampler,
             num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            pin_memory=self.device.type == CUDA,
+            persistent_workers=self.num_workers > 0,
         )
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _loader_batches(self, loader: DataLoader) -> Iterator[Batch]:
+        for batch in loader:
+            yield self._to_device(batch)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """The batch sampler of the persistent training DataLoader: one rank's batches of one epoch,
+    from a start step (a resume), chosen by `set_epoch` before each epoch.
+
+    It runs in the worker's main process (the loader's processes receive index lists), so setting
+    the epoch here reaches persistent loader processes too.
+    """
+
+    def __init__(self, sampler: ShardSampler) -> None:
+        self.sampler = sampler
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.sampler.local_indices(self.epoch, self.start_step):
+            yield indices.tolist()
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch - self.start_step
 
 
 def _to_device(dataset: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
