@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import pytest
 
 from distrain import network
-
-
-def _ipv4_interfaces() -> dict[str, str]:
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 `ip` is not installed")
-    out = subprocess.run(["ip", "-4", "-brief", "addr"], capture_output=True, text=True).stdout
-    found = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) >= 3:
-            found[fields[0].split("@")[0]] = fields[2].split("/")[0]
-    return found
+from tests.test_launch import _ipv4_interfaces  # `ip -4 -brief addr`, parsed
 
 
 def test_every_interface_is_found_by_its_address() -> None:
