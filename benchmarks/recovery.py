@@ -24,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from distrain import driver
+from distrain import checkpoint, driver
 from distrain.checkpoint import CheckpointStore
 from distrain.cli import CONF_DIR
 from distrain.config import register_configs
@@ -47,13 +47,13 @@ def main() -> None:
     try:
         reference = RunDirectory(work / "reference")
         driver.train(compose_job(*JOB), reference)
-        checkpoint = CheckpointStore(reference.checkpoints, keep=3).latest()
-        payload = torch.load(checkpoint, weights_only=True)
+        latest = checkpoint.load(CheckpointStore(reference.checkpoints, keep=3).latest())
+        shards = [read() for read in latest.shards]
         store = CheckpointStore(work / "timing", keep=1)
         write_s = []
         for _ in range(5):
             started = time.perf_counter()
-            store.save(payload)
+            store.save(latest.meta, [lambda shard=shard: shard for shard in shards])
             write_s.append(time.perf_counter() - started)
 
         run_dir = work / "killed"

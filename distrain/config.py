@@ -55,6 +55,9 @@ class TrainerConfig:
     # the run's last one and a stop's are always taken. 0: take every one.
     checkpoint_min_interval_s: float = 0.0
     keep_checkpoints: int = 3
+    # True: a step waits only while its state is copied to host memory (Ray's object store) and
+    # the driver writes it in the background; false: the step waits until it is on disk.
+    async_checkpoint: bool = True
     max_failures: int = 3  # worker/node losses recovered from the last checkpoint before giving up
     min_workers: int | None = None  # elastic: continue on fewer workers (>= this) if nodes are lost
     nan_policy: str = "stop"  # stop | skip_step: what a NaN/inf loss or gradient does

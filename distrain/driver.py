@@ -23,6 +23,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from distrain import build, checkpoint, cluster, config, hangs
+from distrain.checkpoint_writer import CheckpointWriter, Pending, ShareLost, ShareTimeout
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, worker_gpus
 from distrain.group import (
@@ -102,13 +103,13 @@ def _explain(group: str, make: Any) -> Any:
         raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
 
 
-def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
+def load_resume(job: dict[str, Any]) -> checkpoint.Checkpoint | None:
     """The checkpoint named by `resume=`, checked against this job."""
     if not job.get("resume"):
         return None
     path = checkpoint.resolve_resume(job["resume"])
     payload = checkpoint.load(path)
-    saved = payload.get("job", {})
+    saved = payload.meta.get("job", {})
     for group in RESUME_MUST_MATCH:
         if group in saved and _resume_key(group, saved[group]) != _resume_key(group, job[group]):
             raise config.ConfigError(
@@ -116,7 +117,6 @@ def load_resume(job: dict[str, Any]) -> dict[str, Any] | None:
                 f"{saved[group]}, but this run has {group}={job[group]}; a resumed run must keep "
                 f"its {group}."
             )
-    payload["path"] = str(path)
     return payload
 
 
@@ -215,7 +215,16 @@ class Supervisor:
         self.progress = make_progress(job["logger"]["progress"])
         self.history: list[EpochMetrics] = []
         self.failures: list[dict[str, Any]] = []
-        self.last_checkpoint: dict[str, Any] | None = None
+        self.writer = CheckpointWriter(
+            self.store,
+            job={group: job[group] for group in RESUME_MUST_MATCH},
+            # Bounded: a share held on a node cut off from this one is not fetched until Ray
+            # declares the node dead (minutes); the hang timeout applies to it as to a step.
+            fetch_timeout_s=self.trainer["step_timeout_s"],
+        )
+        # The checkpoint a restart resumes from: the last one written, or the one resumed from.
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = 0
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
@@ -224,9 +233,11 @@ class Supervisor:
         total = self.trainer["epochs"] * self.steps_per_epoch
         self.total_steps = min(total, self.trainer["max_steps"] or total)
 
-    def run(self, resume: dict[str, Any] | None, started: float) -> dict[str, Any]:
+    def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
         payload = resume
+        if resume is not None:
+            self.last_checkpoint, self.last_checkpoint_step = resume.path, resume.step
         self.board = TensorBoardWriter(self.run_dir.path, purge_step=_purge_step(payload))
         if payload is None:
             self.board.add_text("config", f"```\n{OmegaConf.to_yaml(self.job)}\n```")
@@ -234,8 +245,8 @@ class Supervisor:
                 model = build.build_model(self.job["model"], self.splits)
                 self.board.add_graph(model, self.splits.train[0][0][None])
         else:
-            self.history = [EpochMetrics(**e) for e in payload.get("history", [])]
-            self.progress.message(f"resuming from {payload['path']} (step {payload['step']})")
+            self.history = [EpochMetrics(**e) for e in payload.meta.get("history", [])]
+            self.progress.message(f"resuming from {payload.path} (step {payload.step})")
         self.board.start_session(hparams_of(self.job, self.overrides))
         self.progress.start(self.total_steps, self.trainer["epochs"], self.steps_per_epoch)
         try:
@@ -263,14 +274,17 @@ class Supervisor:
             excluded_nodes=self.excluded_nodes,
         )
 
-    def _start_group(self, payload: dict[str, Any] | None) -> WorkerGroup:
+    def _start_group(self, payload: checkpoint.Checkpoint | None) -> WorkerGroup:
         """Start a worker group; after a failure, keep trying for trainer.setup_timeout_s.
 
         Right after a node is lost Ray still counts it (and its freed CPUs) for a while, until
         its heartbeats are missed: placing the group can fail a few times before the cluster's
         view settles, and that is not a configuration error.
         """
-        ref = ray.put(payload) if payload is not None else None
+        ref = None
+        if payload is not None:  # each shard in the object store once; a worker takes its rows
+            shards = [ray.put(read()) for read in payload.shards]
+            ref = ray.put({"meta": payload.meta, "shards": shards})
         deadline = time.monotonic() + self.trainer["setup_timeout_s"]
         while True:
             group: WorkerGroup | None = None
@@ -333,7 +347,7 @@ class Supervisor:
             return job_for_workers(self.job, world_size), world_size
         raise AssertionError("unreachable: the loop ends at world_size == low")
 
-    def _recover(self, failure: GroupFailed) -> dict[str, Any] | None:
+    def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
         # A node that did not answer is avoided from now on: Ray counts it alive for a minute
         # or more, and a group placed on it would wait for Ray to declare it dead. The driver's
         # own node always answers, whatever a probe under load said.
@@ -355,8 +369,11 @@ class Supervisor:
                 f"{failure} — gave up after trainer.max_failures={limit} restarts; {kept}"
                 + (f" (continue with resume={self.run_dir.path})." if latest else ".")
             ) from None
-        payload = self.last_checkpoint
-        step = payload["step"] if payload else 0
+        # A write in progress completes, or fails with the group (its shares' owners died).
+        self._settle(wait=True, failed=True)
+        self.writer.forget()
+        payload = checkpoint.load(self.last_checkpoint) if self.last_checkpoint else None
+        step = payload.step if payload else 0
         self.progress.message(
             f"restart {restarts}/{limit}: {failure}; resuming from "
             + (f"the checkpoint of step {step}" if payload else "the start")
@@ -381,8 +398,7 @@ class Supervisor:
         refs = group.fit()
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
-        pending_checkpoints: dict[int, dict[int, dict[str, Any]]] = {}
-        epoch_end_checkpoint: dict[str, Any] | None = None
+        epoch_end_checkpoint: Pending | None = None
         stop_deadline: float | None = None
         with StopRequest() as stop:
             while pending:
@@ -394,17 +410,18 @@ class Supervisor:
                     if record["kind"] in ("step", "epoch"):
                         self._progressed(last_seen_s[record["rank"]])
                     if record["kind"] == "checkpoint":
-                        payload = self._assemble(record, group.world_size, pending_checkpoints)
-                        if payload is not None and not payload["epoch_end"]:
-                            self._save(payload)
-                        elif payload is not None:  # saved once its epoch is in the history
-                            epoch_end_checkpoint = payload
+                        pending_checkpoint = self.writer.add(record, group.world_size)
+                        if pending_checkpoint is not None and not record["epoch_end"]:
+                            self._save(pending_checkpoint, group)
+                        elif pending_checkpoint is not None:  # once its epoch is in the history
+                            epoch_end_checkpoint = pending_checkpoint
                     elif record["kind"] != "heartbeat":
                         metrics = collector.add(record)
                         if isinstance(metrics, EpochMetrics) and epoch_end_checkpoint:
-                            self._save(epoch_end_checkpoint)  # before TensorBoard shows the epoch
+                            self._save(epoch_end_checkpoint, group)  # before TensorBoard shows it
                             epoch_end_checkpoint = None
                         self._show(metrics)
+                self._settle(wait=False)
                 self._check_hang({refs[r] for r in pending}, last_seen_s, group)
                 if stop.requested and stop_deadline is None:
                     self.progress.message(
@@ -416,10 +433,11 @@ class Supervisor:
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     break
         self.stop_requested = self.stop_requested or stop.requested
+        self._settle(wait=True)  # the last checkpoint is on disk before the run ends
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
             latest = self.store.latest()
             raise Interrupted(
-                f"stopped at step {self.last_checkpoint['step'] if self.last_checkpoint else 0}; "
+                f"stopped at step {self.last_checkpoint_step}; "
                 + (
                     f"checkpoint {latest}. Continue with: distrain resume={self.run_dir.path}"
                     if latest
@@ -488,51 +506,44 @@ class Supervisor:
                 unreachable_nodes=lost,
             )
 
-    def _assemble(
-        self, record: dict[str, Any], world_size: int, pending: dict[int, dict[int, Any]]
-    ) -> dict[str, Any] | None:
-        """One checkpoint from every rank's share, once all ranks have sent theirs."""
-        ranks = pending.setdefault(record["step"], {})
-        ranks[record["rank"]] = record
-        if len(ranks) < world_size:
-            return None
-        del pending[record["step"]]
-        step, timeout_s = record["step"], self.trainer["step_timeout_s"]
-        try:
-            # Bounded: a share held on a node cut off from this one is not fetched until Ray
-            # declares the node dead (minutes); the hang timeout applies to it as to a step.
-            states = ray.get([ranks[r]["state"][0] for r in range(world_size)], timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            nodes = {self.current_nodes[r]["node_id"] for r in range(world_size)}
+    def _save(self, pending: Pending, group: WorkerGroup) -> None:
+        """Write a checkpoint in the background; with trainer.async_checkpoint=false, wait for
+        it and let the workers (waiting for it) go on."""
+        self._settle(wait=True)  # one write at a time
+        self.writer.submit(pending, [dataclasses.asdict(e) for e in self.history])
+        if not self.trainer["async_checkpoint"]:
+            self._settle(wait=True)
+            group.sink.saved.remote(pending.step)
+
+    def _settle(self, *, wait: bool, failed: bool = False) -> None:
+        """Take the result of the checkpoint write in progress, if it is done (or `wait`).
+
+        A share that could not be fetched fails the group as a hang would (naming unreachable
+        nodes); once the group has `failed` anyway, a lost write only leaves the previous
+        checkpoint as the latest.
+        """
+        result = self.writer.wait() if wait else self.writer.finished()
+        if result is None:
+            return
+        if result.saved is not None:
+            log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
+            self.last_checkpoint, self.last_checkpoint_step = result.saved.path, result.step
+            return
+        error, step = result.error, result.step
+        if failed:
+            self.progress.message(f"the checkpoint of step {step} was lost: {_first_line(error)}")
+        elif isinstance(error, ShareTimeout):
+            nodes = {n["node_id"] for n in self.current_nodes}
             raise GroupFailed(
                 f"checkpoint of step {step}: the workers' shares did not arrive within "
-                f"trainer.step_timeout_s={timeout_s:g} s (a node unreachable from the driver?)",
+                f"trainer.step_timeout_s={self.trainer['step_timeout_s']:g} s (a node "
+                "unreachable from the driver?)",
                 unreachable_nodes=hangs.unreachable(nodes),
-            ) from None
-        except ray.exceptions.RayError as error:  # its owner (a worker) died before we read it
-            raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}") from None
-        position = dict(states[0]["position"])
-        position["epoch_loss_sum"] = sum(s["position"]["epoch_loss_sum"] for s in states)
-        position["epoch_batches"] = sum(s["position"]["epoch_batches"] for s in states)
-        payload = {
-            **{k: states[0][k] for k in ("model", "optimizer", "scheduler", "scaler")},
-            "step": position["step"],
-            "epoch": position["epoch"],
-            "step_in_epoch": position["step_in_epoch"],
-            "position": position,
-            "rng": [s["rng"] for s in states],
-            "world_size": world_size,
-            "job": {group: self.job[group] for group in RESUME_MUST_MATCH},
-            "epoch_end": record["epoch_end"],
-        }
-        return payload
-
-    def _save(self, payload: dict[str, Any]) -> None:
-        payload["history"] = [dataclasses.asdict(e) for e in self.history]
-        started = time.perf_counter()
-        path = self.store.save(payload)
-        log.debug("checkpoint %s written in %.3f s", path, time.perf_counter() - started)
-        self.last_checkpoint = {**payload, "path": str(path)}
+            )
+        elif isinstance(error, ShareLost):  # a worker died: the group has failed
+            raise GroupFailed(f"checkpoint of step {step} lost: {_first_line(error)}")
+        else:  # the disk (full, read-only): not something a restart fixes
+            raise TrainingFailed(f"checkpoint of step {step} could not be written: {error}")
 
     def _show(self, metrics: Any) -> None:
         if metrics is None:
@@ -568,6 +579,7 @@ class Supervisor:
             # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).
             "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
             "restarts": len(self.failures),
+            "checkpoints": self.writer.stats(),
             # Clock readings are internal: a failure with no progress after it keeps none.
             "failures": [
                 {k: v for k, v in f.items() if k not in ("detected_s", "last_progress_s")}
@@ -620,8 +632,8 @@ def _dead_peers(group: WorkerGroup, exclude: int, grace_s: float = 3.0) -> list[
     return dead
 
 
-def _purge_step(payload: dict[str, Any] | None) -> int | None:
-    return payload["step"] + 1 if payload else None
+def _purge_step(payload: checkpoint.Checkpoint | None) -> int | None:
+    return payload.step + 1 if payload else None
 
 
 def _first_line(error: BaseException) -> str:

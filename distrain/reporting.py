@@ -26,6 +26,7 @@ class MetricsSink:
         self._decisions: dict[int, tuple[bool, bool]] = {}
         self._checkpoint_min_interval_s = checkpoint_min_interval_s
         self._last_checkpoint_s = -math.inf
+        self._saved_step = -1
 
     def push(self, record: dict[str, Any]) -> None:
         self._records.append(record)
@@ -55,6 +56,13 @@ class MetricsSink:
                 self._last_checkpoint_s = now
             self._decisions[step] = (stop, checkpoint)
         return self._decisions[step]
+
+    def saved(self, step: int) -> None:
+        """The driver has written the checkpoint of `step` (trainer.async_checkpoint=false)."""
+        self._saved_step = max(self._saved_step, step)
+
+    def saved_step(self) -> int:
+        return self._saved_step
 
     def flush(self) -> None:
         """A no-op: once it returns, every earlier push from the same caller has been stored."""

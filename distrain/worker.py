@@ -12,7 +12,7 @@ import ray
 import torch
 from hydra.utils import instantiate
 
-from distrain import blocks, build, lm, mfu, network
+from distrain import blocks, build, lm, mfu, network, shards
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
@@ -22,6 +22,7 @@ log = logging.getLogger("distrain.worker")
 # Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
 # the worker and the sink CPU that the step needs when workers fill every core.
 REPORT_EVERY_S = 0.25
+SAVED_POLL_S = 0.01  # trainer.async_checkpoint=false: how often a worker asks if it is written
 
 
 class Worker:
@@ -180,66 +181,97 @@ class Worker:
 
         parts.sample = sample
 
-    def _restore(self, payload: dict[str, Any]) -> Position:
-        parts = self.parts
-        parts.aggregator.load_state(
-            parts.model, parts.optimizer, payload["model"], payload["optimizer"]
+    def _restore(self, source: dict[str, Any]) -> Position:
+        """Start from a checkpoint: `source` is its metadata and one object-store reference per
+        shard; this rank fetches only the shards holding rows it needs."""
+        parts, meta = self.parts, source["meta"]
+        reader = shards.ShardReader(meta["tensors"], lambda i: ray.get(source["shards"][i]))
+        model_state, optimizer_state = shards.restore_state(
+            reader, parts.model, parts.optimizer, meta["optimizer"]
         )
-        if parts.scheduler is not None and payload.get("scheduler") is not None:
-            parts.scheduler.load_state_dict(payload["scheduler"])
-        if payload.get("scaler") is not None:
-            parts.scaler.load_state_dict(payload["scaler"])
-        rng = payload.get("rng") or []
+        parts.aggregator.load_state(parts.model, parts.optimizer, model_state, optimizer_state)
+        if parts.scheduler is not None and meta.get("scheduler") is not None:
+            parts.scheduler.load_state_dict(meta["scheduler"])
+        if meta.get("scaler") is not None:
+            parts.scaler.load_state_dict(meta["scaler"])
         # A new worker count has new streams, still a function of (seed, rank, step).
-        seed = self.job["trainer"]["seed"] + 1 + self.rank + 7919 * payload["step"]
-        if len(rng) == self.world_size:  # same worker count: continue each rank's stream exactly
-            torch.set_rng_state(rng[self.rank]["cpu"])
+        seed = self.job["trainer"]["seed"] + 1 + self.rank + 7919 * meta["step"]
+        if meta["world_size"] == self.world_size:  # continue each rank's stream exactly
+            torch.set_rng_state(reader.full(f"rng/{self.rank}/cpu"))
             # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
-            devices.restore_device_rng(self.device, rng[self.rank].get("cuda"), seed)
+            cuda = f"rng/{self.rank}/cuda"
+            state = reader.full(cuda) if cuda in reader.index else None
+            devices.restore_device_rng(self.device, state, seed)
         else:
             torch.manual_seed(seed)  # every device's generator
         # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
-        position = payload["position"]
+        position = meta["position"]
         if self.rank != 0:
             position = {**position, "epoch_loss_sum": 0.0, "epoch_batches": 0}
         return Position(**position)
 
-    def _capture(self, position: Position) -> dict[str, Any]:
-        """This rank's share of a checkpoint: everything on rank 0, the RNG state on every rank."""
-        parts, aggregator = self.parts, self.parts.aggregator
-        # Full state dicts in one format for every strategy; gathering them may be a collective
-        # (ZeRO, FSDP), so every rank takes part and rank 0 keeps them.
-        model_state = aggregator.model_state_dict(parts.model)
-        optimizer_state = aggregator.optimizer_state_dict(
-            parts.model, parts.optimizer, rank=self.rank
+    def _capture(self, position: Position) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This rank's share of a checkpoint: a plain header, and the tensors it holds (its
+        rows of the model and optimizer state, copied to host memory; distrain/shards.py). No
+        collective: each rank writes what it has."""
+        parts = self.parts
+        share, settings, values = shards.capture(
+            parts.model,
+            parts.optimizer,
+            rank=self.rank,
+            world_size=self.world_size,
+            identical_replicas=parts.aggregator.identical_replicas,
         )
-        state: dict[str, Any] = {
+        share.add(f"rng/{self.rank}/cpu", torch.get_rng_state(), split=False)
+        cuda = devices.device_rng_state(self.device)
+        if cuda is not None:
+            share.add(f"rng/{self.rank}/cuda", cuda, split=False)
+        header: dict[str, Any] = {
             "position": vars(position).copy(),
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": devices.device_rng_state(self.device),
-            },
+            "index": share.index,
+            "optimizer_values": values,
         }
         if self.rank == 0:
-            state |= {
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": parts.scheduler.state_dict() if parts.scheduler else None,
-                "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
+            header["lead"] = {
+                "optimizer": settings,
+                "scheduler": shards.plain(parts.scheduler.state_dict())
+                if parts.scheduler
+                else None,
+                "scaler": shards.plain(parts.scaler.state_dict())
+                if parts.scaler.is_enabled()
+                else None,
             }
-        return _to_cpu(state)
+        return header, share.tensors
 
     def _at_boundary(self, position: Position, epoch_end: bool, final: bool) -> bool:
         stop, checkpoint = ray.get(self.sink.decide.remote(position.step, final))
         if checkpoint:
-            state = ray.put(self._capture(position))
+            started = time.perf_counter()
+            header, tensors = self._capture(position)
+            share = ray.put(tensors)  # the copy the step waits for; the write is the driver's
             record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
-            self._report({**record, "state": [state]})
+            self._report({**record, "header": header, "share": [share]})
+            self._checkpoint_blocking_s += time.perf_counter() - started
+            if not self.job["trainer"]["async_checkpoint"]:
+                # Synchronous: wait until the checkpoint is on disk. At an epoch end the driver
+                # writes it once the epoch's record is in, so the wait comes after sending it.
+                self._unsaved_step = position.step
+                if not epoch_end:
+                    self._wait_saved()
         return stop
+
+    def _wait_saved(self) -> None:
+        """trainer.async_checkpoint=false: block until the driver has written the checkpoint."""
+        started = time.perf_counter()
+        while ray.get(self.sink.saved_step.remote()) < self._unsaved_step:
+            time.sleep(SAVED_POLL_S)
+        self._unsaved_step = -1
+        self._checkpoint_blocking_s += time.perf_counter() - started
 
     def fit(self) -> dict[str, Any]:
         trainer, logger = self.job["trainer"], self.job["logger"]
         self._outbox: list[dict[str, Any]] = []
+        self._checkpoint_blocking_s, self._unsaved_step = 0.0, -1
         self._next_report_s = time.monotonic()
         slowed = trainer["debug_delay_rank"] == self.rank  # test only: a simulated straggler
         self.parts.aggregator.fit_started_s = time.perf_counter()
@@ -271,6 +303,9 @@ class Worker:
             result["state_dict"] = _to_cpu(model_state)
         self.parts.aggregator.close()
         result["aggregator"] = self.parts.aggregator.stats()
+        # Seconds the steps waited for checkpoints: the capture to host memory, and with
+        # trainer.async_checkpoint=false the write too.
+        result["aggregator"]["checkpoint_blocking_s"] = self._checkpoint_blocking_s
         if self.compiled:  # torch.compile ran during the first step
             result["aggregator"]["compile_s"] = result["aggregator"]["first_step_extra_s"]
         return result
@@ -295,6 +330,8 @@ class Worker:
         if due and self._outbox:
             self.sink.push_many.remote(self._outbox)
             self._outbox, self._next_report_s = [], now + REPORT_EVERY_S
+        if record is not None and record["kind"] == "epoch" and self._unsaved_step >= 0:
+            self._wait_saved()  # the epoch-end checkpoint, synchronous
 
 
 def heartbeat_s(trainer: dict[str, Any]) -> float:

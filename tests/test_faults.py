@@ -21,7 +21,8 @@ import pytest
 import ray
 import torch
 
-from distrain import driver
+from distrain import checkpoint, driver
+from distrain.checkpoint import CheckpointStore
 from distrain.rundir import RunDirectory
 from tests.conftest import DISTRAIN, compose_job, run_cli
 
@@ -198,10 +199,9 @@ def test_ctrl_c_then_resume_ends_with_the_same_parameters(
     stderr = finish(proc)
     assert proc.returncode == 130, stderr[-3000:]
     assert f"distrain resume={run_dir}" in stderr
-    stopped_at = torch.load(
-        run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text(),
-        weights_only=True,
-    )["step"]
+    stopped_at = checkpoint.load(
+        run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
+    ).step
     assert 0 < stopped_at < STEPS
 
     resumed = run_cli(
@@ -272,7 +272,7 @@ def test_too_many_failures_stop_with_the_last_checkpoint_intact(
     assert "Traceback" not in stderr
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
     assert str(latest) in stderr
-    assert torch.load(latest, weights_only=True)["step"] > 0
+    assert checkpoint.load(latest).step > 0
 
 
 def test_corrupt_checkpoint_is_named_and_an_older_one_resumes(
@@ -281,9 +281,10 @@ def test_corrupt_checkpoint_is_named_and_an_older_one_resumes(
     run_dir = RunDirectory(tmp_path / "run")
     short = ["trainer.epochs=2", "trainer.checkpoint_every_n_steps=10", "logger.progress=none"]
     driver.train(compose_job(*short, f"hydra.run.dir={run_dir.path}"), run_dir)
-    checkpoints = sorted((run_dir.checkpoints).glob("step-*.pt"))
+    checkpoints = CheckpointStore(run_dir.checkpoints, keep=3).all()
     assert len(checkpoints) == 3  # trainer.keep_checkpoints
-    checkpoints[-1].write_bytes(checkpoints[-1].read_bytes()[:1000])  # truncated
+    shard = checkpoints[-1] / "shard-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated
     # The run dir has no .hydra/ (it was run in-process), so the job is given in full again.
     broken = run_cli(
         *short, f"resume={run_dir.path}", f"cluster.address={ray_address}", cwd=tmp_path
@@ -300,54 +301,99 @@ def test_corrupt_checkpoint_is_named_and_an_older_one_resumes(
     assert json.loads(run_dir.metrics_path.read_text())["steps"] == 44
 
 
-def test_garbage_file_is_not_a_checkpoint(tmp_path: Path) -> None:
-    from distrain import checkpoint
+def test_garbage_is_not_a_checkpoint(tmp_path: Path) -> None:
     from distrain.config import ConfigError
 
-    bad = tmp_path / "step-000000001.pt"
+    bad = tmp_path / "step-000000001.pt"  # format 1: one torch.save file
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ConfigError, match="cannot be read"):
         checkpoint.load(bad)
     torch.save({"weights": torch.zeros(2)}, bad)  # loadable, but not ours
     with pytest.raises(ConfigError, match="not a distrain checkpoint"):
         checkpoint.load(bad)
+    directory = tmp_path / "step-000000002"  # format 2: a directory
+    directory.mkdir()
+    (directory / "meta.json").write_text("{ not json")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.load(directory)
+    (directory / "meta.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(ConfigError, match="not a distrain checkpoint"):
+        checkpoint.load(directory)
+
+
+def _meta(step: int, rows: int, world_size: int) -> dict:
+    """A format-2 index for one tensor `w` split by rows over `world_size` shards."""
+    from distrain.shards import chunk_rows
+
+    pieces = [
+        {"shard": r, "rows": list(chunk_rows(rows, r, world_size))} for r in range(world_size)
+    ]
+    return {
+        "step": step,
+        "epoch": 0,
+        "step_in_epoch": step,
+        "tensors": {"model/w": {"shape": [rows], "dtype": "float32", "pieces": pieces}},
+    }
+
+
+def test_a_missing_shard_is_named(tmp_path: Path) -> None:
+    from distrain.config import ConfigError
+
+    store = CheckpointStore(tmp_path, keep=3)
+    halves = torch.arange(10.0).chunk(2)
+    saved = store.save(_meta(1, 10, 2), [lambda half=half: {"model/w": half} for half in halves])
+    loaded = checkpoint.load(saved.path)
+    assert torch.equal(torch.cat([read()["model/w"] for read in loaded.shards]), torch.arange(10.0))
+    meta = json.loads((saved.path / "meta.json").read_text())
+    meta["tensors"]["model/w"]["pieces"].pop()  # an index that lost a piece
+    (saved.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="model/w has 5 of its rows"):
+        checkpoint.load(saved.path)
+    (saved.path / "shard-00001-of-00002.safetensors").unlink()
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.load(saved.path)
 
 
 WRITER = """
 import sys, torch
 from pathlib import Path
 from distrain.checkpoint import CheckpointStore
+from tests.test_faults import _meta
 store = CheckpointStore(Path(sys.argv[1]), keep=3)
-store.save({"step": 1, "model": {"w": torch.ones(4)}})
+store.save(_meta(1, 4, 2), [lambda: {"model/w": torch.ones(2)}, lambda: {"model/w": torch.ones(2)}])
 print("first", flush=True)
-store.save({"step": 2, "model": {"w": torch.randn(60_000_000)}})  # 240 MB: killed during this
+big = torch.randn(30_000_000)  # 2 x 120 MB: killed while writing these
+store.save(_meta(2, 60_000_000, 2), [lambda: {"model/w": big}, lambda: {"model/w": big.clone()}])
 """
 
 
 def test_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path: Path) -> None:
     import sys
 
-    from distrain.checkpoint import CheckpointStore
-
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     try:
         assert proc.stdout.readline().strip() == "first"
         deadline = time.monotonic() + 60
-        while not any(p.stat().st_size > 0 for p in tmp_path.glob(".step-000000002.pt.tmp-*")):
+        while not any(p.stat().st_size > 0 for p in tmp_path.glob(".step-000000002.tmp-*/*")):
             assert time.monotonic() < deadline and proc.poll() is None, "the write never began"
             time.sleep(0.01)
-        proc.kill()  # SIGKILL in the middle of writing step 2
+        proc.kill()  # SIGKILL in the middle of writing step 2's shards
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
     store = CheckpointStore(tmp_path, keep=3)
-    assert [p.name for p in store.all()] == ["step-000000001.pt"]
+    assert [p.name for p in store.all()] == ["step-000000001"]
     latest = store.latest()
-    assert latest is not None and latest.name == "step-000000001.pt"
-    assert torch.equal(torch.load(latest, weights_only=True)["model"]["w"], torch.ones(4))
+    assert latest is not None and latest.name == "step-000000001"
+    loaded = checkpoint.load(latest)
+    assert loaded.step == 1
+    assert [read()["model/w"].tolist() for read in loaded.shards] == [[1.0, 1.0], [1.0, 1.0]]
 
 
 def _nan_dataset(path: Path) -> None:
@@ -439,3 +485,39 @@ def test_node_lost_continues_elastically_on_fewer_workers(
     assert metrics["workers"] == 1 and metrics["restarts"] >= 1 and metrics["steps"] == STEPS
     # Same global batch on one worker (accumulating two micro-batches): the same training.
     assert_same_parameters(run_dir, reference)
+
+
+# A wider MLP, so that writing a checkpoint (2 shards of ~17 MB) takes long enough to be hit.
+WIDE = ["trainer.epochs=2", "model.hidden_sizes=[2048,2048]", "trainer.checkpoint_every_n_steps=4"]
+
+
+def test_worker_killed_during_a_background_write_recovers_to_the_synchronous_result(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """trainer.async_checkpoint=true (the default) ends with the parameters of a synchronous
+    run; a worker SIGKILLed while the driver writes a checkpoint in the background leaves
+    either that checkpoint complete or the previous one as the latest, and the run recovers
+    from it to the same parameters."""
+    sync_dir = RunDirectory(tmp_path / "sync")
+    job = compose_job(*JOB, *WIDE, "trainer.async_checkpoint=false", "logger.progress=none")
+    sync = driver.train(job, sync_dir)
+    assert all(a["checkpoint_blocking_s"] > 0 for a in sync["aggregator"])
+    expected = torch.load(sync_dir.model_path, weights_only=True)
+
+    run_dir = tmp_path / "run"
+    proc = start(ray_address, run_dir, *WIDE)
+    checkpoints = run_dir / "checkpoints"
+
+    def writing() -> bool:  # a checkpoint exists, and the next one is being written
+        return (checkpoints / "latest").exists() and any(checkpoints.glob(".step-*.tmp-*/shard-*"))
+
+    wait_for(writing, proc, timeout_s=180)
+    os.kill(worker(run_dir, 1)["pid"], signal.SIGKILL)  # while a write is in progress
+    stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["restarts"] == 1 and metrics["steps"] == sync["steps"]
+    step = int(RESUMED_FROM.search(stderr).group(1))
+    assert step % 4 == 0 or step % (STEPS // 20) == 0, step
+    assert not list(checkpoints.glob(".step-*"))  # no half-written checkpoint is left
+    assert_same_parameters(run_dir, expected)

@@ -136,25 +136,20 @@ class GradientAggregator(ABC):
     # True where the model's forward is itself a collective (FSDP): every rank must run each
     # forward (evaluation, sampling) in step.
     collective_forward = False
+    # True where every rank holds the same replicated tensors after a step, so each writes 1/W
+    # of them to a checkpoint (distrain/shards.py); the asynchronous parameter server's do not.
+    identical_replicas = True
 
     def eval_batches(self, batches: Iterable[Any]) -> Iterable[Any]:
         """The validation batches this rank evaluates; a strategy whose forward is a collective
         makes every rank run the same number of them."""
         return batches
 
-    # Checkpoints: the full (unsharded) state, in one format for every strategy. Called on every
-    # rank (a strategy may gather shards); only rank 0's result is kept.
+    # Checkpoints. `model_state_dict`: the full (unsharded) model, for model.pt at the end of a
+    # run; called on every rank (a strategy may gather shards), rank 0's is kept.
 
     def model_state_dict(self, model: nn.Module) -> dict[str, Any]:
         return model.state_dict()
-
-    def optimizer_state_dict(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int
-    ) -> dict[str, Any] | None:
-        """Rank 0: the full optimizer state (`Optimizer.state_dict()` format); others: None."""
-        if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: gather the shards on rank 0
-            optimizer.consolidate_state_dict(to=0)
-        return optimizer.state_dict() if rank == 0 else None
 
     def load_state(
         self,
@@ -163,7 +158,8 @@ class GradientAggregator(ABC):
         model_state: dict[str, Any],
         optimizer_state: dict[str, Any],
     ) -> None:
-        """Every rank, from the full state (ZeRO keeps its share of the optimizer state)."""
+        """Every rank, from state dicts laid out as its own are (distrain/shards.py): the full
+        state here (ZeRO keeps its share of the optimizer state)."""
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
 

@@ -8,10 +8,10 @@ reduce-scattered to their shards, and the optimizer steps on the local shard onl
 `fully_shard` works in place, the bare module the worker holds IS the sharded model: its forward
 is a collective, so evaluation runs on every rank in lock-step (`eval_batches`).
 
-Checkpoints keep the format of every other strategy (full model and optimizer state dicts,
-optimizer state keyed by parameter index): gathered with torch's
-`distributed.checkpoint.state_dict` helpers, so a run can resume on any worker count and
-strategy (FSDP 2 -> DDP 1, DDP 2 -> FSDP 3).
+Checkpoints are sharded: each rank writes its local shards (distrain/shards.py) and reads back
+the rows of its new shards, through torch's `distributed.checkpoint.state_dict` helpers, so a
+run resumes on any worker count and strategy (FSDP 2 -> DDP 1, DDP 2 -> FSDP 3) and no rank
+ever holds the whole state. Only model.pt, at the end, is gathered in full.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
@@ -169,16 +168,10 @@ class FSDP(GradientAggregator):
             else:
                 yield empty
 
-    # Checkpoints: full (unsharded) state dicts, gathered from the shards on every rank.
+    # model.pt: the full (unsharded) model, gathered from the shards on every rank.
 
     def model_state_dict(self, model: nn.Module) -> dict[str, Any]:
         return get_model_state_dict(model, options=FULL)
-
-    def optimizer_state_dict(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int
-    ) -> dict[str, Any] | None:
-        state = get_optimizer_state_dict(model, optimizer, options=FULL)
-        return _by_index(state) if rank == 0 else None
 
     def load_state(
         self,
@@ -187,32 +180,19 @@ class FSDP(GradientAggregator):
         model_state: dict[str, Any],
         optimizer_state: dict[str, Any],
     ) -> None:
-        # Every rank has the whole payload (Ray hands it to each): each keeps its shards.
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=options)
+        """From this rank's shards (DTensors of the sharded parameters' layout)."""
+        set_model_state_dict(model, model_state)
         names = [name for name, _ in model.named_parameters()]
-        state = _by_name(optimizer_state, names)
-        set_optimizer_state_dict(model, optimizer, state, options=options)
+        set_optimizer_state_dict(model, optimizer, _by_name(optimizer_state, names))
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _by_index(state: dict[str, Any]) -> dict[str, Any]:
-    """DCP's full optimizer state (keyed by parameter name) in `Optimizer.state_dict()`'s format
-    (keyed by the parameter's index in the groups, in order): the checkpoint format of every
-    strategy, so a checkpoint resumes under any of them."""
-    index: dict[str, int] = {}
-    groups = []
-    for group in state["param_groups"]:
-        ids = [index.setdefault(name, len(index)) for name in group["params"]]
-        groups.append({**group, "params": ids})
-    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
-
-
 def _by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The inverse of `_by_index`: indices follow `model.parameters()`, the order the optimizer
-    was built in."""
+    """`Optimizer.state_dict()`'s format (keyed by the parameter's index in the groups) keyed by
+    parameter name, as torch's state-dict helpers take it: indices follow `model.parameters()`,
+    the order the optimizer was built in."""
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}

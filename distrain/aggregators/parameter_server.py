@@ -78,6 +78,8 @@ class ParameterServer(GradientAggregator):
                 "(versions of a shard a gradient may lag behind; async mode)."
             )
         self.num_servers, self.mode, self.max_staleness = servers, mode, max_staleness
+        # Async: each worker holds the version of each shard it last pulled.
+        self.identical_replicas = mode == "sync"
         self.sync_s = 0.0  # time this worker spent in push/pull round trips
         self.steps = 0  # counted by GradientAggregator.synchronize
 

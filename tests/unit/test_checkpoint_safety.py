@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -74,4 +75,42 @@ def test_resume_from_a_trapped_checkpoint_fails_cleanly_before_any_actor(tmp_pat
     assert result.returncode == 2, result.stderr[-2000:]
     assert "step-000000010.pt cannot be read" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def _sharded_checkpoint(directory: Path) -> Path:
+    """A real format-2 checkpoint (one tensor over two shards), written by the store."""
+    from distrain.checkpoint import CheckpointStore
+
+    pieces = [{"shard": 0, "rows": [0, 1]}, {"shard": 1, "rows": [1, 2]}]
+    meta = {
+        "step": 10,
+        "epoch": 0,
+        "step_in_epoch": 10,
+        "tensors": {"model/weight": {"shape": [2], "dtype": "float32", "pieces": pieces}},
+    }
+    halves = [lambda: {"model/weight": torch.zeros(1)}, lambda: {"model/weight": torch.ones(1)}]
+    return CheckpointStore(directory / "checkpoints", keep=3).save(meta, halves).path
+
+
+@pytest.mark.parametrize("part", ["meta.json", "shard-00001-of-00002.safetensors"])
+def test_a_pickle_in_a_sharded_checkpoint_is_refused_unrun(tmp_path: Path, part: str) -> None:
+    """Format 2 holds JSON and safetensors: a pickle put in place of either is not data."""
+    path = _sharded_checkpoint(tmp_path)
+    assert checkpoint.load(path).step == 10  # the untouched checkpoint loads
+    marker = tmp_path / "ran"
+    torch.save({"trap": _RunsACommand(marker)}, path / part)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+def test_a_dcp_style_pickled_metadata_file_is_never_read(tmp_path: Path) -> None:
+    """torch's distributed checkpoint keeps its index in a pickled `.metadata`; ours is JSON, so
+    such a file beside the shards is ignored, whatever it would run."""
+    path = _sharded_checkpoint(tmp_path)
+    marker = tmp_path / "ran"
+    (path / ".metadata").write_bytes(pickle.dumps({"trap": _RunsACommand(marker)}))
+    loaded = checkpoint.load(path)
+    assert [read()["model/weight"].tolist() for read in loaded.shards] == [[0.0], [1.0]]
     assert not marker.exists()

@@ -1,0 +1,156 @@
+"""Driver side of a checkpoint: every rank's share assembled into one, written in the background.
+
+Each rank sends a checkpoint record: a small plain header inline (its data position, the index
+of the tensor pieces it holds, and on rank 0 the schedule and optimizer settings) and a
+reference to its tensors in Ray's object store. Once all ranks have sent theirs, the header
+becomes the checkpoint's `meta.json` and a background thread fetches the shares and writes them,
+one shard file per rank in parallel (distrain/checkpoint.py). One write runs at a time: the
+next checkpoint waits for the previous one, so at most two are held in memory.
+
+With `trainer.async_checkpoint=false` the workers wait until the write is done (the driver tells
+them through the sink); with `true` they go on as soon as their share is in the object store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from distrain.checkpoint import CheckpointStore, Saved
+
+
+@dataclass
+class Pending:
+    """A checkpoint whose every share has arrived: its metadata and the shares' references."""
+
+    meta: dict[str, Any]
+    shares: list[Any]  # ObjectRef per rank
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+class ShareTimeout(RuntimeError):
+    """A share could not be fetched within the timeout (its node unreachable from the driver)."""
+
+
+class ShareLost(RuntimeError):
+    """A share's owner (a worker) died before the driver read it."""
+
+
+@dataclass
+class WriteResult:
+    step: int
+    saved: Saved | None = None
+    error: BaseException | None = None
+    write_s: float = 0.0
+
+
+@dataclass
+class CheckpointWriter:
+    store: CheckpointStore
+    job: dict[str, Any]  # the groups a resume must match (driver.RESUME_MUST_MATCH)
+    fetch_timeout_s: float
+    _arrived: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    _thread: threading.Thread | None = None
+    _result: WriteResult | None = None
+    write_s: list[float] = field(default_factory=list)
+    size_bytes: int = 0
+
+    def add(self, record: dict[str, Any], world_size: int) -> Pending | None:
+        """One rank's checkpoint record; the assembled checkpoint once all ranks sent theirs."""
+        ranks = self._arrived.setdefault(record["step"], {})
+        ranks[record["rank"]] = record
+        if len(ranks) < world_size:
+            return None
+        del self._arrived[record["step"]]
+        records = [ranks[rank] for rank in range(world_size)]
+        return Pending(self._meta(records, record["epoch_end"]), [r["share"][0] for r in records])
+
+    def _meta(self, records: list[dict[str, Any]], epoch_end: bool) -> dict[str, Any]:
+        headers = [r["header"] for r in records]
+        position = dict(headers[0]["position"])
+        position["epoch_loss_sum"] = sum(h["position"]["epoch_loss_sum"] for h in headers)
+        position["epoch_batches"] = sum(h["position"]["epoch_batches"] for h in headers)
+        tensors: dict[str, dict[str, Any]] = {}
+        for rank, header in enumerate(headers):
+            for key, entry in header["index"].items():
+                merged = tensors.setdefault(
+                    key, {"shape": entry["shape"], "dtype": entry["dtype"], "pieces": []}
+                )
+                merged["pieces"].append({"shard": rank, "rows": entry["rows"]})
+        optimizer = dict(headers[0]["lead"]["optimizer"])
+        optimizer["values"] = {k: v for h in headers for k, v in h["optimizer_values"].items()}
+        return {
+            "step": position["step"],
+            "epoch": position["epoch"],
+            "step_in_epoch": position["step_in_epoch"],
+            "position": position,
+            "world_size": len(headers),
+            "epoch_end": epoch_end,
+            "job": self.job,
+            "scheduler": headers[0]["lead"]["scheduler"],
+            "scaler": headers[0]["lead"]["scaler"],
+            "optimizer": optimizer,
+            "tensors": tensors,
+        }
+
+    def submit(self, pending: Pending, history: list[dict[str, Any]]) -> None:
+        """Write `pending` in the background; the previous write's result must have been taken
+        (`wait`/`finished`) first, so that no failure goes unseen."""
+        assert self._result is None, "the previous checkpoint's result was not taken"
+        meta = {**pending.meta, "history": history}
+        self._result = WriteResult(pending.step)
+        self._thread = threading.Thread(
+            target=self._write, args=(meta, pending.shares, self._result), daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, meta: dict[str, Any], shares: list[Any], result: WriteResult) -> None:
+        started = time.perf_counter()
+
+        def fetch(ref: Any) -> Any:
+            try:
+                return ray.get(ref, timeout=self.fetch_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise ShareTimeout(f"not fetched within {self.fetch_timeout_s:g} s") from None
+            except ray.exceptions.RayError as error:
+                raise ShareLost(str(error).strip().splitlines()[0]) from None
+
+        try:
+            result.saved = self.store.save(meta, [lambda ref=ref: fetch(ref) for ref in shares])
+        except BaseException as error:  # reported to the driver's loop by `finished`
+            result.error = error
+        result.write_s = time.perf_counter() - started
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def finished(self) -> WriteResult | None:
+        """The last write's result once it is done (each result is returned once)."""
+        if self._result is None or self.busy():
+            return None
+        result, self._result, self._thread = self._result, None, None
+        if result.saved is not None:
+            self.write_s.append(result.write_s)
+            self.size_bytes = result.saved.size_bytes
+        return result
+
+    def wait(self) -> WriteResult | None:
+        """Block until the write in progress (if any) is done; its result."""
+        if self._thread is not None:
+            self._thread.join()
+        return self.finished()
+
+    def forget(self) -> None:
+        """After a failure: drop shares of checkpoints no longer completable."""
+        self._arrived.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """For metrics.json: how many were written, how long each took, the last one's size."""
+        return {"saved": len(self.write_s), "write_s": self.write_s, "size_bytes": self.size_bytes}
