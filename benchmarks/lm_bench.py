@@ -36,6 +36,32 @@ def token_dir() -> Path:
     return text(block_size=LM.block_size).train.path.parent
 
 
+def lm_overrides(data: Path, workers: int, steps: int) -> list[str]:
+    """distrain's job for the LM workload on `workers` workers, `steps` steps."""
+    return [
+        "model=gpt",
+        "data=tokens",
+        f"data.path={data}",
+        "data.dtype=uint8",
+        "data.vocab_size=256",
+        f"model.block_size={LM.block_size}",
+        f"model.n_layer={LM.n_layer}",
+        f"model.n_head={LM.n_head}",
+        f"model.n_embd={LM.n_embd}",
+        f"data.batch_size={LM.batch_per_worker * workers}",
+        "data.val_windows=16",
+        "optimizer=adamw",
+        f"optimizer.lr={LM.lr}",
+        "optimizer.weight_decay=0.01",
+        f"trainer.workers={workers}",
+        "trainer.epochs=1",
+        f"trainer.max_steps={steps}",
+        f"logger.log_every_n_steps={LOG_EVERY}",
+        "logger.progress=none",
+        "logger.sample_tokens=0",
+    ]
+
+
 def distrain_one(data: Path, workers: int, warmup: int, measure: int) -> dict[str, Any]:
     """One distrain run (in this process, which the caller started fresh)."""
     from benchmarks.distrain_bench import compose_job, steady_samples_per_s
@@ -43,31 +69,8 @@ def distrain_one(data: Path, workers: int, warmup: int, measure: int) -> dict[st
     from distrain.rundir import RunDirectory
 
     global_batch = LM.batch_per_worker * workers
-    job = compose_job(
-        [
-            "model=gpt",
-            "data=tokens",
-            f"data.path={data}",
-            "data.dtype=uint8",
-            "data.vocab_size=256",
-            f"model.block_size={LM.block_size}",
-            f"model.n_layer={LM.n_layer}",
-            f"model.n_head={LM.n_head}",
-            f"model.n_embd={LM.n_embd}",
-            f"data.batch_size={global_batch}",
-            "data.val_windows=16",
-            "optimizer=adamw",
-            f"optimizer.lr={LM.lr}",
-            "optimizer.weight_decay=0.01",
-            f"trainer.workers={workers}",
-            "trainer.epochs=1",
-            f"trainer.max_steps={warmup + measure}",
-            f"logger.log_every_n_steps={LOG_EVERY}",
-            "logger.progress=none",
-            "logger.sample_tokens=0",
-            "trainer.checkpoint_min_interval_s=3600",
-        ]
-    )
+    overrides = lm_overrides(data, workers, warmup + measure)
+    job = compose_job([*overrides, "trainer.checkpoint_min_interval_s=3600"])
     with tempfile.TemporaryDirectory() as tmp:
         metrics = driver.train(job, RunDirectory(Path(tmp)))
         steps_per_epoch = (os.path.getsize(data / "train.bin") - 1) // LM.block_size // global_batch

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from distrain import cli, driver
+from distrain import checkpoint, cli, driver
 from distrain.data.sklearn import digits
 from distrain.rundir import RunDirectory
 from distrain.sharding import epoch_permutation
@@ -135,6 +135,10 @@ def _resume(tmp_path: Path, first: list[str], second: list[str]) -> dict[str, to
     """15 steps under `first`, then the same run resumed to step 30 under `second`."""
     run_dir = RunDirectory(tmp_path / "first")
     driver.train(compose_job(*BASE, "trainer.max_steps=15", *first), run_dir)
+    # Each worker wrote its own shard, and they divide the state: no rank held all of it.
+    latest = checkpoint.CheckpointStore(run_dir.checkpoints, keep=3).latest()
+    sizes = [shard.stat().st_size for shard in sorted(latest.glob("shard-*.safetensors"))]
+    assert len(sizes) == 2 and max(sizes) < 0.65 * sum(sizes), sizes  # ZeRO-1: uneven
     resumed = RunDirectory(tmp_path / "second")
     metrics = driver.train(compose_job(*BASE, f"resume={run_dir.path}", *second), resumed)
     assert metrics["steps"] == STEPS
@@ -157,9 +161,15 @@ CHECKPOINTED = "trainer.activation_checkpointing=blocks"
     [
         ([FSDP, "trainer.workers=2", ADAM], ["trainer.workers=1", ADAM]),
         (["trainer.workers=2"], [FSDP, "trainer.workers=3", CHECKPOINTED]),
-        (["trainer.workers=2", ADAM, ZERO], [FSDP, "trainer.workers=2", ADAM]),
+        (["trainer.workers=2", ADAM, ZERO], [FSDP, "trainer.workers=3", ADAM]),
+        ([FSDP, "trainer.workers=2", ADAM], ["trainer.workers=3", ADAM, ZERO]),
     ],
-    ids=["fsdp2-to-ddp1-adam", "ddp2-to-fsdp3-checkpointed", "zero2-to-fsdp2-adam"],
+    ids=[
+        "fsdp2-to-ddp1-adam",
+        "ddp2-to-fsdp3-checkpointed",
+        "zero2-to-fsdp3-adam",
+        "fsdp2-to-zero3-adam",
+    ],
 )
 def test_resume_across_strategies_equals_the_uninterrupted_run(
     ray_address: str,
