@@ -259,8 +259,15 @@ def test_experiment_runs_through_the_cli_with_two_workers(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["workers"] == 2 and metrics["steps"] >= 2
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0
+    # Every step of every epoch ran, and accuracy is a count over the whole validation split.
+    job = _compose(f"experiment={experiment}", *EXPERIMENTS[experiment], root=root)
+    splits = build.build_splits(job["data"])
+    steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
+    assert (
+        metrics["workers"] == 2 and metrics["steps"] == job["trainer"]["epochs"] * steps_per_epoch
+    )
+    correct = metrics["val_accuracy"] * len(splits.val)
+    assert correct == pytest.approx(round(correct), abs=1e-6), (metrics, len(splits.val))
     if experiment in STATED_ACCURACY:
         assert metrics["val_accuracy"] >= STATED_ACCURACY[experiment], metrics
     lr = scalars(run_dir)["optim/lr"]
