@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from distrain.checkpoint import CheckpointStore, Saved
+from distrain.shards import from_wire
 
 
 @dataclass
@@ -116,7 +117,7 @@ class CheckpointWriter:
 
         def fetch(ref: Any) -> Any:
             try:
-                return ray.get(ref, timeout=self.fetch_timeout_s)
+                return from_wire(ray.get(ref, timeout=self.fetch_timeout_s))
             except ray.exceptions.GetTimeoutError:
                 raise ShareTimeout(f"not fetched within {self.fetch_timeout_s:g} s") from None
             except ray.exceptions.RayError as error:

@@ -18,9 +18,11 @@ metadata; here the index is JSON (`meta["tensors"]`) and the pieces are safetens
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
@@ -59,7 +61,7 @@ def _piece(
 
 
 class ShareBuilder:
-    """One rank's tensors (copied to host memory) and their index entries."""
+    """One rank's tensors (views of its state, on its device) and their index entries."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -74,9 +76,9 @@ class ShareBuilder:
         piece, rows = taken
         if rows is not None and rows[0] == rows[1]:
             return  # fewer rows than ranks: nothing here
-        # A copy, not a view: the step goes on changing the parameters in place, and
-        # safetensors refuses tensors that share storage.
-        self.tensors[key] = piece.detach().to("cpu", copy=True).contiguous()
+        # A view where it can be (no copy here): `to_wire` + `ray.put` copy only these rows,
+        # before the step goes on changing the parameters in place.
+        self.tensors[key] = piece.detach().contiguous()
         self.index[key] = {
             "shape": list(value.shape),
             "dtype": str(value.dtype).removeprefix("torch."),
@@ -129,6 +131,33 @@ def capture(
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     settings = {"param_groups": plain(groups), "group_sizes": sizes}
     return share, settings, plain(values)
+
+
+Wire = dict[str, tuple[np.ndarray, str]]
+
+
+def to_wire(tensors: Tensors) -> Wire:
+    """Host numpy arrays for `ray.put`: Ray copies a numpy array's bytes straight into its object
+    store (out-of-band, the rows of a view only), about half the time it takes to pickle a torch
+    tensor, so the step waits less. numpy has no bfloat16: such rows travel as int16."""
+    wire = {}
+    for key, tensor in tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+        wire[key] = (tensor.cpu().numpy(), dtype)
+    return wire
+
+
+def from_wire(wire: Wire) -> Tensors:
+    """The inverse of `to_wire` (the arrays Ray returns are read-only views of its store)."""
+    tensors = {}
+    for key, (array, dtype) in wire.items():
+        with warnings.catch_warnings():  # read-only: safetensors only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        tensors[key] = tensor.view(getattr(torch, dtype))
+    return tensors
 
 
 def plain(value: Any) -> Any:

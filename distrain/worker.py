@@ -248,7 +248,8 @@ class Worker:
         if checkpoint:
             started = time.perf_counter()
             header, tensors = self._capture(position)
-            share = ray.put(tensors)  # the copy the step waits for; the write is the driver's
+            # The copy the step waits for (into the object store); the write is the driver's.
+            share = ray.put(shards.to_wire(tensors))
             record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
             self._report({**record, "header": header, "share": [share]})
             self._checkpoint_blocking_s += time.perf_counter() - started
