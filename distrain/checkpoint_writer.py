@@ -55,7 +55,7 @@ class WriteResult:
 @dataclass
 class CheckpointWriter:
     store: CheckpointStore
-    job: dict[str, Any]  # the groups a resume must match (driver.RESUME_MUST_MATCH)
+    job: dict[str, Any]  # the groups a resume must match (preflight.RESUME_MUST_MATCH)
     fetch_timeout_s: float
     _arrived: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
     _thread: threading.Thread | None = None

@@ -22,13 +22,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from distrain import driver, sweep
-from distrain.config import ConfigError, register_configs
+from distrain.config import register_configs
+from distrain.errors import ConfigError, Interrupted, TrainingFailed
 from distrain.progress import print_summary
 from distrain.rundir import RunDirectory
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PATH_KEYS = ("root", "path", "val_root")  # data paths made absolute before workers see them
 log = logging.getLogger("distrain")
+# How each way a run can end is named on stderr, and the exit code it ends with.
+EXIT_CODES: dict[type[BaseException], tuple[str, int]] = {
+    ConfigError: ("configuration error", 2),
+    TrainingFailed: ("training failed", 1),  # and a sweep with a failed job
+    KeyboardInterrupt: ("interrupted", 130),  # Ctrl-C or SIGTERM; Interrupted says how to resume
+}
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
@@ -50,9 +57,9 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         return _run_sweep_job(cfg, run_dir)
     try:
         metrics = driver.train(resolve(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
-    except (ConfigError, driver.TrainingFailed) as error:
+    except (ConfigError, TrainingFailed) as error:
         print(f"distrain: {_kind(error)}: {error}", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ConfigError) else 1)
+        sys.exit(_exit_code(error))
     except KeyboardInterrupt as stop:
         _interrupted(stop, cfg.logger.progress)
     _finish(metrics, cfg.logger.progress)
@@ -61,21 +68,22 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
 
 def _interrupted(stop: KeyboardInterrupt, progress_mode: str) -> None:
     """Ctrl-C/SIGTERM: exit 130 with how to go on; a run that completed anyway is recorded."""
-    if isinstance(stop, driver.Interrupted) and stop.metrics is not None:
+    if isinstance(stop, Interrupted) and stop.metrics is not None:
         _finish(stop.metrics, progress_mode)
-    if isinstance(stop, driver.Interrupted):
+    if isinstance(stop, Interrupted):
         print(f"distrain: interrupted: {stop}", file=sys.stderr)
     else:
         print("distrain: interrupted (no checkpoint written now)", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(_exit_code(stop))
 
 
 def _kind(error: BaseException) -> str:
-    if isinstance(error, ConfigError):
-        return "configuration error"
-    if isinstance(error, driver.TrainingFailed):
-        return "training failed"
-    return f"unexpected error ({type(error).__name__})"
+    kind = next((name for cls, (name, _) in EXIT_CODES.items() if isinstance(error, cls)), None)
+    return kind or f"unexpected error ({type(error).__name__})"
+
+
+def _exit_code(error: BaseException) -> int:
+    return next(code for cls, (_, code) in EXIT_CODES.items() if isinstance(error, cls))
 
 
 def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | None:
@@ -103,7 +111,7 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
     except Exception as error:  # one bad job must not end the sweep; its run dir says why
         kind = _kind(error)
         record = {"error": f"{kind}: {error}", "overrides": overrides}
-        if not isinstance(error, ConfigError | driver.TrainingFailed):
+        if not isinstance(error, ConfigError | TrainingFailed):
             record["traceback"] = traceback.format_exc()
             traceback.print_exc()
         run_dir.write_json(failed, record)
@@ -174,6 +182,7 @@ def main() -> None:
         # Between two jobs of a sweep (or while Hydra composes the next one) no job is running:
         # nothing to checkpoint, but the sweep stops like a Ctrl-C inside a job.
         print("distrain: interrupted between jobs; the sweep stops here", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_CODES[KeyboardInterrupt][1])
     if sweep.last_summary is not None and any(r["status"] == "FAILED" for r in sweep.last_summary):
-        sys.exit(1)  # a sweep with a failed job is not a success, for scripts and CI
+        # A sweep with a failed job is not a success, for scripts and CI.
+        sys.exit(EXIT_CODES[TrainingFailed][1])

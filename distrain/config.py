@@ -17,9 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration: printed as one paragraph, exit code 2."""
+from distrain.errors import ConfigError  # defined with the other errors; imported from here
 
 
 class Device(Enum):

@@ -24,29 +24,11 @@ from ray.util.scheduling_strategies import (
 from distrain import cluster
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
-from distrain.config import ConfigError
+from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
 from distrain.reporting import MetricsSink
 from distrain.worker import Worker
 
 NAMESPACE = "distrain"  # worker actors are named, so `ray.get_actor(name, NAMESPACE)` finds them
-
-
-class GroupFailed(RuntimeError):
-    """Infrastructure failure (a worker died, hung or could not start): worth a restart.
-
-    `unreachable_nodes`: Ray node ids that did not answer a probe when the failure was found (a
-    cut link): the next group avoids them while Ray still counts them alive.
-    """
-
-    def __init__(self, message: str, unreachable_nodes: frozenset[str] = frozenset()) -> None:
-        super().__init__(message)
-        self.unreachable_nodes = unreachable_nodes
-
-
-class SetupTransportFailed(GroupFailed):
-    """A collective or transport failed while the group was forming (NCCL communicator init, a
-    rendezvous port taken between picking it and binding it): a new group is likely to succeed,
-    so it is retried even on the first start."""
 
 
 # What torch.distributed, gloo and NCCL put in the messages of the failures above.
@@ -77,11 +59,6 @@ def is_transport_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(m in text for m in TRANSPORT_MARKERS)
-
-
-class WorkerError(RuntimeError):
-    """A worker's own code raised while setting up (a user class, a missing module): a restart
-    would only repeat it."""
 
 
 class WorkerGroup:

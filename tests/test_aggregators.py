@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from distrain import config, driver
+from distrain import config, driver, preflight
 from distrain.aggregators.parameter_server import shard_bounds
 from distrain.aggregators.ps_servers import CHUNK_BYTES, num_chunks
 from distrain.rundir import RunDirectory
@@ -164,7 +164,7 @@ def test_async_parameter_server_converges_within_the_staleness_bound(
 def _check(*overrides: str) -> None:
     job = compose_job(*overrides)
     config.validate(job)
-    driver.dry_build(job)
+    preflight.dry_build(job)
 
 
 @pytest.mark.parametrize(

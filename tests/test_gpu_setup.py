@@ -10,7 +10,8 @@ import pytest
 import ray
 import torch
 
-from distrain.group import GroupFailed, SetupTransportFailed, WorkerError, WorkerGroup
+from distrain.errors import GroupFailed, SetupTransportFailed, WorkerError
+from distrain.group import WorkerGroup
 
 pytestmark = pytest.mark.slow
 

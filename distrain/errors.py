@@ -1,0 +1,54 @@
+"""Every way a run can end early, in one place; `cli.EXIT_CODES` maps each to an exit code.
+
+User mistakes (`ConfigError`) and runs that cannot go on (`TrainingFailed`) are what the user sees;
+`GroupFailed` and `WorkerError` classify a worker group's failure inside the driver: the first is
+worth a restart, the second is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: printed as one paragraph, exit code 2."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot go on: the message says why and where the last checkpoint is."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM handled: the message says how to resume.
+
+    `metrics` is set when the stop arrived as the workers finished their last steps anyway: the
+    run is complete (model.pt and metrics.json written) and still ends as interrupted (exit 130),
+    so a sweep stops there instead of starting its next job.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+
+class GroupFailed(RuntimeError):
+    """Infrastructure failure (a worker died, hung or could not start): worth a restart.
+
+    `unreachable_nodes`: Ray node ids that did not answer a probe when the failure was found (a
+    cut link): the next group avoids them while Ray still counts them alive.
+    """
+
+    def __init__(self, message: str, unreachable_nodes: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.unreachable_nodes = unreachable_nodes
+
+
+class SetupTransportFailed(GroupFailed):
+    """A collective or transport failed while the group was forming (NCCL communicator init, a
+    rendezvous port taken between picking it and binding it): a new group is likely to succeed,
+    so it is retried even on the first start."""
+
+
+class WorkerError(RuntimeError):
+    """A worker's own code raised while setting up (a user class, a missing module): a restart
+    would only repeat it."""

@@ -1,0 +1,85 @@
+"""Checks on the driver before any actor starts: the job's parts built once, the resume point.
+
+A mistake in a user's class or file surfaces here as one `ConfigError` naming the group, not as a
+traceback from every worker a minute later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hydra.utils import get_object, instantiate
+
+from distrain import build, checkpoint, config
+from distrain.data.base import Splits
+
+# Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
+RESUME_MUST_MATCH = ("model", "loss", "aggregator")
+
+
+def dry_build(job: dict[str, Any]) -> Splits:
+    """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor."""
+    splits: Splits = _explain("data", lambda: build.build_splits(job["data"]))
+    model = _explain("model", lambda: build.build_model(job["model"], splits))
+    loss_fn = _explain("loss", lambda: build.build_loss(job["loss"], splits.task))
+    batch_size, trainer = job["data"]["batch_size"], job["trainer"]
+    optimizer = _explain(
+        "optimizer",
+        lambda: build.build_optimizer(job["optimizer"], model, global_batch=batch_size),
+    )
+    _explain("aggregator", lambda: instantiate(job["aggregator"], _convert_="all"))
+    _explain("model", lambda: build.check_model_fits_data(model, splits, loss_fn))
+    if len(splits.train) < job["data"]["batch_size"]:
+        raise config.ConfigError(
+            f"data.batch_size={job['data']['batch_size']} is larger than the training set "
+            f"({len(splits.train)} samples): lower data.batch_size."
+        )
+    steps_per_epoch = len(splits.train) // batch_size
+    total_steps = trainer["epochs"] * steps_per_epoch  # as the worker counts them
+    total_steps = min(total_steps, trainer["max_steps"] or total_steps)
+    _explain(
+        "scheduler",
+        lambda: build.build_scheduler(
+            job["scheduler"], optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+        ),
+    )
+    return splits
+
+
+def _explain(group: str, make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except config.ConfigError:
+        raise
+    except Exception as error:  # the user's class or file: say which group and what it said
+        cause = error.__cause__ or error
+        raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
+
+
+def load_resume(job: dict[str, Any]) -> checkpoint.Checkpoint | None:
+    """The checkpoint named by `resume=`, checked against this job."""
+    if not job.get("resume"):
+        return None
+    path = checkpoint.resolve_resume(job["resume"])
+    saved_checkpoint = checkpoint.load(path)
+    saved = saved_checkpoint.meta.get("job", {})
+    for group in RESUME_MUST_MATCH:
+        if group in saved and _resume_key(group, saved[group]) != _resume_key(group, job[group]):
+            raise config.ConfigError(
+                f"resume={job['resume']}: checkpoint {path.name} was written with {group}="
+                f"{saved[group]}, but this run has {group}={job[group]}; a resumed run must keep "
+                f"its {group}."
+            )
+    return saved_checkpoint
+
+
+def _resume_key(group: str, value: Any) -> Any:
+    """What must match on resume: the config, or for the aggregator its class's `resume_key`
+    (allreduce and fsdp share theirs: a checkpoint moves between them)."""
+    if group != "aggregator":
+        return value
+    try:
+        return get_object(value["_target_"]).resume_key(value)
+    except Exception:  # not importable or no hook (a user's class): the whole config
+        return value

@@ -1,0 +1,55 @@
+"""Elastic planning: which worker count a new group gets, and its job (same global batch)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distrain import elastic
+from distrain.errors import ConfigError
+
+
+def _fits_up_to(most: int, tried: list[int]):
+    """A cluster that holds at most `most` workers; records each count asked about."""
+
+    def check_fits(world_size: int) -> None:
+        tried.append(world_size)
+        if world_size > most:
+            raise ConfigError(f"{world_size} workers do not fit")
+
+    return check_fits
+
+
+def test_the_first_start_takes_the_configured_count_or_fails_with_its_error() -> None:
+    tried: list[int] = []
+    assert elastic.choose_world_size(4, 1, _fits_up_to(4, tried), shrink=False) == 4
+    with pytest.raises(ConfigError, match=r"^4 workers do not fit"):
+        elastic.choose_world_size(4, 1, _fits_up_to(2, tried), shrink=False)
+    assert tried == [4, 4]  # never fewer before a failure, whatever min_workers allows
+
+
+def test_after_a_failure_the_most_divisors_that_fit() -> None:
+    tried: list[int] = []
+    assert elastic.choose_world_size(4, 1, _fits_up_to(3, tried), shrink=True) == 2
+    assert tried == [4, 2]  # 3 does not divide 4: the per-worker batch would not split evenly
+    assert elastic.candidate_world_sizes(6, 2) == [6, 3, 2]
+    assert elastic.candidate_world_sizes(4, None) == [4]  # no min_workers: never fewer
+
+
+def test_when_none_fits_the_smallest_allowed_count_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"^2 workers do not fit"):
+        elastic.choose_world_size(4, 2, _fits_up_to(1, []), shrink=True)
+    # min_workers=3 is no divisor of 4: the only candidate is 4, and its error is raised
+    # (this used to end in an AssertionError).
+    with pytest.raises(ConfigError, match=r"^4 workers do not fit"):
+        elastic.choose_world_size(4, 3, _fits_up_to(2, []), shrink=True)
+
+
+def test_fewer_workers_keep_the_global_batch_and_the_per_worker_micro_batch() -> None:
+    job = {"data": {"batch_size": 64, "micro_batch_size": None}, "trainer": {"workers": 4}}
+    assert elastic.job_for_workers(job, 4) is job
+    smaller = elastic.job_for_workers(job, 2)
+    assert smaller["trainer"]["workers"] == 2 and smaller["data"]["batch_size"] == 64
+    assert smaller["data"]["micro_batch_size"] == 16  # 64 / 4: each of 2 workers accumulates 2
+    assert job["trainer"]["workers"] == 4 and job["data"]["micro_batch_size"] is None
+    explicit = {**job, "data": {"batch_size": 64, "micro_batch_size": 8}}
+    assert elastic.job_for_workers(explicit, 1)["data"]["micro_batch_size"] == 8
