@@ -5,7 +5,8 @@ of the tensor pieces it holds, and on rank 0 the schedule and optimizer settings
 reference to its tensors in Ray's object store. Once all ranks have sent theirs, the header
 becomes the checkpoint's `meta.json` and a background thread fetches the shares and writes them,
 one shard file per rank in parallel (distrain/checkpoint.py). One write runs at a time: the
-next checkpoint waits for the previous one, so at most two are held in memory.
+next checkpoint waits in a queue for the previous one, and the driver's loop blocks only when
+`MAX_QUEUED` are waiting, so a slow disk neither stalls the loop nor fills memory.
 
 With `trainer.async_checkpoint=false` the workers wait until the write is done (the driver tells
 them through the sink); with `true` they go on as soon as their share is in the object store.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,8 @@ import ray
 
 from distrain.checkpoint import CheckpointStore, Saved
 from distrain.shards import from_wire
+
+MAX_QUEUED = 2  # checkpoints waiting for the writer (the one being written included)
 
 
 @dataclass
@@ -58,8 +62,11 @@ class CheckpointWriter:
     job: dict[str, Any]  # the groups a resume must match (preflight.RESUME_MUST_MATCH)
     fetch_timeout_s: float
     _arrived: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    # Checkpoints to write, oldest first; the first is being written while the thread runs.
+    _queue: deque[tuple[dict[str, Any], list[Any], WriteResult]] = field(default_factory=deque)
+    _results: list[WriteResult] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
-    _result: WriteResult | None = None
     write_s: list[float] = field(default_factory=list)
     size_bytes: int = 0
 
@@ -102,15 +109,31 @@ class CheckpointWriter:
         }
 
     def submit(self, pending: Pending, history: list[dict[str, Any]]) -> None:
-        """Write `pending` in the background; the previous write's result must have been taken
-        (`wait`/`finished`) first, so that no failure goes unseen."""
-        assert self._result is None, "the previous checkpoint's result was not taken"
+        """Queue `pending` for the background writer, which writes one checkpoint at a time, in
+        order. The caller (the driver's loop) blocks only when MAX_QUEUED are already waiting:
+        the shares held in the object store stay bounded however slow the disk is."""
         meta = {**pending.meta, "history": history}
-        self._result = WriteResult(pending.step)
-        self._thread = threading.Thread(
-            target=self._write, args=(meta, pending.shares, self._result), daemon=True
-        )
-        self._thread.start()
+        with self._changed:
+            while len(self._queue) >= MAX_QUEUED:
+                self._changed.wait()
+            self._queue.append((meta, pending.shares, WriteResult(pending.step)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, daemon=True)
+                self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._changed:
+                if not self._queue:
+                    self._thread = None
+                    self._changed.notify_all()
+                    return
+                meta, shares, result = self._queue[0]
+            self._write(meta, shares, result)
+            with self._changed:
+                self._queue.popleft()
+                self._results.append(result)
+                self._changed.notify_all()
 
     def _write(self, meta: dict[str, Any], shares: list[Any], result: WriteResult) -> None:
         started = time.perf_counter()
@@ -129,23 +152,21 @@ class CheckpointWriter:
             result.error = error
         result.write_s = time.perf_counter() - started
 
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def finished(self) -> list[WriteResult]:
+        """The writes done since the last call, oldest first (each returned once)."""
+        with self._changed:
+            results, self._results = self._results, []
+        for result in results:
+            if result.saved is not None:
+                self.write_s.append(result.write_s)
+                self.size_bytes = result.saved.size_bytes
+        return results
 
-    def finished(self) -> WriteResult | None:
-        """The last write's result once it is done (each result is returned once)."""
-        if self._result is None or self.busy():
-            return None
-        result, self._result, self._thread = self._result, None, None
-        if result.saved is not None:
-            self.write_s.append(result.write_s)
-            self.size_bytes = result.saved.size_bytes
-        return result
-
-    def wait(self) -> WriteResult | None:
-        """Block until the write in progress (if any) is done; its result."""
-        if self._thread is not None:
-            self._thread.join()
+    def wait(self) -> list[WriteResult]:
+        """Block until every queued checkpoint is written (or failed); their results."""
+        with self._changed:
+            while self._thread is not None:
+                self._changed.wait()
         return self.finished()
 
     def forget(self) -> None:

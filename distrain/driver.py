@@ -350,29 +350,29 @@ class Supervisor:
             failure.pop("detected_s")
 
     def _save(self, pending: Pending, group: WorkerGroup) -> None:
-        """Write a checkpoint in the background; with trainer.async_checkpoint=false, wait for
-        it and let the workers (waiting for it) go on."""
-        self._settle(wait=True)  # one write at a time
+        """Queue a checkpoint for the background writer; with trainer.async_checkpoint=false,
+        wait until it is written and let the workers (waiting for it) go on."""
         self.writer.submit(pending, [dataclasses.asdict(e) for e in self.history])
         if not self.trainer["async_checkpoint"]:
             self._settle(wait=True)
             group.sink.saved.remote(pending.step)
 
     def _settle(self, *, wait: bool, failed: bool = False) -> None:
-        """Take the result of the checkpoint write in progress, if it is done (or `wait`).
+        """Take the results of the checkpoint writes done (with `wait`: of all queued ones).
 
         A share that could not be fetched fails the group as a hang would (naming unreachable
         nodes); once the group has `failed` anyway, a lost write only leaves the previous
         checkpoint as the latest.
         """
-        result = self.writer.wait() if wait else self.writer.finished()
-        if result is None:
+        results = self.writer.wait() if wait else self.writer.finished()
+        for result in results:
+            if result.saved is not None:
+                log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
+                self.last_checkpoint, self.last_checkpoint_step = result.saved.path, result.step
+        failed_writes = [r for r in results if r.error is not None]
+        if not failed_writes:
             return
-        if result.saved is not None:
-            log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
-            self.last_checkpoint, self.last_checkpoint_step = result.saved.path, result.step
-            return
-        error, step = result.error, result.step
+        error, step = failed_writes[0].error, failed_writes[0].step
         if failed:
             self.recorder.message(f"the checkpoint of step {step} was lost: {first_line(error)}")
         elif isinstance(error, ShareTimeout):
