@@ -11,11 +11,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
 REFERENCE = "torchrun_ddp"
 PS_PEER = "ray_ps"
 PS_OURS = "distrain_ps_sync"
@@ -165,6 +160,11 @@ def _compression(compression: list[dict]) -> list[str]:
 
 
 def _chart(runs: list[dict], path: Path) -> None:
+    import matplotlib  # here, so the tables and verdicts need no plotting library
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     workloads = list(dict.fromkeys(r["workload"] for r in runs))
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
     for ax, workload in zip(axes[0], workloads):

@@ -33,6 +33,7 @@ torchrun DDP of it, with MFU), unless --skip-lm.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -215,9 +216,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    # Imported here (it needs matplotlib, `make bench` installs it), before any run, not after.
-    from benchmarks.report import write_report
-
+    if importlib.util.find_spec("matplotlib") is None:  # the chart; checked before any run
+        sys.exit("benchmarks/run.py needs matplotlib: pip install -e '.[bench]' (make bench does)")
     started, info = time.time(), machine()
     runs: list[dict[str, Any]] = []
     for workload in args.workloads.split(","):
@@ -237,6 +237,8 @@ def main() -> None:
     info |= {"load_average_at_end": os.getloadavg(), "total_s": time.time() - started}
     info |= {"repeats": args.repeats, "measure_steps": args.measure}
     info["warmup_steps"] = args.warmup_steps
+    from benchmarks.report import write_report
+
     write_report(args.out, runs, compression, info, workers=args.workers)
     print(f"wrote {args.out}.md, {args.out}.png, {args.out}.jsonl", file=sys.stderr)
     if not args.skip_lm:  # a GPT on a token file: its own table, results/lm_latest.md
