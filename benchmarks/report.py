@@ -205,8 +205,9 @@ def write_report(
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
         f"torch {info['torch']}, Ray {info['ray']}; git {info['git']}. Load average (1/5/15 min) "
         f"at {load}: the machine is shared, so compare rows of one run only. {info['repeats']} "
-        "rounds; in each, the two sides of every target pair ran alternately (Ray Train, allreduce "
-        f"over gloo and async PS once, in the first). Total {info['total_s'] / 60:.1f} min. "
+        "rounds; in each, the two sides of every target pair ran alternately (the parameter-server "
+        f"pair in the first {info.get('ps_repeats', info['repeats'])}; rows of one run, once, "
+        f"in the first). Total {info['total_s'] / 60:.1f} min. "
         "Written by `benchmarks/run.py`.",
         "",
         "Every row runs in a fresh process on the same data and initial weights, at the "

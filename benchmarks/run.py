@@ -1,35 +1,38 @@
 """distrain side by side with the peer baselines; writes results/latest.md, .jsonl and .png.
 
-    make bench                                          # everything, 3 rounds (<= 20 min, 2 cores)
-    make bench ARGS='--repeats 5'                       # more rounds: tighter medians, longer
+    make bench                                          # everything (~20 min on 2 quiet cores)
+    make bench ARGS='--repeats 5 --ps-repeats 5'        # more rounds: tighter medians, longer
     make bench ARGS='--workloads digits_mlp --repeats 2 --skip-compression --skip-lm --out /tmp/b'
-    make bench ARGS='--only inmemory,distrain_allreduce:1 --workloads digits_mlp --skip-lm'
+    make bench ARGS='--only inmemory,distrain_allreduce:1 --skip-compression --skip-lm --out /tmp/b'
 
-Options: `--workloads` (comma list of digits_mlp, mlp6m, cnn), `--workers` (2: for the
-multi-worker systems), `--repeats N` (3: rounds of the target pairs), `--warmup-steps` (20),
-`--measure-steps` (e.g. `digits_mlp=1200,cnn=60`: override the per-workload defaults),
-`--only NAME[:WORKERS],...` (run just these systems, e.g. `inmemory,distrain_allreduce:1`),
-`--skip-peers` (distrain only), `--skip-others` (target pairs only, no one-off rows),
-`--skip-compression`, `--skip-lm`, `--out PATH` (default results/latest; pass /tmp/... for
-trial runs so the committed report stays a full run).
+Every run is a fresh process. The two sides of each target pair run alternately, A B A B ...:
+per workload, `--repeats` rounds (default 3) of
 
-Every run is a fresh process. The systems of each target pair run alternately, A B A B ...:
-per workload, `--repeats` rounds of
+    inmemory x1, distrain allreduce x1             target >= 0.95x
+    torchrun DDP xW, distrain allreduce xW         target >= 1.0x
+    textbook x1 (digits only)                      distrain allreduce xW >= 1.0x it
+    Ray docs PS xW, distrain parameter_server xW   target >= 2.0x (first `--ps-repeats` rounds)
 
-    inmemory x1, distrain allreduce x1,            (target: >= 0.95x)
-    torchrun DDP xW, distrain allreduce xW,        (target: >= 1.0x; on digits also
-    [digits only: textbook x1],                     >= 1.0x the textbook single process)
-    Ray docs PS xW, distrain parameter_server xW   (target: >= 2.0x)
-
-so a slow minute on a shared machine hits both sides of a pair alike. The rows that are no
-target pair's (Ray Train, distrain allreduce over gloo, distrain async PS) run once, in the
-first round. The report gives every row's median and min-max over its runs, and every target
-as the ratio of medians with the range of the per-round ratios (round i's A over round i's B);
-a target inside that range is "within the spread (undecided)", not met or missed.
+so a slow minute on a shared machine hits both sides of a pair alike. Ray Train (targets:
+throughput >= 1.0x, time to first step <= 0.5x) runs once, in the first round; the `--extras`
+(distrain allreduce over gloo, async PS) too, when asked for. The report gives every row's
+median and min-max over its runs, and every target as the ratio of medians with the range of
+the per-round ratios (round i's A over round i's B): a target inside that range is "within the
+spread (undecided)", not met or missed. A run is mostly start-up (Ray, imports: 5-25 s), so rows
+measure few steps (MEASURE_STEPS) and the rounds are what buys precision.
 Then digits with fp16/bf16 gradient compression against none (bytes all-reduced per step, as
 counted by distrain's communication hooks, and validation accuracy after the default job), and
-last the LM workload (benchmarks/lm_bench.py: a byte-level GPT against nanoGPT's loop and
-torchrun DDP of it, with MFU), unless --skip-lm.
+last the LM workload (benchmarks/lm_bench.py, `--lm-repeats` rounds: a byte-level GPT against
+nanoGPT's loop and torchrun DDP of it, with MFU; results/lm_latest.md).
+
+Options: `--workloads` (comma list of digits_mlp, mlp6m, cnn), `--workers` (2, for the
+multi-worker systems), `--repeats` (3), `--ps-repeats` (2: the PS target is missed far outside
+its spread, and each PS run costs ~45 s), `--warmup-steps` (20), `--measure-steps`
+(`digits_mlp=1200,cnn=60`: per-workload overrides), `--only NAME[:WORKERS],...` (just these
+systems, e.g. `inmemory,distrain_allreduce:1`), `--extras allreduce_gloo,ps_async`,
+`--skip-peers` (distrain only), `--skip-others` (no Ray Train), `--skip-compression`,
+`--skip-lm`, `--lm-repeats` (1), `--out PATH` (default results/latest; pass /tmp/... for trial
+runs, so the committed report stays a full run).
 """
 
 import argparse
@@ -64,15 +67,17 @@ ROUND: tuple[tuple[str, str, int | str], ...] = (
     ("peer", "torchrun_ddp", W),
     ("distrain", "allreduce", W),  # shared memory between the workers (transport=auto)
     ("peer", "textbook", 1),  # digits only: 2 workers must beat the single process
+)
+PS_PAIR: tuple[tuple[str, str, int | str], ...] = (
     ("peer", "ray_ps", W),  # the single-actor parameter server of Ray's docs
     ("distrain", "ps_sync", W),
 )
-# Rows that are no target pair's (or one whose target is not about speed): once, in round 1.
-ONCE: tuple[tuple[str, str, int | str], ...] = (
-    ("peer", "ray_train", W),
-    ("distrain", "allreduce_gloo", W),  # the same as allreduce xW over gloo, as torchrun
-    ("distrain", "ps_async", W),
-)
+# Rows that are no pair's: once, in the first round. Ray Train has targets against allreduce xW.
+ONCE: tuple[tuple[str, str, int | str], ...] = (("peer", "ray_train", W),)
+EXTRAS = {  # --extras: distrain rows without a target, once, in the first round
+    "allreduce_gloo": ("distrain", "allreduce_gloo", W),  # as allreduce xW, over gloo
+    "ps_async": ("distrain", "ps_async", W),
+}
 TEXTBOOK_WORKLOADS = ("digits_mlp",)
 COMPRESSIONS = ("none", "fp16", "bf16")
 
@@ -157,8 +162,12 @@ def _wanted(only: str | None, name: str, workers: int) -> bool:
 def schedule(args: argparse.Namespace, workload: str) -> list[tuple[int, str, str, int]]:
     """(round, kind, name, workers) in run order: `repeats` rounds, the one-off rows in round 0."""
     jobs = []
-    for round_ in range(args.repeats):
-        systems = ROUND + (ONCE if round_ == 0 and not args.skip_others else ())
+    for round_ in range(max(args.repeats, args.ps_repeats)):
+        systems = ROUND if round_ < args.repeats else ()
+        systems += PS_PAIR if round_ < args.ps_repeats else ()
+        if round_ == 0:
+            systems += () if args.skip_others else ONCE
+            systems += tuple(EXTRAS[name] for name in filter(None, args.extras.split(",")))
         for kind, name, workers in systems:
             n = args.workers if workers == W else int(workers)
             if name == "textbook" and workload not in TEXTBOOK_WORKLOADS:
@@ -191,6 +200,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--measure-steps", default="", help="e.g. digits_mlp=1200,cnn=60")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the target pairs")
+    p.add_argument("--ps-repeats", type=int, default=2, help="rounds of the PS pair")
+    p.add_argument("--extras", default="", help=f"once each: {','.join(EXTRAS)}")
+    p.add_argument("--lm-repeats", type=int, default=1, help="rounds of the LM workload")
     p.add_argument(
         "--only", default=None, help="systems to run, e.g. inmemory,distrain_allreduce:1"
     )
@@ -201,8 +213,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "latest")
     args = p.parse_args()
     unknown = [w for w in args.workloads.split(",") if w not in MEASURE_STEPS]
-    if unknown or args.repeats < 1:
-        p.error(f"--workloads from {sorted(MEASURE_STEPS)}, --repeats >= 1 (got {unknown})")
+    unknown += [e for e in filter(None, args.extras.split(",")) if e not in EXTRAS]
+    if unknown or min(args.repeats, args.ps_repeats + 1, args.lm_repeats) < 1:
+        p.error(
+            f"--workloads from {sorted(MEASURE_STEPS)}, --extras from {list(EXTRAS)}, "
+            f"--repeats and --lm-repeats >= 1, --ps-repeats >= 0 (unknown: {unknown})"
+        )
     args.measure = dict(MEASURE_STEPS)
     for item in filter(None, args.measure_steps.split(",")):
         workload, _, steps = item.partition("=")
@@ -235,7 +251,7 @@ def main() -> None:
             print(f"digits default job: compression={name} ...", file=sys.stderr, flush=True)
             compression.append(run_compression(name, args.workers))
     info |= {"load_average_at_end": os.getloadavg(), "total_s": time.time() - started}
-    info |= {"repeats": args.repeats, "measure_steps": args.measure}
+    info |= {"repeats": args.repeats, "ps_repeats": args.ps_repeats, "measure_steps": args.measure}
     info["warmup_steps"] = args.warmup_steps
     from benchmarks.report import write_report
 
@@ -243,7 +259,8 @@ def main() -> None:
     print(f"wrote {args.out}.md, {args.out}.png, {args.out}.jsonl", file=sys.stderr)
     if not args.skip_lm:  # a GPT on a token file: its own table, results/lm_latest.md
         lm = [sys.executable, str(REPO / "benchmarks" / "lm_bench.py"), "--workers"]
-        subprocess.run([*lm, str(args.workers)], check=True, env=_env(), cwd=REPO)
+        lm += [str(args.workers), "--repeats", str(args.lm_repeats)]
+        subprocess.run(lm, check=True, env=_env(), cwd=REPO)
 
 
 if __name__ == "__main__":
