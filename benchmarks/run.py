@@ -56,9 +56,9 @@ import torch  # noqa: E402
 from benchmarks.peers.launch import run_peer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-# Steps measured after warm-up. A run's wall time is mostly start-up (Ray, imports), so these
-# are kept just long enough for a steady rate: digits steps are ~1 ms, the others ~50 ms.
-MEASURE_STEPS = {"digits_mlp": 600, "mlp6m": 40, "cnn": 40}
+# Steps measured after warm-up: ~1.5 s each. A run is mostly start-up (Ray, imports), so longer
+# windows cost little, and they average out bursts of other load (digits steps are ~0.7 ms).
+MEASURE_STEPS = {"digits_mlp": 2000, "mlp6m": 40, "cnn": 60}
 W = "W"  # stands for --workers
 # One round: the target pairs, each pair back to back (A then B).
 ROUND: tuple[tuple[str, str, int | str], ...] = (
