@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from benchmarks.peers.launch import run_peer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-# Steps measured after warm-up: ~1.5 s each. A run is mostly start-up (Ray, imports), so longer
+# Steps measured after warm-up: 1-2 s each. A run is mostly start-up (Ray, imports), so longer
 # windows cost little, and they average out bursts of other load (digits steps are ~0.7 ms).
 MEASURE_STEPS = {"digits_mlp": 2000, "mlp6m": 40, "cnn": 60}
 W = "W"  # stands for --workers

@@ -84,7 +84,7 @@ class ShardBatches:
         else:
             self.epoch_sampler.set_epoch(epoch, start_step)
             batches = self._loader_batches(self.train_loader)
-        if self.transform is None:
+        if not self.transform:
             yield from batches
         else:
             for x, y in batches:
