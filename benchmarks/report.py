@@ -107,7 +107,11 @@ def versus(
     per_round = round_ratios(a, b, key)
     what = "time to first step" if is_time else "samples/s"
     sign = "≤" if is_time else "≥"
-    spread = f"per round {_spread(per_round, '.2f')}, {len(per_round)} pairs"
+    spread = (
+        f"per round {_spread(per_round, '.2f')}, {len(per_round)} pairs"
+        if len(per_round) > 1
+        else "one pair: no spread"
+    )
     return (
         f"* {workload}: {what} of {ours[0]} ×{ours[1]} / {theirs[0]} ×{theirs[1]} = "
         f"**{ratio:.2f}×** ({spread}; target {sign} {target:g}×: "
