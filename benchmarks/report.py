@@ -35,10 +35,17 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def round_ratios(a: list[dict], b: list[dict], key: str) -> list[float]:
-    """a/b of `key` per round both ran in; every pairing if they share no round."""
-    by_round = {r.get("round"): r[key] for r in b}
-    paired = [r[key] / by_round[r.get("round")] for r in a if r.get("round") in by_round]
-    return paired or [x[key] / y[key] for x in a for y in b]
+    """a/b of `key` round by round when both ran in the same rounds; else every pairing (a row
+    that ran once against every run of the other side: the spread is the other side's)."""
+    if _same_rounds(a, b):
+        by_round = {r.get("round"): r[key] for r in b}
+        return [r[key] / by_round[r.get("round")] for r in a]
+    return [x[key] / y[key] for x in a for y in b]
+
+
+def _same_rounds(a: list[dict], b: list[dict]) -> bool:
+    rounds = [r.get("round") for r in b]
+    return len(set(rounds)) == len(rounds) and {r.get("round") for r in a} == set(rounds)
 
 
 def verdict(ratios: list[float], target: float, *, lower_is_better: bool = False) -> str:
@@ -107,8 +114,9 @@ def versus(
     per_round = round_ratios(a, b, key)
     what = "time to first step" if is_time else "samples/s"
     sign = "≤" if is_time else "≥"
+    how = "per round" if _same_rounds(a, b) else "over every pairing of runs"
     spread = (
-        f"per round {_spread(per_round, '.2f')}, {len(per_round)} pairs"
+        f"{how} {_spread(per_round, '.2f')}, {len(per_round)} pairs"
         if len(per_round) > 1
         else "one pair: no spread"
     )
