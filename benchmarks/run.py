@@ -22,8 +22,11 @@ spread (undecided)", not met or missed. A run is mostly start-up (Ray, imports: 
 measure few steps (MEASURE_STEPS) and the rounds are what buys precision.
 Then digits with fp16/bf16 gradient compression against none (bytes all-reduced per step, as
 counted by distrain's communication hooks, and validation accuracy after the default job), and
-last the LM workload (benchmarks/lm_bench.py, `--lm-repeats` rounds: a byte-level GPT against
-nanoGPT's loop and torchrun DDP of it, with MFU; results/lm_latest.md).
+then the LM workload (benchmarks/lm_bench.py, `--lm-repeats` rounds: a byte-level GPT against
+nanoGPT's loop and torchrun DDP of it, with MFU; results/lm_latest.md), and last DDP, ZeRO-1
+and FSDP on the ~6M MLP and the GPT (benchmarks/large_models.py, `--large-repeats` rounds (1):
+speed, per-worker state and memory, checkpoint blocking/write time and size;
+results/large_latest.md).
 
 Options: `--workloads` (comma list of digits_mlp, mlp6m, cnn), `--workers` (2, for the
 multi-worker systems), `--repeats` (3), `--ps-repeats` (2: the PS target is missed far outside
@@ -31,7 +34,7 @@ its spread, and each PS run costs ~45 s), `--warmup-steps` (20), `--measure-step
 (`digits_mlp=1200,cnn=60`: per-workload overrides), `--only NAME[:WORKERS],...` (just these
 systems, e.g. `inmemory,distrain_allreduce:1`), `--extras allreduce_gloo,ps_async`,
 `--skip-peers` (distrain only), `--skip-others` (no Ray Train), `--skip-compression`,
-`--skip-lm`, `--lm-repeats` (1), `--out PATH` (default results/latest; pass /tmp/... for trial
+`--skip-lm`, `--lm-repeats` (1), `--skip-large`, `--large-repeats` (1), `--out PATH` (default results/latest; pass /tmp/... for trial
 runs, so the committed report stays a full run).
 """
 
@@ -210,6 +213,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-others", action="store_true", help="no one-off rows (Ray Train, ...)")
     p.add_argument("--skip-compression", action="store_true")
     p.add_argument("--skip-lm", action="store_true", help="no LM workload (benchmarks/lm_bench.py)")
+    p.add_argument(
+        "--large-repeats", type=int, default=1, help="rounds of benchmarks/large_models.py"
+    )
+    p.add_argument("--skip-large", action="store_true", help="no DDP/ZeRO-1/FSDP comparison")
     p.add_argument("--out", type=Path, default=RESULTS / "latest")
     args = p.parse_args()
     unknown = [w for w in args.workloads.split(",") if w not in MEASURE_STEPS]
@@ -261,6 +268,10 @@ def main() -> None:
         lm = [sys.executable, str(REPO / "benchmarks" / "lm_bench.py"), "--workers"]
         lm += [str(args.workers), "--repeats", str(args.lm_repeats)]
         subprocess.run(lm, check=True, env=_env(), cwd=REPO)
+    if not args.skip_large:  # DDP, ZeRO-1, FSDP: speed, memory, checkpoints; large_latest.md
+        large = [sys.executable, str(REPO / "benchmarks" / "large_models.py"), "--workers"]
+        large += [str(args.workers), "--repeats", str(args.large_repeats)]
+        subprocess.run(large, check=True, env=_env(), cwd=REPO)
 
 
 if __name__ == "__main__":
