@@ -74,12 +74,15 @@ def train_step(
     )
     size = parts.micro_batch_size
     micro_batches = [(x, y)] if len(x) <= size else list(zip(x.split(size), y.split(size)))
+    count = len(micro_batches)
     optimizer.zero_grad(set_to_none=True)
     total_loss: torch.Tensor | None = None
     for i, (x_micro, y_micro) in enumerate(micro_batches):
         # Gradients are only communicated on the last micro-batch (accumulation without traffic).
-        with aggregator.sync_if(i == len(micro_batches) - 1), parts.autocast():
-            loss = parts.loss_fn(model(x_micro), y_micro) / len(micro_batches)
+        with aggregator.sync_if(i == count - 1), parts.autocast():
+            loss = parts.loss_fn(model(x_micro), y_micro)
+            if count > 1:  # the mean over micro-batches (`/ 1` would add a node to backward)
+                loss = loss / count
         scaler.scale(loss).backward()
         loss = loss.detach().float()
         total_loss = loss if total_loss is None else total_loss + loss
