@@ -35,8 +35,8 @@ its spread, and each PS run costs ~45 s), `--warmup-steps` (20), `--measure-step
 systems, e.g. `inmemory,distrain_allreduce:1`), `--extras allreduce_gloo,ps_async`,
 `--skip-peers` (distrain only), `--skip-others` (no Ray Train), `--skip-compression`,
 `--skip-lm`, `--lm-repeats` (1), `--skip-large`, `--large-repeats` (1), `--out PATH`
-(default results/latest; pass /tmp/... for trial
-runs, so the committed report stays a full run).
+(default results/latest; pass /tmp/... for trial runs, so the committed report stays a full
+run).
 """
 
 import argparse
