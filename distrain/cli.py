@@ -7,11 +7,13 @@ run exits 1; Ctrl-C exits 130. In a --multirun sweep a failed job is recorded an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +130,8 @@ def _finish(metrics: dict[str, Any], progress_mode: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = _run(cfg)
+    with _interrupts.raised_here():
+        metrics = _run(cfg)
     # Returned to Hydra so sweepers that optimise (e.g. Optuna) can read the objective.
     return None if metrics is None else metrics.get("val_loss")
 
@@ -163,9 +166,42 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [*kept, *argv, *extra]
 
 
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    # A scheduler's SIGTERM (pre-emption, scancel, kubectl delete) stops like Ctrl-C: checkpoint.
-    raise KeyboardInterrupt
+class _DeferredInterrupts:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt only inside distrain's own code.
+
+    While Hydra composes a job's config (before the first job, between two jobs of a sweep) the
+    signal is recorded and raised as soon as distrain's code runs again, or when Hydra returns:
+    a KeyboardInterrupt raised inside OmegaConf's flag handling leaves the config half-updated,
+    and the sweep then ended with an AttributeError traceback and exit code 1 instead of 130.
+    A scheduler's SIGTERM (pre-emption, scancel, kubectl delete) stops like Ctrl-C. While workers
+    train, the driver's StopRequest (distrain/watch.py) takes both signals over.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._inside = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._inside:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextlib.contextmanager
+    def raised_here(self) -> Iterator[None]:
+        if self.pending:
+            raise KeyboardInterrupt
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+
+
+_interrupts = _DeferredInterrupts()
 
 
 def main() -> None:
@@ -174,14 +210,18 @@ def main() -> None:
 
         return export_main(sys.argv[2:])
     register_configs()
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    _interrupts.install()
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
     try:
         _hydra_main()
+        if _interrupts.pending:  # arrived after the last job, while Hydra wrapped up
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Between two jobs of a sweep (or while Hydra composes the next one) no job is running:
         # nothing to checkpoint, but the sweep stops like a Ctrl-C inside a job.
-        print("distrain: interrupted between jobs; the sweep stops here", file=sys.stderr)
+        sweeping = "--multirun" in sys.argv or "-m" in sys.argv
+        where = "between jobs; the sweep stops here" if sweeping else "outside training"
+        print(f"distrain: interrupted {where}", file=sys.stderr)
         sys.exit(EXIT_CODES[KeyboardInterrupt][1])
     if sweep.last_summary is not None and any(r["status"] == "FAILED" for r in sweep.last_summary):
         # A sweep with a failed job is not a success, for scripts and CI.

@@ -193,7 +193,10 @@ def test_ctrl_c_then_resume_ends_with_the_same_parameters(
     ray_address: str, tmp_path: Path, reference: dict, before: int, after: int
 ) -> None:
     run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, f"trainer.workers={before}")
+    # Rank 0 sleeps 20 ms a step (not part of the result): a fast machine ran all 440 steps
+    # before the driver, a few hundred ms behind the workers, saw the first checkpoint.
+    slowed = ("trainer.debug_delay_rank=0", "trainer.debug_delay_s=0.02")
+    proc = start(ray_address, run_dir, f"trainer.workers={before}", *slowed)
     wait_for(first_checkpoint(run_dir), proc)
     proc.send_signal(signal.SIGINT)
     stderr = finish(proc)
@@ -207,6 +210,7 @@ def test_ctrl_c_then_resume_ends_with_the_same_parameters(
     resumed = run_cli(
         f"resume={run_dir}",
         f"trainer.workers={after}",
+        "trainer.debug_delay_s=0",
         f"cluster.address={ray_address}",
         cwd=tmp_path,
     )

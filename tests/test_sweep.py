@@ -238,6 +238,10 @@ def test_a_job_interrupted_mid_run_resumes_from_its_checkpoint(
         "trainer.epochs=20",
         "trainer.checkpoint_every_n_steps=10",
         "model.hidden_sizes=[32]",
+        # Rank 0 sleeps 10 ms a step, so job 1 is still training when the stop arrives, on any
+        # machine: the driver sees a checkpoint a few hundred ms after the workers pass it.
+        "trainer.debug_delay_rank=0",
+        "trainer.debug_delay_s=0.01",
         "logger.progress=plain",
         f"cluster.address={ray_address}",
         f"hydra.sweep.dir={sweep_dir}",
