@@ -1,8 +1,9 @@
 """The typed schema of a job, registered in Hydra's ConfigStore, and the checks Hydra cannot make.
 
 Types and unknown keys are caught by Hydra when it merges `conf/` and the command-line overrides
-into these dataclasses. Value checks (positive counts, an lr above zero, a batch that splits over
-the workers) live in `validate()`, which the driver calls once before any actor starts.
+into these dataclasses. Value checks (positive counts, an lr above zero) live in `validate()`,
+which the driver calls once before any actor starts; whether the batch splits over the workers
+is checked where it is computed, in distrain/plan.py.
 Groups a user swaps for their own code (model, data, optimizer, scheduler, loss, aggregator) are
 `_target_` dicts, left open so a user class can take any arguments.
 """
@@ -260,21 +261,14 @@ def validate(job: dict[str, Any]) -> None:
         isinstance(batch_size, int) and batch_size >= 1,
         f"data.batch_size={batch_size} must be a whole number >= 1 (the global batch per step).",
     )
-    _require(
-        batch_size % workers == 0,
-        f"data.batch_size={batch_size} (the global batch) cannot be split evenly over "
-        f"trainer.workers={workers}: choose a batch size divisible by {workers}, "
-        f"e.g. {max(workers, batch_size // workers * workers)} "
-        f"or {(batch_size // workers + 1) * workers}.",
-    )
     micro = data.get("micro_batch_size")
-    per_worker = batch_size // workers
     _require(
-        micro is None
-        or (isinstance(micro, int) and 1 <= micro <= per_worker and per_worker % micro == 0),
-        f"data.micro_batch_size={micro} must divide the per-worker batch "
-        f"{per_worker} (= data.batch_size {batch_size} / trainer.workers {workers}), or be null.",
+        micro is None or (isinstance(micro, int) and not isinstance(micro, bool) and micro >= 1),
+        f"data.micro_batch_size={micro} must be a whole number >= 1 (samples per forward and "
+        "backward on one worker), or null.",
     )
+    # How the batch splits over the workers and micro-batches: distrain/plan.py, once the dry
+    # build has counted the training samples.
     num_workers = data.get("num_workers", 0)
     _require(
         isinstance(num_workers, int) and num_workers >= 0,

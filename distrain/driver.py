@@ -36,6 +36,7 @@ from distrain.errors import (
 )
 from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, MetricsCollector
+from distrain.plan import StepPlan
 from distrain.recording import RunRecorder
 from distrain.rundir import RunDirectory, git_revision
 from distrain.watch import StopRequest, check_hang, first_line, rank_result
@@ -60,7 +61,7 @@ def train(
     started = time.perf_counter()
     config.validate(job)
     torch.manual_seed(job["trainer"]["seed"])
-    splits = preflight.dry_build(job)
+    splits, plan = preflight.dry_build(job)
     resume = preflight.load_resume(job)
     with cluster.connect(job["cluster"], keep=keep_cluster):
         auto = job["trainer"]["device"] == "auto"
@@ -72,7 +73,7 @@ def train(
             autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
             gpus_per_worker=job["trainer"]["gpus_per_worker"],
         )
-        supervisor = Supervisor(job, run_dir, splits, device_type, overrides or [])
+        supervisor = Supervisor(job, run_dir, splits, plan, device_type, overrides or [])
         result = supervisor.run(resume, started)
     metrics = {
         **result,
@@ -103,11 +104,12 @@ class Supervisor:
         job: dict[str, Any],
         run_dir: RunDirectory,
         splits: Splits,
+        plan: StepPlan,
         device_type: str,
         overrides: list[str],
     ) -> None:
         self.job, self.run_dir, self.device_type = job, run_dir, device_type
-        self.splits, self.overrides = splits, overrides
+        self.splits, self.plan, self.overrides = splits, plan, overrides
         self.trainer = job["trainer"]
         self.task = splits.task
         self.store = checkpoint.CheckpointStore(
@@ -130,9 +132,6 @@ class Supervisor:
         self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
         self.current_nodes: list[dict[str, Any]] = []
-        self.steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
-        total = self.trainer["epochs"] * self.steps_per_epoch
-        self.total_steps = min(total, self.trainer["max_steps"] or total)
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
@@ -145,8 +144,7 @@ class Supervisor:
             self.splits,
             self.overrides,
             resume,
-            total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch,
+            self.plan,
         )
         try:
             while True:
@@ -186,9 +184,9 @@ class Supervisor:
         while True:
             group: WorkerGroup | None = None
             try:
-                group_job, world_size = self._plan_group()
-                group = WorkerGroup(group_job, world_size, self.device_type)
-                group.start(self._resources(world_size), ref)
+                plan = self._plan_group()
+                group = WorkerGroup(self.job, plan, self.device_type)
+                group.start(self._resources(plan.world_size), ref)
             except WorkerError as error:
                 if group is not None:
                     group.shutdown()
@@ -219,15 +217,15 @@ class Supervisor:
             if self.failures:  # seconds from noticing the failure to a working group again
                 last = self.failures[-1]
                 last["recovery_s"] = time.monotonic() - last["detected_s"]
-            if world_size < self.trainer["workers"]:
+            if plan.world_size < self.plan.world_size:
                 self.recorder.message(
-                    f"elastic: continuing on {world_size} of {self.trainer['workers']} workers "
+                    f"elastic: continuing on {plan.world_size} of {self.plan.world_size} workers "
                     f"(trainer.min_workers={self.trainer['min_workers']}), same global batch "
-                    f"{self.job['data']['batch_size']}"
+                    f"{plan.global_batch}"
                 )
             return group
 
-    def _plan_group(self) -> tuple[dict[str, Any], int]:
+    def _plan_group(self) -> StepPlan:
         """The configured worker count; after a failure, the most that fit (>= min_workers)."""
         placement = self.job["cluster"]["placement"]
         world_size = elastic.choose_world_size(
@@ -236,7 +234,7 @@ class Supervisor:
             lambda n: cluster.check_resources(self._resources(n), placement),
             shrink=bool(self.failures),
         )
-        return elastic.job_for_workers(self.job, world_size), world_size
+        return self.plan.on(world_size)
 
     def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
         # A node that did not answer is avoided from now on: Ray counts it alive for a minute

@@ -1,27 +1,15 @@
-"""Elastic training: how many workers a new group gets after a failure, and its job.
+"""Elastic training: how many workers a new group gets after a failure.
 
 After a failure the supervisor tries the configured worker count first, then fewer (down to
-`trainer.min_workers`), keeping the global batch: fewer workers accumulate more micro-batches.
+`trainer.min_workers`), keeping the global batch: fewer workers accumulate more micro-batches
+(`StepPlan.on`, distrain/plan.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from distrain.config import ConfigError
-
-
-def job_for_workers(job: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The job on `world_size` workers, same global batch: fewer workers accumulate more
-    micro-batches of the original per-worker size, so memory per step stays where it was."""
-    if world_size == job["trainer"]["workers"]:
-        return job
-    data = dict(job["data"])
-    data["micro_batch_size"] = data.get("micro_batch_size") or (
-        data["batch_size"] // job["trainer"]["workers"]
-    )
-    return {**job, "data": data, "trainer": {**job["trainer"], "workers": world_size}}
 
 
 def candidate_world_sizes(configured: int, min_workers: int | None) -> list[int]:

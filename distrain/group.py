@@ -25,6 +25,7 @@ from distrain import cluster
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
+from distrain.plan import StepPlan
 from distrain.reporting import MetricsSink
 from distrain.worker import Worker
 
@@ -62,9 +63,9 @@ def is_transport_failure(error: BaseException) -> bool:
 
 
 class WorkerGroup:
-    def __init__(self, job: dict[str, Any], world_size: int, device_type: str) -> None:
-        self.job = job
-        self.world_size = world_size
+    def __init__(self, job: dict[str, Any], plan: StepPlan, device_type: str) -> None:
+        self.job, self.plan = job, plan
+        self.world_size = plan.world_size
         self.device_type = device_type
         self.workers: list[Any] = []
         self.nodes: list[dict[str, Any]] = []
@@ -96,7 +97,7 @@ class WorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=rank
                 ),
-            ).remote(rank, self.world_size, self.job, self.device_type, self.sink)
+            ).remote(rank, self.plan, self.job, self.device_type, self.sink)
             for rank in range(self.world_size)
         ]
         timeout_s = trainer["setup_timeout_s"]

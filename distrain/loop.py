@@ -19,6 +19,7 @@ from torch import nn
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import Batch, ShardBatches
 from distrain.histograms import model_histograms
+from distrain.plan import StepPlan
 from distrain.timing import StepClock, make_clock
 
 Report = Callable[[dict[str, Any]], None]
@@ -237,8 +238,7 @@ def _check_finite(parts: Parts, interval_loss: float, step: int, epoch: int) -> 
 def fit(
     parts: Parts,
     *,
-    epochs: int,
-    max_steps: int | None,
+    plan: StepPlan,
     log_every_n_steps: int,
     checkpoint_every_n_steps: int | None,
     nan_policy: str,
@@ -249,7 +249,7 @@ def fit(
     histogram_every_n_steps: int = 0,
     debug_delay_s: float = 0.0,
 ) -> tuple[Position, bool]:
-    """Train from `start` to the end of `epochs` (or `max_steps`), reporting step and epoch records.
+    """Train from `start` to the plan's last step, reporting step and epoch records.
 
     Every `log_every_n_steps` a "step" record carries the interval's mean loss, lr, gradient norm,
     samples and the time per phase (distrain/timing.py); every `histogram_every_n_steps` (0: never)
@@ -261,9 +261,7 @@ def fit(
     """
     batches = parts.batches
     pos = Position(**vars(start))
-    total_steps = epochs * batches.steps_per_epoch
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
+    epochs, total_steps, steps_per_epoch = plan.epochs, plan.total_steps, plan.steps_per_epoch
     last_report_s = time.monotonic()
 
     def send(record: dict[str, Any]) -> None:
@@ -337,7 +335,7 @@ def fit(
                 interval_start = now
             elif time.monotonic() - last_report_s > heartbeat_s:
                 send({"kind": "heartbeat", "step": pos.step})
-            if pos.step >= total_steps or pos.step_in_epoch == batches.steps_per_epoch:
+            if pos.step >= total_steps or pos.step_in_epoch == steps_per_epoch:
                 break
             if checkpoint_every_n_steps and pos.step % checkpoint_every_n_steps == 0:
                 pos.epoch_loss_sum += epoch_loss.item()
@@ -369,7 +367,7 @@ def fit(
             lines = parts.sample()  # None on the ranks that only take part (FSDP)
             if lines is not None:
                 send({"kind": "sample", "step": pos.step, "epoch": epoch, "text": lines})
-        if pos.step_in_epoch == batches.steps_per_epoch:  # not when max_steps ended it early
+        if pos.step_in_epoch == steps_per_epoch:  # not when max_steps ended it early
             pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)
         # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
         # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.

@@ -13,38 +13,43 @@ from hydra.utils import get_object, instantiate
 
 from distrain import build, checkpoint, config
 from distrain.data.base import Splits
+from distrain.plan import StepPlan, plan_steps
 
 # Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
 RESUME_MUST_MATCH = ("model", "loss", "aggregator")
 
 
-def dry_build(job: dict[str, Any]) -> Splits:
-    """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor."""
+def dry_build(job: dict[str, Any]) -> tuple[Splits, StepPlan]:
+    """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor;
+    returns the data's splits and the run's step plan (the batch arithmetic, checked)."""
     splits: Splits = _explain("data", lambda: build.build_splits(job["data"]))
     model = _explain("model", lambda: build.build_model(job["model"], splits))
     loss_fn = _explain("loss", lambda: build.build_loss(job["loss"], splits.task))
-    batch_size, trainer = job["data"]["batch_size"], job["trainer"]
+    data, trainer = job["data"], job["trainer"]
     optimizer = _explain(
         "optimizer",
-        lambda: build.build_optimizer(job["optimizer"], model, global_batch=batch_size),
+        lambda: build.build_optimizer(job["optimizer"], model, global_batch=data["batch_size"]),
     )
     _explain("aggregator", lambda: instantiate(job["aggregator"], _convert_="all"))
     _explain("model", lambda: build.check_model_fits_data(model, splits, loss_fn))
-    if len(splits.train) < job["data"]["batch_size"]:
-        raise config.ConfigError(
-            f"data.batch_size={job['data']['batch_size']} is larger than the training set "
-            f"({len(splits.train)} samples): lower data.batch_size."
-        )
-    steps_per_epoch = len(splits.train) // batch_size
-    total_steps = trainer["epochs"] * steps_per_epoch  # as the worker counts them
-    total_steps = min(total_steps, trainer["max_steps"] or total_steps)
+    plan = plan_steps(
+        len(splits.train),
+        global_batch=data["batch_size"],
+        micro_batch=data.get("micro_batch_size"),
+        world_size=trainer["workers"],
+        epochs=trainer["epochs"],
+        max_steps=trainer["max_steps"],
+    )
     _explain(
         "scheduler",
         lambda: build.build_scheduler(
-            job["scheduler"], optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+            job["scheduler"],
+            optimizer,
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=plan.total_steps,
         ),
     )
-    return splits
+    return splits, plan
 
 
 def _explain(group: str, make: Callable[[], Any]) -> Any:

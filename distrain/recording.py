@@ -15,6 +15,7 @@ from distrain import build, checkpoint
 from distrain.data.base import Splits
 from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
+from distrain.plan import StepPlan
 from distrain.progress import make_progress
 from distrain.rundir import RunDirectory
 from distrain.stragglers import StragglerDetector
@@ -37,9 +38,7 @@ class RunRecorder:
         splits: Splits,
         overrides: list[str],
         resume: checkpoint.Checkpoint | None,
-        *,
-        total_steps: int,
-        steps_per_epoch: int,
+        plan: StepPlan,
     ) -> None:
         """Start the event file (after `resume`'s step on resume) and the progress view."""
         purge_step = resume.step + 1 if resume else None
@@ -52,7 +51,7 @@ class RunRecorder:
         else:
             self.progress.message(f"resuming from {resume.path} (step {resume.step})")
         self.tensorboard.start_session(hparams_of(job, overrides))
-        self.progress.start(total_steps, job["trainer"]["epochs"], steps_per_epoch)
+        self.progress.start(plan.total_steps, plan.epochs, plan.steps_per_epoch)
 
     def watch_group(self, group: WorkerGroup, logger: dict[str, Any]) -> None:
         """A new group's ranks, for straggler detection (a rank is named with its node)."""

@@ -25,13 +25,7 @@ class ShardSampler:
     """Per-step local sample indices of one rank."""
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int):
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} does not split over {world_size} ranks")
-        if num_samples < global_batch:
-            raise ValueError(
-                f"the training set has {num_samples} samples, fewer than one global batch "
-                f"of {global_batch}: lower data.batch_size"
-            )
+        # The batch splits over the ranks and fits the data: checked once, in distrain/plan.py.
         self.num_samples = num_samples
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size

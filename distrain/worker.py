@@ -17,6 +17,7 @@ from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
 from distrain.loop import Parts, Position, fit
+from distrain.plan import StepPlan
 
 log = logging.getLogger("distrain.worker")
 # Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
@@ -28,10 +29,9 @@ SAVED_POLL_S = 0.01  # trainer.async_checkpoint=false: how often a worker asks i
 class Worker:
     """One rank. Receives the resolved job as plain values; never a live module or Hydra."""
 
-    def __init__(
-        self, rank: int, world_size: int, job: dict[str, Any], device_type: str, sink: Any
-    ):
-        self.rank, self.world_size, self.job, self.sink = rank, world_size, job, sink
+    def __init__(self, rank: int, plan: StepPlan, job: dict[str, Any], device_type: str, sink: Any):
+        self.rank, self.plan, self.job, self.sink = rank, plan, job, sink
+        self.world_size = plan.world_size
         trainer = job["trainer"]
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", force=True)
         # One intra-op thread per reserved CPU, so N workers on N cores do not oversubscribe.
@@ -84,18 +84,20 @@ class Worker:
             timeout_s=2 * trainer["step_timeout_s"],
         )
         splits = build.build_splits(data)
+        plan = self.plan
         batches = ShardBatches(
             splits,
-            global_batch=data["batch_size"],
+            global_batch=plan.global_batch,
             rank=self.rank,
             world_size=self.world_size,
             seed=trainer["seed"],
             device=self.device,
             loader=data.get("loader", "auto"),
             num_workers=data.get("num_workers", 0),
-            # Language models evaluate micro-batch by micro-batch: (B, T, V) logits are large.
-            eval_batch_size=data.get("micro_batch_size")
-            if splits.task == "language_model"
+            # Language models that accumulate evaluate micro-batch by micro-batch: (B, T, V)
+            # logits are large.
+            eval_batch_size=plan.micro_batch
+            if splits.task == "language_model" and plan.accumulation_steps > 1
             else None,
         )
         torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
@@ -110,17 +112,15 @@ class Worker:
         train_model = aggregator.wrap(model)
         # The aggregator builds it: ZeRO sharding, or a server-side step, are its business.
         optimizer = aggregator.build_optimizer(
-            build.optimizer_factory(job["optimizer"], global_batch=data["batch_size"]),
+            build.optimizer_factory(job["optimizer"], global_batch=plan.global_batch),
             model.parameters(),
             shard=trainer["shard_optimizer"],
         )
-        epochs, max_steps = trainer["epochs"], trainer["max_steps"]
-        total_steps = epochs * batches.steps_per_epoch
         scheduler = build.build_scheduler(
             job["scheduler"],
             optimizer,
-            steps_per_epoch=batches.steps_per_epoch,
-            total_steps=min(total_steps, max_steps or total_steps),
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=plan.total_steps,
         )
         self.parts = Parts(
             model=model,
@@ -132,7 +132,7 @@ class Worker:
             batches=batches,
             autocast=devices.autocast_factory(self.device.type, self.precision),
             scaler=devices.grad_scaler(self.device.type, self.precision),
-            micro_batch_size=data.get("micro_batch_size") or batches.local_batch,
+            micro_batch_size=plan.micro_batch,
             task=splits.task,
             num_outputs=splits.num_outputs,
         )
@@ -278,8 +278,7 @@ class Worker:
         self.parts.aggregator.fit_started_s = time.perf_counter()
         position, stopped = fit(
             self.parts,
-            epochs=trainer["epochs"],
-            max_steps=trainer["max_steps"],
+            plan=self.plan,
             log_every_n_steps=logger["log_every_n_steps"],
             checkpoint_every_n_steps=trainer["checkpoint_every_n_steps"],
             nan_policy=trainer["nan_policy"],

@@ -1,4 +1,4 @@
-"""Elastic planning: which worker count a new group gets, and its job (same global batch)."""
+"""Elastic planning: which worker count a new group gets after a failure."""
 
 from __future__ import annotations
 
@@ -42,14 +42,3 @@ def test_when_none_fits_the_smallest_allowed_count_is_named() -> None:
     # (this used to end in an AssertionError).
     with pytest.raises(ConfigError, match=r"^4 workers do not fit"):
         elastic.choose_world_size(4, 3, _fits_up_to(2, []), shrink=True)
-
-
-def test_fewer_workers_keep_the_global_batch_and_the_per_worker_micro_batch() -> None:
-    job = {"data": {"batch_size": 64, "micro_batch_size": None}, "trainer": {"workers": 4}}
-    assert elastic.job_for_workers(job, 4) is job
-    smaller = elastic.job_for_workers(job, 2)
-    assert smaller["trainer"]["workers"] == 2 and smaller["data"]["batch_size"] == 64
-    assert smaller["data"]["micro_batch_size"] == 16  # 64 / 4: each of 2 workers accumulates 2
-    assert job["trainer"]["workers"] == 4 and job["data"]["micro_batch_size"] is None
-    explicit = {**job, "data": {"batch_size": 64, "micro_batch_size": 8}}
-    assert elastic.job_for_workers(explicit, 1)["data"]["micro_batch_size"] == 8

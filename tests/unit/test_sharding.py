@@ -47,8 +47,3 @@ def test_eval_shards_cover_every_sample_exactly_once(num_samples: int, world: in
     assert [i for s in shards for i in s] == list(range(num_samples))
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= 1
-
-
-def test_batch_larger_than_the_data_is_refused() -> None:
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        ShardSampler(10, 16, 0, 1, seed=0)
