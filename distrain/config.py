@@ -34,6 +34,25 @@ class Placement(Enum):
     STRICT_PACK = "STRICT_PACK"
 
 
+# Choices are enums: Hydra refuses any other value at composition, naming the allowed ones. A
+# `str` mix-in, so a value compares equal to its name wherever the job travels as plain values.
+class NanPolicy(str, Enum):
+    stop = "stop"  # a NaN/inf loss or gradient ends the run, naming the step
+    skip_step = "skip_step"  # the step is skipped (no update) and counted
+
+
+class ActivationCheckpointing(str, Enum):
+    none = "none"
+    blocks = "blocks"  # recompute each repeated block's activations in backward
+
+
+class Progress(str, Enum):
+    auto = "auto"  # rich on a TTY, plain lines otherwise
+    rich = "rich"
+    plain = "plain"
+    none = "none"
+
+
 PRECISIONS = ("32", "bf16", "16")
 LR_SCALINGS = ("none", "linear")  # optimizer.lr_scaling (read by build.build_optimizer)
 
@@ -59,7 +78,7 @@ class TrainerConfig:
     async_checkpoint: bool = True
     max_failures: int = 3  # worker/node losses recovered from the last checkpoint before giving up
     min_workers: int | None = None  # elastic: continue on fewer workers (>= this) if nodes are lost
-    nan_policy: str = "stop"  # stop | skip_step: what a NaN/inf loss or gradient does
+    nan_policy: NanPolicy = NanPolicy.stop  # what a NaN/inf loss or gradient does
     stop_timeout_s: float = 60.0  # Ctrl-C: how long to wait for the workers' final checkpoint
     # TEST ONLY: rank `debug_delay_rank` sleeps `debug_delay_s` per step (a simulated straggler).
     debug_delay_rank: int | None = None
@@ -72,7 +91,7 @@ class TrainerConfig:
     # models); their collectives then go over gloo with CUDA tensors, since NCCL refuses two ranks
     # on one GPU.
     gpus_per_worker: float = 1.0
-    activation_checkpointing: str = "none"  # none | blocks: recompute each block in backward
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     compile: bool = False  # torch.compile the model (per block under aggregator=fsdp)
     # MFU's peak per worker device in TFLOP/s (None: a GPU's from distrain/mfu.py's table, a
     # CPU's measured by one matmul at start-up).
@@ -94,7 +113,7 @@ class ClusterConfig:
 @dataclass
 class LoggerConfig:
     log_every_n_steps: int = 10  # per-iteration scalars and progress updates
-    progress: str = "auto"  # auto (rich on a TTY, plain lines otherwise) | rich | plain | none
+    progress: Progress = Progress.auto
     histogram_every_n_steps: int = 0  # weight/gradient histograms (0: off)
     log_graph: bool = False  # the model graph once (traced on the driver's CPU copy)
     # A worker whose compute time per step stays above the others' median by this factor for
@@ -184,21 +203,8 @@ def validate(job: dict[str, Any]) -> None:
         f"trainer.min_workers={low} must be between 1 and trainer.workers={workers}, or null.",
     )
     _require(
-        trainer["activation_checkpointing"] in ("none", "blocks"),
-        f"trainer.activation_checkpointing={trainer['activation_checkpointing']!r} is not one of "
-        "none, blocks (recompute each repeated block's activations in backward).",
-    )
-    _require(
-        trainer["nan_policy"] in ("stop", "skip_step"),
-        f"trainer.nan_policy={trainer['nan_policy']!r} is not one of stop, skip_step.",
-    )
-    _require(
         logger["log_every_n_steps"] >= 1,
         f"logger.log_every_n_steps={logger['log_every_n_steps']} must be at least 1.",
-    )
-    _require(
-        logger["progress"] in ("auto", "rich", "plain", "none"),
-        f"logger.progress={logger['progress']!r} is not one of auto, rich, plain, none.",
     )
     for key in ("connect_timeout_s", "scale_up_timeout_s"):
         _require(cluster[key] > 0, f"cluster.{key}={cluster[key]} must be > 0 seconds.")

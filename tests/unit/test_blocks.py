@@ -79,7 +79,6 @@ def test_checkpointed_blocks_keep_names_and_gradients() -> None:
     [
         (["aggregator=fsdp", "trainer.precision=16"], "trainer.precision=bf16"),
         (["aggregator=fsdp", "trainer.shard_optimizer=true"], "already shards"),
-        (["trainer.activation_checkpointing=all"], "trainer.activation_checkpointing='all'"),
     ],
 )
 def test_bad_settings_are_named(overrides: list[str], message: str) -> None:

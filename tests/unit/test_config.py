@@ -25,7 +25,6 @@ def test_default_job_composes_and_is_valid() -> None:
         (["trainer.epochs=0"], "trainer.epochs=0"),
         (["data.micro_batch_size=0"], "data.micro_batch_size=0"),
         (["data.micro_batch_size=abc"], "data.micro_batch_size=abc"),
-        (["logger.progress=fancy"], "logger.progress='fancy'"),
     ],
 )
 def test_bad_values_are_named(overrides: list[str], message: str) -> None:
@@ -42,3 +41,13 @@ def test_wrong_types_and_unknown_keys_fail_at_composition() -> None:
         compose_job("trainer.wrokers=2")
     with pytest.raises(ConfigCompositionException):
         compose_job("trainer.device=tpu")
+    # Choices are enums: the bad value and the allowed ones are named.
+    for override, allowed in [
+        ("logger.progress=fancy", "auto, rich, plain, none"),
+        ("trainer.nan_policy=ignore", "stop, skip_step"),
+        ("trainer.activation_checkpointing=all", "none, blocks"),
+    ]:
+        with pytest.raises(ConfigCompositionException) as error:
+            compose_job(override)
+        value = override.split("=")[1]
+        assert f"Invalid value '{value}', expected one of [{allowed}]" in str(error.value.__cause__)
