@@ -29,15 +29,12 @@ from typing import Any
 # workers inherit the driver's sys.path for the `_target_`s in benchmarks/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from benchmarks.distrain_workloads import job_overrides
 from benchmarks.workloads import WORKLOADS, make_workload
 from distrain import driver
-from distrain.cli import CONF_DIR
-from distrain.config import register_configs
+from distrain.cli import compose_job
 from distrain.rundir import RunDirectory
 
 LOG_EVERY = 10  # steps per driver record: the resolution of the steady-state window
@@ -48,13 +45,6 @@ STRATEGIES = {
     "ps_sync": ["aggregator=parameter_server", "aggregator.servers=2"],
     "ps_async": ["aggregator=parameter_server", "aggregator.servers=2", "aggregator.mode=async"],
 }
-
-
-def compose_job(overrides: list[str]) -> dict[str, Any]:
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def steady_samples_per_s(
@@ -103,18 +93,16 @@ def main() -> None:
     steps = args.warmup_steps + args.measure_steps
     steps_per_epoch = len(workload.x_train) // global_batch
     job = compose_job(
-        [
-            *STRATEGIES[args.strategy],
-            f"trainer.workers={args.workers}",
-            f"trainer.epochs={math.ceil(steps / steps_per_epoch)}",
-            f"trainer.max_steps={steps}",
-            f"trainer.seed={args.seed}",
-            f"logger.log_every_n_steps={LOG_EVERY}",
-            "logger.progress=none",
-            # The peers write no checkpoints; distrain writes its first and its last.
-            "trainer.checkpoint_min_interval_s=3600",
-            *args.set,
-        ]
+        *STRATEGIES[args.strategy],
+        f"trainer.workers={args.workers}",
+        f"trainer.epochs={math.ceil(steps / steps_per_epoch)}",
+        f"trainer.max_steps={steps}",
+        f"trainer.seed={args.seed}",
+        f"logger.log_every_n_steps={LOG_EVERY}",
+        "logger.progress=none",
+        # The peers write no checkpoints; distrain writes its first and its last.
+        "trainer.checkpoint_min_interval_s=3600",
+        *args.set,
     )
     job.update(job_overrides(args.workload, args.seed))
     job["data"]["batch_size"] = global_batch

@@ -138,9 +138,9 @@ def merged(*lists: list[str]) -> list[str]:
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:
-    from benchmarks.distrain_bench import compose_job
+    from distrain.cli import compose_job
 
-    return compose_job(overrides)
+    return compose_job(*overrides)
 
 
 def reference_loop(

@@ -56,11 +56,12 @@ TARGETS = (  # (what, row, reference row, key, bound, higher is better)
 
 def one(workload: str, strategy: str, workers: int) -> dict[str, Any]:
     """One run in this (fresh) process; its figures."""
-    from benchmarks.distrain_bench import compose_job, steady_samples_per_s
+    from benchmarks.distrain_bench import steady_samples_per_s
     from benchmarks.distrain_workloads import job_overrides
     from benchmarks.lm_bench import LM, lm_overrides, token_dir
     from benchmarks.workloads import make_workload
     from distrain import driver
+    from distrain.cli import compose_job
     from distrain.rundir import RunDirectory
 
     steps = WARMUP + MEASURE
@@ -72,7 +73,7 @@ def one(workload: str, strategy: str, workers: int) -> dict[str, Any]:
     ]
     if workload == "gpt":
         data = token_dir()
-        job = compose_job([*lm_overrides(data, workers, steps), *common])
+        job = compose_job(*lm_overrides(data, workers, steps), *common)
         global_batch, per_sample = LM.batch_per_worker * workers, LM.block_size
         steps_per_epoch = (os.path.getsize(data / "train.bin") - 1) // per_sample // global_batch
     else:
@@ -81,12 +82,10 @@ def one(workload: str, strategy: str, workers: int) -> dict[str, Any]:
         steps_per_epoch = len(spec.x_train) // global_batch
         epochs = -(-steps // steps_per_epoch)
         job = compose_job(
-            [
-                *common,
-                f"trainer.workers={workers}",
-                f"trainer.epochs={epochs}",
-                f"trainer.max_steps={steps}",
-            ]
+            *common,
+            f"trainer.workers={workers}",
+            f"trainer.epochs={epochs}",
+            f"trainer.max_steps={steps}",
         )
         job.update(job_overrides(workload, 0))
         job["data"]["batch_size"] = global_batch

@@ -64,13 +64,14 @@ def lm_overrides(data: Path, workers: int, steps: int) -> list[str]:
 
 def distrain_one(data: Path, workers: int, warmup: int, measure: int) -> dict[str, Any]:
     """One distrain run (in this process, which the caller started fresh)."""
-    from benchmarks.distrain_bench import compose_job, steady_samples_per_s
+    from benchmarks.distrain_bench import steady_samples_per_s
     from distrain import driver
+    from distrain.cli import compose_job
     from distrain.rundir import RunDirectory
 
     global_batch = LM.batch_per_worker * workers
     overrides = lm_overrides(data, workers, warmup + measure)
-    job = compose_job([*overrides, "trainer.checkpoint_min_interval_s=3600"])
+    job = compose_job(*overrides, "trainer.checkpoint_min_interval_s=3600")
     with tempfile.TemporaryDirectory() as tmp:
         metrics = driver.train(job, RunDirectory(Path(tmp)))
         steps_per_epoch = (os.path.getsize(data / "train.bin") - 1) // LM.block_size // global_batch

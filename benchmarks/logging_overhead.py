@@ -22,30 +22,22 @@ import tempfile
 from pathlib import Path
 
 import ray
-from hydra import compose, initialize_config_dir
 
 from distrain import driver
-from distrain.cli import CONF_DIR, resolve
-from distrain.config import register_configs
+from distrain.cli import compose_job
 from distrain.rundir import RunDirectory
 
 SETTINGS = {"default": 10, "every_step": 1, "off": 10**9}
 
 
 def job_for(address: str, log_every_n_steps: int, epochs: int, workers: int) -> dict:
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"cluster.address={address}",
-                f"trainer.workers={workers}",
-                f"trainer.epochs={epochs}",
-                f"logger.log_every_n_steps={log_every_n_steps}",
-                "logger.progress=none",
-            ],
-        )
-    return resolve(cfg)
+    return compose_job(
+        f"cluster.address={address}",
+        f"trainer.workers={workers}",
+        f"trainer.epochs={epochs}",
+        f"logger.log_every_n_steps={log_every_n_steps}",
+        "logger.progress=none",
+    )
 
 
 def main() -> None:

@@ -21,24 +21,13 @@ from pathlib import Path
 
 import ray
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from distrain import checkpoint, driver
 from distrain.checkpoint import CheckpointStore
-from distrain.cli import CONF_DIR
-from distrain.config import register_configs
+from distrain.cli import compose_job
 from distrain.rundir import RunDirectory
 
 JOB = ["trainer.epochs=20", "trainer.checkpoint_every_n_steps=10", "logger.progress=none"]
-
-
-def compose_job(*overrides: str) -> dict:
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(
-            compose("config", overrides=list(overrides)), resolve=True, enum_to_str=True
-        )
 
 
 def main() -> None:

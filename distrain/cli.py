@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -50,6 +51,14 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(job["data"].get(key), str):
             job["data"][key] = str(Path(job["data"][key]).expanduser().resolve())
     return job
+
+
+def compose_job(*overrides: str) -> dict[str, Any]:
+    """The job `distrain <overrides>` would run, resolved like the CLI resolves it (for tests,
+    benchmarks and notebooks that call `driver.train` themselves)."""
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return resolve(compose("config", overrides=list(overrides)))
 
 
 def _run(cfg: DictConfig) -> dict[str, Any] | None:

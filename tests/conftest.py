@@ -14,11 +14,8 @@ from typing import Any
 
 import pytest
 import ray
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from distrain.cli import CONF_DIR
-from distrain.config import register_configs
+from distrain.cli import CONF_DIR, compose_job  # noqa: F401 (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 DISTRAIN = [sys.executable, "-m", "distrain"]
@@ -40,14 +37,6 @@ def ray_address() -> Any:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-
-
-def compose_job(*overrides: str) -> dict[str, Any]:
-    """The job a `distrain` command with these overrides would run, resolved to plain values."""
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def run_cli(
