@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from distrain.config import ConfigError
+from distrain.config import ConfigError, TrainerConfig
 
 
 def find_blocks(model: nn.Module, class_names: Sequence[str] | None = None) -> list[nn.Module]:
@@ -106,11 +106,11 @@ def _naming_failures(compiled: Callable[..., Any], name: str) -> Callable[..., A
     return call
 
 
-def prepare(model: nn.Module, aggregator: Any, trainer: dict[str, Any]) -> bool:
+def prepare(model: nn.Module, aggregator: Any, trainer: TrainerConfig) -> bool:
     """Activation checkpointing and compilation, applied before the aggregator wraps the model
     (FSDP then shards blocks that are already checkpointed and compiled, as torchtitan does).
     Returns whether anything was compiled."""
-    if trainer.get("activation_checkpointing", "none") == "blocks":
+    if trainer.activation_checkpointing == "blocks":
         found = aggregator.blocks(model)
         if not found:
             raise ConfigError(
@@ -118,7 +118,7 @@ def prepare(model: nn.Module, aggregator: Any, trainer: dict[str, Any]) -> bool:
                 "repeated blocks to checkpoint; set trainer.activation_checkpointing=none."
             )
         checkpoint_activations(found)
-    if trainer.get("compile", False):
+    if trainer.compile:
         compile_modules(aggregator.compile_units(model))
         return True
     return False

@@ -25,7 +25,7 @@ import grpc
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from distrain.config import ConfigError
+from distrain.config import ClusterConfig, ConfigError
 
 log = logging.getLogger("distrain")
 
@@ -90,16 +90,16 @@ def _check_speaks_grpc(address: str, target: tuple[str, int], timeout_s: float) 
         channel.close()
 
 
-def runtime_env(cluster: dict[str, Any]) -> dict[str, Any] | None:
+def runtime_env(cluster: ClusterConfig) -> dict[str, Any] | None:
     """What Ray ships to the cluster's nodes with the job so they need not have distrain installed.
 
     A checkout (pyproject.toml beside the package) goes as the working_dir: the workers import
     distrain, and modules beside it, from the shipped copy. An installed package goes alone as a
     py_module, as shipping its site-packages would ship everything.
     """
-    if not cluster["runtime_env_working_dir"]:
+    if not cluster.runtime_env_working_dir:
         return None
-    if cluster["address"] is None:
+    if cluster.address is None:
         log.warning(
             "cluster.runtime_env_working_dir=true is ignored for the embedded Ray: its workers "
             "run on this machine and import distrain from here."
@@ -130,8 +130,8 @@ def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray")
 
 
-def _init(cluster: dict[str, Any]) -> None:
-    address = cluster["address"]
+def _init(cluster: ClusterConfig) -> None:
+    address = cluster.address
     kwargs: dict[str, Any] = {
         "logging_level": logging.WARNING,
         "runtime_env": runtime_env(cluster),
@@ -146,12 +146,12 @@ def _init(cluster: dict[str, Any]) -> None:
         # "local" always starts a new Ray, even when another one runs on this machine.
         kwargs |= {
             "address": "local",
-            "num_cpus": cluster["num_cpus"],
-            "num_gpus": cluster["num_gpus"],
+            "num_cpus": cluster.num_cpus,
+            "num_gpus": cluster.num_gpus,
             "include_dashboard": False,
         }
     else:
-        check_reachable(address, cluster["connect_timeout_s"])
+        check_reachable(address, cluster.connect_timeout_s)
         kwargs["address"] = address
     # ray.init replaces the SIGTERM handler with sys.exit; distrain's own (stop like Ctrl-C,
     # with a checkpoint) must stay, so a scheduler's SIGTERM during start-up still stops cleanly.
@@ -166,7 +166,7 @@ def _init(cluster: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def connect(cluster: dict[str, Any], *, keep: bool = False) -> Iterator[None]:
+def connect(cluster: ClusterConfig, *, keep: bool = False) -> Iterator[None]:
     """Join `cluster.address`, or start an embedded Ray that lives as long as this context.
 
     A Ray already initialised in this process (a test session, a --multirun sweep that keeps one
@@ -189,12 +189,12 @@ def connect(cluster: dict[str, Any], *, keep: bool = False) -> Iterator[None]:
 _kept: tuple[Any, ...] | None = None
 
 
-def _connection_key(cluster: dict[str, Any]) -> tuple[Any, ...]:
+def _connection_key(cluster: ClusterConfig) -> tuple[Any, ...]:
     keys = ("address", "num_cpus", "num_gpus", "runtime_env_working_dir")
-    return tuple(cluster[k] for k in keys)
+    return tuple(getattr(cluster, k) for k in keys)
 
 
-def keep_connected(cluster: dict[str, Any]) -> None:
+def keep_connected(cluster: ClusterConfig) -> None:
     """Start or join Ray once for the jobs of a sweep, instead of once per job.
 
     A job whose cluster settings differ from the kept connection's (a sweep over
@@ -365,19 +365,19 @@ def reserve(
     return group
 
 
-def place(need: WorkerResources, cluster: dict[str, Any]) -> PlacementGroup:
+def place(need: WorkerResources, cluster: ClusterConfig) -> PlacementGroup:
     """Check the cluster can hold the workers, then reserve them: the driver's one call."""
-    placement = cluster["placement"]
+    placement = cluster.placement.value
     if not check_resources(need, placement):
         # Enough is free in total, so only other jobs' reservations or the placement strategy
         # can stand in the way; that shows within seconds.
         return reserve(
             need,
             placement,
-            cluster["connect_timeout_s"],
+            cluster.connect_timeout_s,
             hint=": other jobs may hold them, or the placement strategy cannot be met",
         )
-    timeout_s = cluster["scale_up_timeout_s"]
+    timeout_s = cluster.scale_up_timeout_s
     log.warning(
         "distrain: the cluster has %s available now; waiting up to %g s "
         "(cluster.scale_up_timeout_s) for its autoscaler to add nodes for %d workers of %s.",

@@ -16,18 +16,18 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from distrain.errors import ConfigError  # defined with the other errors; imported from here
 
 
-class Device(Enum):
+class Device(str, Enum):
     auto = "auto"  # GPUs when the cluster has them, else CPUs
     cpu = "cpu"
     cuda = "cuda"
 
 
-class Placement(Enum):
+class Placement(str, Enum):
     PACK = "PACK"
     SPREAD = "SPREAD"
     STRICT_SPREAD = "STRICT_SPREAD"
@@ -142,6 +142,20 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     resume: str | None = None  # a run dir or checkpoint file to continue from
+
+
+def typed(job: dict[str, Any]) -> Config:
+    """The resolved job as typed objects, once, at the top (`driver.train`): trainer, cluster and
+    logger become their dataclasses (choices as enums); the groups a user may swap for their own
+    code (model, data, optimizer, scheduler, loss, aggregator) stay `_target_` dicts for Hydra's
+    instantiate."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), job))
+
+
+def plain(job: Config) -> dict[str, Any]:
+    """The typed job as plain values again (enums as names), for records: TensorBoard's config
+    text and HParams."""
+    return OmegaConf.to_container(OmegaConf.structured(job), enum_to_str=True)
 
 
 def register_configs() -> None:

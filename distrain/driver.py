@@ -47,7 +47,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes 
 
 
 def train(
-    job: dict[str, Any],
+    plain_job: dict[str, Any],
     run_dir: RunDirectory,
     overrides: list[str] | None = None,
     *,
@@ -59,19 +59,20 @@ def train(
     `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
     """
     started = time.perf_counter()
-    config.validate(job)
-    torch.manual_seed(job["trainer"]["seed"])
+    config.validate(plain_job)
+    job = config.typed(plain_job)  # typed once; below here no part reads the job by string keys
+    torch.manual_seed(job.trainer.seed)
     splits, plan = preflight.dry_build(job)
     resume = preflight.load_resume(job)
-    with cluster.connect(job["cluster"], keep=keep_cluster):
-        auto = job["trainer"]["device"] == "auto"
+    with cluster.connect(job.cluster, keep=keep_cluster):
+        auto = job.trainer.device == "auto"
         limits = cluster.autoscaler_limits() if auto else None
         device_type = choose_device_type(
-            job["trainer"]["device"],
+            job.trainer.device,
             ray.cluster_resources().get("GPU", 0.0),
-            workers=job["trainer"]["workers"],
+            workers=job.trainer.workers,
             autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
-            gpus_per_worker=job["trainer"]["gpus_per_worker"],
+            gpus_per_worker=job.trainer.gpus_per_worker,
         )
         supervisor = Supervisor(job, run_dir, splits, plan, device_type, overrides or [])
         result = supervisor.run(resume, started)
@@ -101,7 +102,7 @@ class Supervisor:
 
     def __init__(
         self,
-        job: dict[str, Any],
+        job: config.Config,
         run_dir: RunDirectory,
         splits: Splits,
         plan: StepPlan,
@@ -110,20 +111,18 @@ class Supervisor:
     ) -> None:
         self.job, self.run_dir, self.device_type = job, run_dir, device_type
         self.splits, self.plan, self.overrides = splits, plan, overrides
-        self.trainer = job["trainer"]
+        self.trainer = job.trainer
         self.task = splits.task
-        self.store = checkpoint.CheckpointStore(
-            run_dir.checkpoints, self.trainer["keep_checkpoints"]
-        )
-        self.recorder = RunRecorder(run_dir, job["logger"]["progress"])
+        self.store = checkpoint.CheckpointStore(run_dir.checkpoints, self.trainer.keep_checkpoints)
+        self.recorder = RunRecorder(run_dir, job.logger.progress)
         self.history: list[EpochMetrics] = []
         self.failures: list[dict[str, Any]] = []
         self.writer = CheckpointWriter(
             self.store,
-            job={group: job[group] for group in preflight.RESUME_MUST_MATCH},
+            job={group: getattr(job, group) for group in preflight.RESUME_MUST_MATCH},
             # Bounded: a share held on a node cut off from this one is not fetched until Ray
             # declares the node dead (minutes); the hang timeout applies to it as to a step.
-            fetch_timeout_s=self.trainer["step_timeout_s"],
+            fetch_timeout_s=self.trainer.step_timeout_s,
         )
         # The checkpoint a restart resumes from: the last one written, or the one resumed from.
         self.last_checkpoint: Path | None = None
@@ -164,8 +163,8 @@ class Supervisor:
         """What a group of `world_size` workers needs from the cluster."""
         return cluster.WorkerResources(
             world_size,
-            self.trainer["cpus_per_worker"],
-            worker_gpus(self.device_type, self.trainer["gpus_per_worker"]),
+            self.trainer.cpus_per_worker,
+            worker_gpus(self.device_type, self.trainer.gpus_per_worker),
             excluded_nodes=self.excluded_nodes,
         )
 
@@ -180,7 +179,7 @@ class Supervisor:
         if restore_from is not None:  # each shard in the object store once; a worker takes its rows
             shards = [ray.put(read()) for read in restore_from.shards]
             ref = ray.put({"meta": restore_from.meta, "shards": shards})
-        deadline = time.monotonic() + self.trainer["setup_timeout_s"]
+        deadline = time.monotonic() + self.trainer.setup_timeout_s
         while True:
             group: WorkerGroup | None = None
             try:
@@ -203,7 +202,7 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     raise TrainingFailed(
                         f"could not start a new worker group within trainer.setup_timeout_s="
-                        f"{self.trainer['setup_timeout_s']:g} s after a failure: {error}"
+                        f"{self.trainer.setup_timeout_s:g} s after a failure: {error}"
                     ) from None
                 time.sleep(1.0)
                 continue
@@ -220,17 +219,17 @@ class Supervisor:
             if plan.world_size < self.plan.world_size:
                 self.recorder.message(
                     f"elastic: continuing on {plan.world_size} of {self.plan.world_size} workers "
-                    f"(trainer.min_workers={self.trainer['min_workers']}), same global batch "
+                    f"(trainer.min_workers={self.trainer.min_workers}), same global batch "
                     f"{plan.global_batch}"
                 )
             return group
 
     def _plan_group(self) -> StepPlan:
         """The configured worker count; after a failure, the most that fit (>= min_workers)."""
-        placement = self.job["cluster"]["placement"]
+        placement = self.job.cluster.placement.value
         world_size = elastic.choose_world_size(
-            self.trainer["workers"],
-            self.trainer["min_workers"],
+            self.trainer.workers,
+            self.trainer.min_workers,
             lambda n: cluster.check_resources(self._resources(n), placement),
             shrink=bool(self.failures),
         )
@@ -250,7 +249,7 @@ class Supervisor:
                 "last_progress_s": self.last_progress_s,
             }
         )
-        restarts, limit = len(self.failures), self.trainer["max_failures"]
+        restarts, limit = len(self.failures), self.trainer.max_failures
         latest = self.store.latest()
         if restarts > limit:
             kept = f"the last checkpoint is {latest}" if latest else "no checkpoint was written"
@@ -274,7 +273,7 @@ class Supervisor:
     def _watch(self, group: WorkerGroup) -> list[dict[str, Any]]:
         """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group."""
         collector = MetricsCollector(group.world_size, self.task, self.history)
-        self.recorder.watch_group(group, self.job["logger"])
+        self.recorder.watch_group(group, self.job.logger)
         self.current_nodes = group.nodes
         refs = group.fit()
         pending, results = list(refs), []
@@ -307,16 +306,16 @@ class Supervisor:
                     {refs[r] for r in pending},
                     last_seen_s,
                     group,
-                    timeout_s=self.trainer["step_timeout_s"],
+                    timeout_s=self.trainer.step_timeout_s,
                     stacks_dir=self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}",
                 )
                 if stop.requested and stop_deadline is None:
                     self.recorder.message(
                         "stopping: the workers write a checkpoint at the next boundary "
-                        f"(up to {self.trainer['stop_timeout_s']:g} s; Ctrl-C again to stop now)"
+                        f"(up to {self.trainer.stop_timeout_s:g} s; Ctrl-C again to stop now)"
                     )
                     group.sink.request_stop.remote()
-                    stop_deadline = time.monotonic() + self.trainer["stop_timeout_s"]
+                    stop_deadline = time.monotonic() + self.trainer.stop_timeout_s
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     break
         self.stop_requested = self.stop_requested or stop.requested
@@ -351,7 +350,7 @@ class Supervisor:
         """Queue a checkpoint for the background writer; with trainer.async_checkpoint=false,
         wait until it is written and let the workers (waiting for it) go on."""
         self.writer.submit(pending, [dataclasses.asdict(e) for e in self.history])
-        if not self.trainer["async_checkpoint"]:
+        if not self.trainer.async_checkpoint:
             self._settle(wait=True)
             group.sink.saved.remote(pending.step)
 
@@ -377,7 +376,7 @@ class Supervisor:
             nodes = {n["node_id"] for n in self.current_nodes}
             raise GroupFailed(
                 f"checkpoint of step {step}: the workers' shares did not arrive within "
-                f"trainer.step_timeout_s={self.trainer['step_timeout_s']:g} s (a node "
+                f"trainer.step_timeout_s={self.trainer.step_timeout_s:g} s (a node "
                 "unreachable from the driver?)",
                 unreachable_nodes=hangs.unreachable(nodes),
             )

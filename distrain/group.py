@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import (
 from distrain import cluster
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
+from distrain.config import Config
 from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
 from distrain.plan import StepPlan
 from distrain.reporting import MetricsSink
@@ -63,7 +64,7 @@ def is_transport_failure(error: BaseException) -> bool:
 
 
 class WorkerGroup:
-    def __init__(self, job: dict[str, Any], plan: StepPlan, device_type: str) -> None:
+    def __init__(self, job: Config, plan: StepPlan, device_type: str) -> None:
         self.job, self.plan = job, plan
         self.world_size = plan.world_size
         self.device_type = device_type
@@ -76,15 +77,15 @@ class WorkerGroup:
 
     def start(self, need: cluster.WorkerResources, checkpoint_ref: Any | None) -> None:
         """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s."""
-        trainer = self.job["trainer"]
-        self.placement_group = cluster.place(need, self.job["cluster"])
+        trainer = self.job.trainer
+        self.placement_group = cluster.place(need, self.job.cluster)
         started = time.perf_counter()
         # The sink lives on the driver's node: losing another node must not take the metrics.
         self.sink = MetricsSink.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True
             )
-        ).remote(trainer["checkpoint_min_interval_s"])
+        ).remote(trainer.checkpoint_min_interval_s)
         actor = ray.remote(Worker)
         group_id = uuid.uuid4().hex[:8]
         self.names = [f"distrain-{group_id}-rank{rank}" for rank in range(self.world_size)]
@@ -100,7 +101,7 @@ class WorkerGroup:
             ).remote(rank, self.plan, self.job, self.device_type, self.sink)
             for rank in range(self.world_size)
         ]
-        timeout_s = trainer["setup_timeout_s"]
+        timeout_s = trainer.setup_timeout_s
         self.nodes = self._get([w.node.remote() for w in self.workers], timeout_s, "start")
         self._get(
             [w.place.remote(p) for w, p in zip(self.workers, self._placements())],
@@ -108,8 +109,8 @@ class WorkerGroup:
             "take its device",
         )
         actors_s = time.perf_counter() - started
-        aggregator: type[GradientAggregator] = get_object(self.job["aggregator"]["_target_"])
-        self.rendezvous = aggregator.rendezvous(self.workers, self.job["aggregator"])
+        aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
+        self.rendezvous = aggregator.rendezvous(self.workers, self.job.aggregator)
         checkpoint = [checkpoint_ref] if checkpoint_ref is not None else None
         self._get(
             [w.setup.remote(self.rendezvous, checkpoint) for w in self.workers], timeout_s, "set up"
@@ -141,7 +142,7 @@ class WorkerGroup:
         # Bounded like a step: a sink cut off from the driver (it lives on the driver's node,
         # but Ray may place it elsewhere when that node is full) is not waited on for the
         # minute Ray takes to declare its node dead.
-        timeout_s = self.job["trainer"]["step_timeout_s"]
+        timeout_s = self.job.trainer.step_timeout_s
         try:
             return ray.get(self.sink.drain.remote(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -192,7 +193,7 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Kill every actor of the group and free its reservation; safe to call twice."""
-        aggregator_cls = get_object(self.job["aggregator"]["_target_"])
+        aggregator_cls = get_object(self.job.aggregator["_target_"])
         for handle in [*self.workers, self.sink, *aggregator_cls.actors(self.rendezvous)]:
             if handle is not None:
                 ray.kill(handle)

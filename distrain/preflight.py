@@ -19,31 +19,31 @@ from distrain.plan import StepPlan, plan_steps
 RESUME_MUST_MATCH = ("model", "loss", "aggregator")
 
 
-def dry_build(job: dict[str, Any]) -> tuple[Splits, StepPlan]:
+def dry_build(job: config.Config) -> tuple[Splits, StepPlan]:
     """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor;
     returns the data's splits and the run's step plan (the batch arithmetic, checked)."""
-    splits: Splits = _explain("data", lambda: build.build_splits(job["data"]))
-    model = _explain("model", lambda: build.build_model(job["model"], splits))
-    loss_fn = _explain("loss", lambda: build.build_loss(job["loss"], splits.task))
-    data, trainer = job["data"], job["trainer"]
+    splits: Splits = _explain("data", lambda: build.build_splits(job.data))
+    model = _explain("model", lambda: build.build_model(job.model, splits))
+    loss_fn = _explain("loss", lambda: build.build_loss(job.loss, splits.task))
+    data, trainer = job.data, job.trainer
     optimizer = _explain(
         "optimizer",
-        lambda: build.build_optimizer(job["optimizer"], model, global_batch=data["batch_size"]),
+        lambda: build.build_optimizer(job.optimizer, model, global_batch=data["batch_size"]),
     )
-    _explain("aggregator", lambda: instantiate(job["aggregator"], _convert_="all"))
+    _explain("aggregator", lambda: instantiate(job.aggregator, _convert_="all"))
     _explain("model", lambda: build.check_model_fits_data(model, splits, loss_fn))
     plan = plan_steps(
         len(splits.train),
         global_batch=data["batch_size"],
         micro_batch=data.get("micro_batch_size"),
-        world_size=trainer["workers"],
-        epochs=trainer["epochs"],
-        max_steps=trainer["max_steps"],
+        world_size=trainer.workers,
+        epochs=trainer.epochs,
+        max_steps=trainer.max_steps,
     )
     _explain(
         "scheduler",
         lambda: build.build_scheduler(
-            job["scheduler"],
+            job.scheduler,
             optimizer,
             steps_per_epoch=plan.steps_per_epoch,
             total_steps=plan.total_steps,
@@ -62,18 +62,19 @@ def _explain(group: str, make: Callable[[], Any]) -> Any:
         raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
 
 
-def load_resume(job: dict[str, Any]) -> checkpoint.Checkpoint | None:
+def load_resume(job: config.Config) -> checkpoint.Checkpoint | None:
     """The checkpoint named by `resume=`, checked against this job."""
-    if not job.get("resume"):
+    if not job.resume:
         return None
-    path = checkpoint.resolve_resume(job["resume"])
+    path = checkpoint.resolve_resume(job.resume)
     saved_checkpoint = checkpoint.load(path)
     saved = saved_checkpoint.meta.get("job", {})
     for group in RESUME_MUST_MATCH:
-        if group in saved and _resume_key(group, saved[group]) != _resume_key(group, job[group]):
+        ours = getattr(job, group)
+        if group in saved and _resume_key(group, saved[group]) != _resume_key(group, ours):
             raise config.ConfigError(
-                f"resume={job['resume']}: checkpoint {path.name} was written with {group}="
-                f"{saved[group]}, but this run has {group}={job[group]}; a resumed run must keep "
+                f"resume={job.resume}: checkpoint {path.name} was written with {group}="
+                f"{saved[group]}, but this run has {group}={ours}; a resumed run must keep "
                 f"its {group}."
             )
     return saved_checkpoint

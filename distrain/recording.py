@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distrain import build, checkpoint
+from distrain.config import Config, LoggerConfig, plain
 from distrain.data.base import Splits
 from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
@@ -34,7 +35,7 @@ class RunRecorder:
 
     def open(
         self,
-        job: dict[str, Any],
+        job: Config,
         splits: Splits,
         overrides: list[str],
         resume: checkpoint.Checkpoint | None,
@@ -45,20 +46,20 @@ class RunRecorder:
         self.tensorboard = TensorBoardWriter(self.run_dir.path, purge_step=purge_step)
         if resume is None:
             self.tensorboard.add_text("config", f"```\n{OmegaConf.to_yaml(job)}\n```")
-            if job["logger"]["log_graph"]:
-                model = build.build_model(job["model"], splits)
+            if job.logger.log_graph:
+                model = build.build_model(job.model, splits)
                 self.tensorboard.add_graph(model, splits.train[0][0][None])
         else:
             self.progress.message(f"resuming from {resume.path} (step {resume.step})")
-        self.tensorboard.start_session(hparams_of(job, overrides))
+        self.tensorboard.start_session(hparams_of(plain(job), overrides))
         self.progress.start(plan.total_steps, plan.epochs, plan.steps_per_epoch)
 
-    def watch_group(self, group: WorkerGroup, logger: dict[str, Any]) -> None:
+    def watch_group(self, group: WorkerGroup, logger: LoggerConfig) -> None:
         """A new group's ranks, for straggler detection (a rank is named with its node)."""
         self.detector = StragglerDetector(
             [n["node_ip"] for n in group.nodes],
-            threshold=logger["straggler_threshold"],
-            patience=logger["straggler_patience"],
+            threshold=logger.straggler_threshold,
+            patience=logger.straggler_patience,
         )
 
     def record(self, metrics: Any) -> None:

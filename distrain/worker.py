@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from distrain import blocks, build, lm, mfu, network, shards
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
+from distrain.config import Config, TrainerConfig
 from distrain.data.batches import ShardBatches
 from distrain.loop import Parts, Position, fit
 from distrain.plan import StepPlan
@@ -29,23 +30,23 @@ SAVED_POLL_S = 0.01  # trainer.async_checkpoint=false: how often a worker asks i
 class Worker:
     """One rank. Receives the resolved job as plain values; never a live module or Hydra."""
 
-    def __init__(self, rank: int, plan: StepPlan, job: dict[str, Any], device_type: str, sink: Any):
+    def __init__(self, rank: int, plan: StepPlan, job: Config, device_type: str, sink: Any):
         self.rank, self.plan, self.job, self.sink = rank, plan, job, sink
         self.world_size = plan.world_size
-        trainer = job["trainer"]
+        trainer = job.trainer
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", force=True)
         # One intra-op thread per reserved CPU, so N workers on N cores do not oversubscribe.
-        torch.set_num_threads(max(1, int(trainer["cpus_per_worker"])))
-        network.bind_collectives(job["cluster"]["socket_ifname"], ray.util.get_node_ip_address())
+        torch.set_num_threads(max(1, int(trainer.cpus_per_worker)))
+        network.bind_collectives(job.cluster.socket_ifname, ray.util.get_node_ip_address())
         self.device_type = device_type
         # CUDA is not touched until `place`: CUDA_VISIBLE_DEVICES must be set before it starts.
         self.device = devices.worker_device(device_type) if device_type == devices.CPU else None
-        self.precision = trainer["precision"]
+        self.precision = trainer.precision
 
     def place(self, placement: devices.DevicePlacement | None) -> None:
         """Take this rank's device (group.py shares each node's GPU list among its workers)."""
         self.device = devices.worker_device(self.device_type, placement)
-        devices.configure_math(self.device, self.precision, self.job["trainer"].get("tf32"))
+        devices.configure_math(self.device, self.precision, self.job.trainer.tf32)
 
     def free_address(self) -> tuple[str, int]:
         """This node's IP as Ray sees it, and a port free on it now (rank 0's rendezvous)."""
@@ -72,8 +73,8 @@ class Worker:
         `checkpoint` is `[ObjectRef]` of a checkpoint payload to start from (in a list, so Ray
         hands over the reference rather than fetching it for every actor up front).
         """
-        job, trainer, data = self.job, self.job["trainer"], self.job["data"]
-        aggregator: GradientAggregator = instantiate(self.job["aggregator"], _convert_="all")
+        job, trainer, data = self.job, self.job.trainer, self.job.data
+        aggregator: GradientAggregator = instantiate(self.job.aggregator, _convert_="all")
         aggregator.connect(
             rank=self.rank,
             world_size=self.world_size,
@@ -81,7 +82,7 @@ class Worker:
             rendezvous=rendezvous,
             # Twice the driver's hang timeout: the driver names the silent rank first, and a
             # collective stuck on a dead peer still raises instead of waiting 30 minutes.
-            timeout_s=2 * trainer["step_timeout_s"],
+            timeout_s=2 * trainer.step_timeout_s,
         )
         splits = build.build_splits(data)
         plan = self.plan
@@ -90,7 +91,7 @@ class Worker:
             global_batch=plan.global_batch,
             rank=self.rank,
             world_size=self.world_size,
-            seed=trainer["seed"],
+            seed=trainer.seed,
             device=self.device,
             loader=data.get("loader", "auto"),
             num_workers=data.get("num_workers", 0),
@@ -100,9 +101,9 @@ class Worker:
             if splits.task == "language_model" and plan.accumulation_steps > 1
             else None,
         )
-        torch.manual_seed(trainer["seed"])  # the same initial parameters on every rank
-        model = build.build_model(job["model"], splits).to(self.device)
-        torch.manual_seed(trainer["seed"] + 1 + self.rank)  # distinct dropout/augmentation streams
+        torch.manual_seed(trainer.seed)  # the same initial parameters on every rank
+        model = build.build_model(job.model, splits).to(self.device)
+        torch.manual_seed(trainer.seed + 1 + self.rank)  # distinct dropout/augmentation streams
         # While blocked on its peers the worker still reports, naming whom it waits for.
         aggregator.on_wait = self._waiting
         aggregator.wait_beat_s = heartbeat_s(trainer)
@@ -112,12 +113,12 @@ class Worker:
         train_model = aggregator.wrap(model)
         # The aggregator builds it: ZeRO sharding, or a server-side step, are its business.
         optimizer = aggregator.build_optimizer(
-            build.optimizer_factory(job["optimizer"], global_batch=plan.global_batch),
+            build.optimizer_factory(job.optimizer, global_batch=plan.global_batch),
             model.parameters(),
-            shard=trainer["shard_optimizer"],
+            shard=trainer.shard_optimizer,
         )
         scheduler = build.build_scheduler(
-            job["scheduler"],
+            job.scheduler,
             optimizer,
             steps_per_epoch=plan.steps_per_epoch,
             total_steps=plan.total_steps,
@@ -125,7 +126,7 @@ class Worker:
         self.parts = Parts(
             model=model,
             train_model=train_model,
-            loss_fn=build.build_loss(job["loss"], splits.task).to(self.device),
+            loss_fn=build.build_loss(job.loss, splits.task).to(self.device),
             optimizer=optimizer,
             scheduler=scheduler,
             aggregator=aggregator,
@@ -144,11 +145,11 @@ class Worker:
 
     def _language_model(self, splits: Any) -> None:
         """Tokens/s and MFU figures for every rank; on rank 0 the sampler (logger.sample_*)."""
-        parts, logger, block_size = self.parts, self.job["logger"], splits.input_shape[0]
+        parts, logger, block_size = self.parts, self.job.logger, splits.input_shape[0]
         parts.tokens_per_sample = block_size
         parts.flops_per_token = mfu.flops_per_token(parts.model, block_size)
         parts.peak_flops_per_s = mfu.peak_flops_per_s(
-            self.device, self.precision, self.job["trainer"]["peak_tflops"]
+            self.device, self.precision, self.job.trainer.peak_tflops
         )
         parts.bytes_per_token = getattr(splits.val, "bytes_per_token", None)
         prompt = getattr(splits.val, "prompt", None)
@@ -157,22 +158,22 @@ class Worker:
         lead = self.rank == 0
         if not (lead or parts.aggregator.collective_forward):
             return
-        if not logger["sample_tokens"] or prompt is None:
+        if not logger.sample_tokens or prompt is None:
             return
         decode = getattr(splits.val, "decode", lambda ids: " ".join(map(str, ids)))
-        context = prompt(logger["sample_prompt_tokens"]).to(self.device)
-        generator = torch.Generator().manual_seed(self.job["trainer"]["seed"])
+        context = prompt(logger.sample_prompt_tokens).to(self.device)
+        generator = torch.Generator().manual_seed(self.job.trainer.seed)
 
         def sample() -> list[str] | None:
             with parts.autocast():
                 lines = lm.generate(
                     parts.model,
                     context,
-                    num_samples=logger["sample_count"],
-                    max_new_tokens=logger["sample_tokens"],
+                    num_samples=logger.sample_count,
+                    max_new_tokens=logger.sample_tokens,
                     block_size=block_size,
-                    temperature=logger["sample_temperature"],
-                    top_k=logger["sample_top_k"],
+                    temperature=logger.sample_temperature,
+                    top_k=logger.sample_top_k,
                     generator=generator,
                 )
             return (
@@ -195,7 +196,7 @@ class Worker:
         if meta.get("scaler") is not None:
             parts.scaler.load_state_dict(meta["scaler"])
         # A new worker count has new streams, still a function of (seed, rank, step).
-        seed = self.job["trainer"]["seed"] + 1 + self.rank + 7919 * meta["step"]
+        seed = self.job.trainer.seed + 1 + self.rank + 7919 * meta["step"]
         if meta["world_size"] == self.world_size:  # continue each rank's stream exactly
             torch.set_rng_state(reader.full(f"rng/{self.rank}/cpu"))
             # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
@@ -253,7 +254,7 @@ class Worker:
             record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
             self._report({**record, "header": header, "share": [share]})
             self._checkpoint_blocking_s += time.perf_counter() - started
-            if not self.job["trainer"]["async_checkpoint"]:
+            if not self.job.trainer.async_checkpoint:
                 # Synchronous: wait until the checkpoint is on disk. At an epoch end the driver
                 # writes it once the epoch's record is in, so the wait comes after sending it.
                 self._unsaved_step = position.step
@@ -270,25 +271,25 @@ class Worker:
         self._checkpoint_blocking_s += time.perf_counter() - started
 
     def fit(self) -> dict[str, Any]:
-        trainer, logger = self.job["trainer"], self.job["logger"]
+        trainer, logger = self.job.trainer, self.job.logger
         self._outbox: list[dict[str, Any]] = []
         self._checkpoint_blocking_s, self._unsaved_step = 0.0, -1
         self._next_report_s = time.monotonic()
-        slowed = trainer["debug_delay_rank"] == self.rank  # test only: a simulated straggler
+        slowed = trainer.debug_delay_rank == self.rank  # test only: a simulated straggler
         self.parts.aggregator.fit_started_s = time.perf_counter()
         position, stopped = fit(
             self.parts,
             plan=self.plan,
-            log_every_n_steps=logger["log_every_n_steps"],
-            checkpoint_every_n_steps=trainer["checkpoint_every_n_steps"],
-            nan_policy=trainer["nan_policy"],
+            log_every_n_steps=logger.log_every_n_steps,
+            checkpoint_every_n_steps=trainer.checkpoint_every_n_steps,
+            nan_policy=trainer.nan_policy,
             heartbeat_s=heartbeat_s(trainer),
             start=self.start,
             at_boundary=self._at_boundary,
             report=self._report,
             # Histograms are the same on every rank after aggregation: rank 0 sends them.
-            histogram_every_n_steps=logger["histogram_every_n_steps"] if self.rank == 0 else 0,
-            debug_delay_s=trainer["debug_delay_s"] if slowed else 0.0,
+            histogram_every_n_steps=logger.histogram_every_n_steps if self.rank == 0 else 0,
+            debug_delay_s=trainer.debug_delay_s if slowed else 0.0,
         )
         self._report(None)
         ray.get(self.sink.flush.remote())  # every record of this rank is in the sink now
@@ -334,9 +335,9 @@ class Worker:
             self._wait_saved()  # the epoch-end checkpoint, synchronous
 
 
-def heartbeat_s(trainer: dict[str, Any]) -> float:
+def heartbeat_s(trainer: TrainerConfig) -> float:
     """Report at least this often, so the driver can tell a slow step from a hung worker."""
-    return min(5.0, trainer["step_timeout_s"] / 5)
+    return min(5.0, trainer.step_timeout_s / 5)
 
 
 def _to_cpu(value: Any) -> Any:

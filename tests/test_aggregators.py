@@ -164,7 +164,7 @@ def test_async_parameter_server_converges_within_the_staleness_bound(
 def _check(*overrides: str) -> None:
     job = compose_job(*overrides)
     config.validate(job)
-    preflight.dry_build(job)
+    preflight.dry_build(config.typed(job))
 
 
 @pytest.mark.parametrize(

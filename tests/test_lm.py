@@ -287,7 +287,7 @@ def test_model_output_check_is_a_config_error(token_dir: Path) -> None:
     user_model = ["~model", "+model._target_=tests.userlm.LastTokenLM", f"data.block_size={BLOCK}"]
     job = compose_job("data=tokens", f"data.path={token_dir}", *user_model)
     with pytest.raises(config.ConfigError, match=r"\(B, T, V\) = \(2, 16, 64\)"):
-        preflight.dry_build(job)
+        preflight.dry_build(config.typed(job))
 
 
 # ---------------------------------------------------------------- experiments

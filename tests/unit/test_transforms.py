@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from distrain import build, preflight
-from distrain.config import ConfigError
+from distrain.config import ConfigError, typed
 from distrain.data.batches import ShardBatches
 from distrain.data.vision import RandomCropFlip, cifar10
 from distrain.sharding import ShardSampler
@@ -176,7 +176,7 @@ BAD = {
 def test_bad_transforms_are_one_config_error_at_the_dry_build(case: str) -> None:
     overrides, message = BAD[case]
     with pytest.raises(ConfigError) as info:
-        preflight.dry_build(compose_job("data=digits", *overrides))
+        preflight.dry_build(typed(compose_job("data=digits", *overrides)))
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not str(info.value).startswith("data: ConfigError")  # not wrapped twice
 

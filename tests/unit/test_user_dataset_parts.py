@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from distrain import build, preflight
-from distrain.config import ConfigError
+from distrain.config import ConfigError, typed
 from distrain.data import dataset as user_data
 from distrain.data.batches import ShardBatches
 from distrain.data.dataset import user_dataset
@@ -168,7 +168,7 @@ BAD = {
 def test_bad_datasets_are_one_config_error_at_the_dry_build(case: str) -> None:
     overrides, message = BAD[case]
     with pytest.raises(ConfigError) as info:
-        preflight.dry_build(_job(*overrides))
+        preflight.dry_build(typed(_job(*overrides)))
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not str(info.value).startswith("data: ConfigError")  # not wrapped twice
 
