@@ -45,7 +45,11 @@ class ShareTimeout(RuntimeError):
 
 
 class ShareLost(RuntimeError):
-    """A share's owner (a worker) died before the driver read it."""
+    """A share's owner (rank `rank`'s worker) died before the driver read it."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 @dataclass
@@ -138,16 +142,17 @@ class CheckpointWriter:
     def _write(self, meta: dict[str, Any], shares: list[Any], result: WriteResult) -> None:
         started = time.perf_counter()
 
-        def fetch(ref: Any) -> Any:
+        def fetch(ref: Any, rank: int) -> Any:
             try:
                 return from_wire(ray.get(ref, timeout=self.fetch_timeout_s))
             except ray.exceptions.GetTimeoutError:
                 raise ShareTimeout(f"not fetched within {self.fetch_timeout_s:g} s") from None
             except ray.exceptions.RayError as error:
-                raise ShareLost(str(error).strip().splitlines()[0]) from None
+                raise ShareLost(rank, str(error).strip().splitlines()[0]) from None
 
         try:
-            result.saved = self.store.save(meta, [lambda ref=ref: fetch(ref) for ref in shares])
+            readers = [lambda r=r, ref=ref: fetch(ref, r) for r, ref in enumerate(shares)]
+            result.saved = self.store.save(meta, readers)
         except BaseException as error:  # reported to the driver's loop by `finished`
             result.error = error
         result.write_s = time.perf_counter() - started

@@ -381,7 +381,12 @@ class Supervisor:
                 unreachable_nodes=hangs.unreachable(nodes),
             )
         elif isinstance(error, ShareLost):  # a worker died: the group has failed
-            raise GroupFailed(f"checkpoint of step {step} lost: {first_line(error)}")
+            node = next((n for n in self.current_nodes if n["rank"] == error.rank), {})
+            raise GroupFailed(
+                f"rank {error.rank} (node {node.get('node_ip', '?')}, pid {node.get('pid', '?')}) "
+                f"was lost before the driver read its share of the checkpoint of step {step}; "
+                f"the previous checkpoint is kept ({first_line(error)})"
+            )
         else:  # the disk (full, read-only): not something a restart fixes
             raise TrainingFailed(f"checkpoint of step {step} could not be written: {error}")
 

@@ -73,9 +73,16 @@ def assert_resumed_from_a_checkpoint(stderr: str) -> None:
     assert 0 < step < STEPS and (step % 10 == 0 or step % (STEPS // 20) == 0), step
 
 
+# Rank 0 sleeps 10 ms a step in the runs a test interrupts (the result does not change): the
+# driver sees a checkpoint a few hundred ms after the workers pass it, and on a fast machine a
+# run used to reach its end before the kill or Ctrl-C that the test sends after that checkpoint.
+SLOWED = ("trainer.debug_delay_rank=0", "trainer.debug_delay_s=0.01")
+
+
 def start(ray_address: str, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    cli = [*DISTRAIN, *JOB, *SLOWED, f"cluster.address={ray_address}"]
     return subprocess.Popen(
-        [*DISTRAIN, *JOB, f"cluster.address={ray_address}", f"hydra.run.dir={run_dir}", *overrides],
+        [*cli, f"hydra.run.dir={run_dir}", *overrides],
         cwd=run_dir.parent,
         stderr=subprocess.PIPE,
         text=True,
@@ -193,10 +200,7 @@ def test_ctrl_c_then_resume_ends_with_the_same_parameters(
     ray_address: str, tmp_path: Path, reference: dict, before: int, after: int
 ) -> None:
     run_dir = tmp_path / "run"
-    # Rank 0 sleeps 20 ms a step (not part of the result): a fast machine ran all 440 steps
-    # before the driver, a few hundred ms behind the workers, saw the first checkpoint.
-    slowed = ("trainer.debug_delay_rank=0", "trainer.debug_delay_s=0.02")
-    proc = start(ray_address, run_dir, f"trainer.workers={before}", *slowed)
+    proc = start(ray_address, run_dir, f"trainer.workers={before}")
     wait_for(first_checkpoint(run_dir), proc)
     proc.send_signal(signal.SIGINT)
     stderr = finish(proc)
