@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import time
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -24,7 +25,7 @@ from ray.util.scheduling_strategies import (
 from distrain import cluster
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
-from distrain.config import Config
+from distrain.config import Config, plain
 from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
 from distrain.plan import StepPlan
 from distrain.reporting import MetricsSink
@@ -98,7 +99,7 @@ class WorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=rank
                 ),
-            ).remote(rank, self.plan, self.job, self.device_type, self.sink)
+            ).remote(rank, asdict(self.plan), plain(self.job), self.device_type, self.sink)
             for rank in range(self.world_size)
         ]
         timeout_s = trainer.setup_timeout_s

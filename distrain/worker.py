@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from distrain import blocks, build, lm, mfu, network, shards
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
-from distrain.config import Config, TrainerConfig
+from distrain.config import TrainerConfig, typed
 from distrain.data.batches import ShardBatches
 from distrain.loop import Parts, Position, fit
 from distrain.plan import StepPlan
@@ -28,16 +28,22 @@ SAVED_POLL_S = 0.01  # trainer.async_checkpoint=false: how often a worker asks i
 
 
 class Worker:
-    """One rank. Receives the resolved job as plain values; never a live module or Hydra."""
+    """One rank. Receives the job and its plan as plain values (never a live module or Hydra)
+    and types the job itself: a node that cannot import distrain then fails on the Worker class,
+    named by the driver in one sentence, not while unpickling an argument (a traceback in the
+    driver's output)."""
 
-    def __init__(self, rank: int, plan: StepPlan, job: Config, device_type: str, sink: Any):
-        self.rank, self.plan, self.job, self.sink = rank, plan, job, sink
-        self.world_size = plan.world_size
-        trainer = job.trainer
+    def __init__(
+        self, rank: int, plan: dict[str, int], job: dict[str, Any], device_type: str, sink: Any
+    ):
+        self.rank, self.sink = rank, sink
+        self.plan, self.job = StepPlan(**plan), typed(job)
+        self.world_size = self.plan.world_size
+        trainer = self.job.trainer
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", force=True)
         # One intra-op thread per reserved CPU, so N workers on N cores do not oversubscribe.
         torch.set_num_threads(max(1, int(trainer.cpus_per_worker)))
-        network.bind_collectives(job.cluster.socket_ifname, ray.util.get_node_ip_address())
+        network.bind_collectives(self.job.cluster.socket_ifname, ray.util.get_node_ip_address())
         self.device_type = device_type
         # CUDA is not touched until `place`: CUDA_VISIBLE_DEVICES must be set before it starts.
         self.device = devices.worker_device(device_type) if device_type == devices.CPU else None
