@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -204,9 +204,22 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient under trainer.nan_policy=stop (not retried: it would recur)."""
 
 
-# Called at every checkpoint boundary with the position there, whether it ends an epoch and
-# whether it is the last of the run; True means "stop now".
-Boundary = Callable[[Position, bool, bool], bool]
+class Boundary(Protocol):
+    """Called at every checkpoint boundary with the position there; True means "stop now"."""
+
+    def __call__(self, position: Position, *, epoch_end: bool, final: bool) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """How often `fit` reports, checks and checkpoints (from trainer.* and logger.*)."""
+
+    log_every_n_steps: int  # a "step" record: the interval's loss, lr, gradient norm, timings
+    checkpoint_every_n_steps: int | None  # boundaries besides every epoch end (None: none)
+    heartbeat_s: float  # a "heartbeat" record when nothing else was sent for this long
+    nan_policy: str = "stop"  # stop: raise NonFiniteError; skip_step: skip and count the step
+    histogram_every_n_steps: int = 0  # a "histograms" record (0: never)
+    debug_delay_s: float = 0.0  # test only: a sleep per step (a straggler), counted as data time
 
 
 def grads_are_finite(model: nn.Module) -> bool:
@@ -219,18 +232,20 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
 
-def _check_finite(parts: Parts, interval_loss: float, step: int, epoch: int) -> None:
+def _stop_if_non_finite(parts: Parts, cadence: Cadence, loss_sum: float, pos: Position) -> None:
     """nan_policy=stop: a NaN/inf loss or gradient shows up as a non-finite loss or parameter.
 
     Checked at log steps and before every checkpoint, not every step (see train_step), so no
     checkpoint ever holds a non-finite model. The parameters are the same on every rank, so
     all ranks stop together.
     """
-    if math.isfinite(interval_loss) and _all_finite(list(parts.model.parameters())):
+    if cadence.nan_policy != "stop":
+        return
+    if math.isfinite(loss_sum) and _all_finite(list(parts.model.parameters())):
         return
     raise NonFiniteError(
-        f"by step {step} (epoch {epoch + 1}): the loss or the averaged gradient is NaN or inf. "
-        "Lower optimizer.lr, check the data for NaN/inf, or set trainer.nan_policy=skip_step "
+        f"by step {pos.step} (epoch {pos.epoch + 1}): the loss or the averaged gradient is NaN or "
+        "inf. Lower optimizer.lr, check the data for NaN/inf, or set trainer.nan_policy=skip_step "
         "to skip such steps."
     )
 
@@ -239,140 +254,168 @@ def fit(
     parts: Parts,
     *,
     plan: StepPlan,
-    log_every_n_steps: int,
-    checkpoint_every_n_steps: int | None,
-    nan_policy: str,
-    heartbeat_s: float,
+    cadence: Cadence,
     start: Position,
     at_boundary: Boundary,
     report: Report,
-    histogram_every_n_steps: int = 0,
-    debug_delay_s: float = 0.0,
 ) -> tuple[Position, bool]:
     """Train from `start` to the plan's last step, reporting step and epoch records.
 
-    Every `log_every_n_steps` a "step" record carries the interval's mean loss, lr, gradient norm,
-    samples and the time per phase (distrain/timing.py); every `histogram_every_n_steps` (0: never)
-    a "histograms" record carries weight and gradient histograms. Checkpoint boundaries are every
-    `checkpoint_every_n_steps` steps and every epoch end; there `at_boundary` may capture a
-    checkpoint and decide to stop. `debug_delay_s` is test-only: a sleep per step, counted as data
-    time, that turns this worker into a straggler. Returns the final position and whether
-    training stopped early.
+    Checkpoint boundaries are every `cadence.checkpoint_every_n_steps` steps and every epoch end;
+    there `at_boundary` may capture a checkpoint and decide to stop. Returns the final position
+    and whether training stopped early.
     """
-    batches = parts.batches
     pos = Position(**vars(start))
-    epochs, total_steps, steps_per_epoch = plan.epochs, plan.total_steps, plan.steps_per_epoch
-    last_report_s = time.monotonic()
-
-    def send(record: dict[str, Any]) -> None:
-        nonlocal last_report_s
-        report(record)
-        last_report_s = time.monotonic()
-
+    outbox = _Outbox(report, cadence.heartbeat_s)
     parts.train_model.train()
-    while pos.epoch < epochs and pos.step < total_steps:
-        epoch, epoch_start, epoch_steps = pos.epoch, time.perf_counter(), 0
-        # Losses stay on the device and are read (.item(), a GPU sync) only when reported.
-        epoch_loss = torch.zeros((), device=batches.device)
-        interval_loss, interval_steps = torch.zeros((), device=batches.device), 0
-        interval_finite = 0  # steps of the interval whose loss counts (not skipped as NaN/inf)
-        clock = make_clock(batches.device)  # GPU time (CUDA events) on a GPU
-        interval_start = time.perf_counter()
-        for x, y in batches.train_batches(epoch, pos.step_in_epoch):
-            if debug_delay_s:
-                time.sleep(debug_delay_s)
-            clock.lap("data_s")
-            next_step = pos.step + 1
-            log_now = next_step % log_every_n_steps == 0 or next_step == total_steps
-            histograms_now = bool(
-                histogram_every_n_steps and next_step % histogram_every_n_steps == 0
-            )
-            inspected: dict[str, Any] = {}
-            inspect = _inspector(parts, log_now, histograms_now, inspected)
-            loss, finite = train_step(
-                parts, x, y, clock, inspect, skip_non_finite=nan_policy == "skip_step"
-            )
-            pos.step, pos.step_in_epoch, epoch_steps = (
-                next_step,
-                pos.step_in_epoch + 1,
-                epoch_steps + 1,
-            )
-            if not finite:  # only under nan_policy=skip_step
-                pos.skipped_steps += 1
-            else:
-                epoch_loss += loss
-                interval_loss += loss
-                pos.epoch_batches += 1
-                interval_finite += 1
-            interval_steps += 1
-            if histograms_now:
-                send(
-                    {"kind": "histograms", "step": pos.step, "histograms": inspected["histograms"]}
-                )
-            if log_now:
-                mean_loss = (interval_loss / max(interval_finite, 1)).item()
-                now = time.perf_counter()  # after the .item() above synchronized the device
-                if nan_policy == "stop":
-                    _check_finite(parts, mean_loss, pos.step, epoch)
-                send(
-                    {
-                        "kind": "step",
-                        "step": pos.step,
-                        "epoch": epoch,
-                        "loss": mean_loss,
-                        "lr": parts.optimizer.param_groups[0]["lr"],
-                        "grad_norm": inspected["grad_norm"],
-                        "samples": interval_steps * batches.local_batch,
-                        "steps": interval_steps,
-                        "interval_s": now - interval_start,
-                        "skipped_steps": pos.skipped_steps,
-                        **_throughput(parts, interval_steps * batches.local_batch),
-                        **clock.pop(),
-                    }
-                )
-                interval_loss.zero_()
-                interval_steps = interval_finite = 0
-                interval_start = now
-            elif time.monotonic() - last_report_s > heartbeat_s:
-                send({"kind": "heartbeat", "step": pos.step})
-            if pos.step >= total_steps or pos.step_in_epoch == steps_per_epoch:
-                break
-            if checkpoint_every_n_steps and pos.step % checkpoint_every_n_steps == 0:
-                pos.epoch_loss_sum += epoch_loss.item()
-                epoch_loss.zero_()
-                if nan_policy == "stop":
-                    _check_finite(parts, pos.epoch_loss_sum, pos.step, epoch)
-                if at_boundary(pos, False, False):
-                    return pos, True
-            clock.restart()
-        pos.epoch_loss_sum += epoch_loss.item()
-        if nan_policy == "stop":
-            _check_finite(parts, pos.epoch_loss_sum, pos.step, epoch)
-        train_s = time.perf_counter() - epoch_start
-        eval_start = time.perf_counter()
-        sums = evaluate(parts, batches.val_batches())
-        epoch_record = {
-            "kind": "epoch",
-            "epoch": epoch,
-            "step": pos.step,
-            "train_loss_sum": pos.epoch_loss_sum,
-            "train_batches": pos.epoch_batches,
-            "samples": epoch_steps * batches.local_batch,  # trained in this session
-            "train_s": train_s,
-            "eval_s": time.perf_counter() - eval_start,
-            **_throughput(parts, epoch_steps * batches.local_batch),
-            **sums,
-        }
+    while pos.epoch < plan.epochs and pos.step < plan.total_steps:
+        epoch, started_s = pos.epoch, time.perf_counter()
+        steps, stopped = _train_epoch(parts, plan, cadence, pos, at_boundary, outbox)
+        if stopped:
+            return pos, True
+        train_s = time.perf_counter() - started_s
+        record = _evaluate_epoch(parts, pos, steps, train_s)
         if parts.sample is not None:  # a language model: a few lines from a prompt
             lines = parts.sample()  # None on the ranks that only take part (FSDP)
             if lines is not None:
-                send({"kind": "sample", "step": pos.step, "epoch": epoch, "text": lines})
-        if pos.step_in_epoch == steps_per_epoch:  # not when max_steps ended it early
+                outbox.send({"kind": "sample", "step": pos.step, "epoch": epoch, "text": lines})
+        if pos.step_in_epoch == plan.steps_per_epoch:  # not when max_steps ended it early
             pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)
         # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
         # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.
-        stop = at_boundary(pos, True, pos.epoch >= epochs or pos.step >= total_steps)
-        send(epoch_record)
+        final = pos.epoch >= plan.epochs or pos.step >= plan.total_steps
+        stop = at_boundary(pos, epoch_end=True, final=final)
+        outbox.send(record)
         if stop:
-            return pos, pos.epoch < epochs and pos.step < total_steps
+            return pos, not final
     return pos, False
+
+
+def _train_epoch(
+    parts: Parts,
+    plan: StepPlan,
+    cadence: Cadence,
+    pos: Position,
+    at_boundary: Boundary,
+    outbox: _Outbox,
+) -> tuple[int, bool]:
+    """The steps of `pos.epoch` from `pos` (advanced in place): how many, and whether to stop."""
+    device = parts.batches.device
+    epoch_loss = torch.zeros((), device=device)  # losses stay on the device until read
+    clock = make_clock(device)  # GPU time (CUDA events) on a GPU
+    interval, steps = _Interval(device), 0
+    for x, y in parts.batches.train_batches(pos.epoch, pos.step_in_epoch):
+        if cadence.debug_delay_s:
+            time.sleep(cadence.debug_delay_s)
+        clock.lap("data_s")
+        step = pos.step + 1
+        log_now = step % cadence.log_every_n_steps == 0 or step == plan.total_steps
+        every = cadence.histogram_every_n_steps
+        histograms_now = bool(every and step % every == 0)
+        inspected: dict[str, Any] = {}
+        inspect = _inspector(parts, log_now, histograms_now, inspected)
+        skip = cadence.nan_policy == "skip_step"
+        loss, finite = train_step(parts, x, y, clock, inspect, skip_non_finite=skip)
+        pos.step, pos.step_in_epoch, steps = step, pos.step_in_epoch + 1, steps + 1
+        interval.add(loss, finite)
+        if finite:
+            epoch_loss += loss
+            pos.epoch_batches += 1
+        else:  # only under nan_policy=skip_step
+            pos.skipped_steps += 1
+        if histograms_now:
+            outbox.send({"kind": "histograms", "step": step, "histograms": inspected["histograms"]})
+        if log_now:
+            record = interval.close(parts, pos, inspected["grad_norm"], clock)
+            _stop_if_non_finite(parts, cadence, record["loss"], pos)
+            outbox.send(record)
+        else:
+            outbox.beat(step)
+        if pos.step >= plan.total_steps or pos.step_in_epoch == plan.steps_per_epoch:
+            break
+        if cadence.checkpoint_every_n_steps and step % cadence.checkpoint_every_n_steps == 0:
+            pos.epoch_loss_sum += epoch_loss.item()
+            epoch_loss.zero_()
+            _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
+            if at_boundary(pos, epoch_end=False, final=False):
+                return steps, True
+        clock.restart()
+    pos.epoch_loss_sum += epoch_loss.item()
+    _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
+    return steps, False
+
+
+def _evaluate_epoch(parts: Parts, pos: Position, steps: int, train_s: float) -> dict[str, Any]:
+    """The "epoch" record: this rank's training sums and its validation shard's."""
+    started_s = time.perf_counter()
+    sums = evaluate(parts, parts.batches.val_batches())
+    samples = steps * parts.batches.local_batch  # trained in this session
+    return {
+        "kind": "epoch",
+        "epoch": pos.epoch,
+        "step": pos.step,
+        "train_loss_sum": pos.epoch_loss_sum,
+        "train_batches": pos.epoch_batches,
+        "samples": samples,
+        "train_s": train_s,
+        "eval_s": time.perf_counter() - started_s,
+        **_throughput(parts, samples),
+        **sums,
+    }
+
+
+class _Outbox:
+    """Records to the driver, and a heartbeat when nothing else was sent for `heartbeat_s`."""
+
+    def __init__(self, report: Report, heartbeat_s: float) -> None:
+        self.report, self.heartbeat_s = report, heartbeat_s
+        self.last_sent_s = time.monotonic()
+
+    def send(self, record: dict[str, Any]) -> None:
+        self.report(record)
+        self.last_sent_s = time.monotonic()
+
+    def beat(self, step: int) -> None:
+        if time.monotonic() - self.last_sent_s > self.heartbeat_s:
+            self.send({"kind": "heartbeat", "step": step})
+
+
+class _Interval:
+    """The steps since the last "step" record; their losses stay on the device until then."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = self.finite_steps = 0  # finite: steps whose loss counts (not skipped)
+        self.started_s = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, finite: bool) -> None:
+        self.steps += 1
+        if finite:
+            self.loss += loss
+            self.finite_steps += 1
+
+    def close(
+        self, parts: Parts, pos: Position, grad_norm: float, clock: StepClock
+    ) -> dict[str, Any]:
+        """The interval's "step" record (reads the loss: a device sync); starts the next one."""
+        mean_loss = (self.loss / max(self.finite_steps, 1)).item()
+        now_s = time.perf_counter()  # after the .item() above synchronized the device
+        samples = self.steps * parts.batches.local_batch
+        record = {
+            "kind": "step",
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "loss": mean_loss,
+            "lr": parts.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "samples": samples,
+            "steps": self.steps,
+            "interval_s": now_s - self.started_s,
+            "skipped_steps": pos.skipped_steps,
+            **_throughput(parts, samples),
+            **clock.pop(),
+        }
+        self.loss.zero_()
+        self.steps = self.finite_steps = 0
+        self.started_s = now_s
+        return record

@@ -17,7 +17,7 @@ from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
 from distrain.data.batches import ShardBatches
-from distrain.loop import Parts, Position, fit
+from distrain.loop import Cadence, Parts, Position, fit
 from distrain.plan import StepPlan
 
 log = logging.getLogger("distrain.worker")
@@ -250,7 +250,7 @@ class Worker:
             }
         return header, share.tensors
 
-    def _at_boundary(self, position: Position, epoch_end: bool, final: bool) -> bool:
+    def _at_boundary(self, position: Position, *, epoch_end: bool, final: bool) -> bool:
         stop, checkpoint = ray.get(self.sink.decide.remote(position.step, final))
         if checkpoint:
             started = time.perf_counter()
@@ -283,19 +283,22 @@ class Worker:
         self._next_report_s = time.monotonic()
         slowed = trainer.debug_delay_rank == self.rank  # test only: a simulated straggler
         self.parts.aggregator.fit_started_s = time.perf_counter()
-        position, stopped = fit(
-            self.parts,
-            plan=self.plan,
+        cadence = Cadence(
             log_every_n_steps=logger.log_every_n_steps,
             checkpoint_every_n_steps=trainer.checkpoint_every_n_steps,
-            nan_policy=trainer.nan_policy,
             heartbeat_s=heartbeat_s(trainer),
-            start=self.start,
-            at_boundary=self._at_boundary,
-            report=self._report,
+            nan_policy=trainer.nan_policy,
             # Histograms are the same on every rank after aggregation: rank 0 sends them.
             histogram_every_n_steps=logger.histogram_every_n_steps if self.rank == 0 else 0,
             debug_delay_s=trainer.debug_delay_s if slowed else 0.0,
+        )
+        position, stopped = fit(
+            self.parts,
+            plan=self.plan,
+            cadence=cadence,
+            start=self.start,
+            at_boundary=self._at_boundary,
+            report=self._report,
         )
         self._report(None)
         ray.get(self.sink.flush.remote())  # every record of this rank is in the sink now
