@@ -137,9 +137,38 @@ def _finish(metrics: dict[str, Any], progress_mode: str) -> None:
     print_summary(metrics, progress_mode)
 
 
+class _JobExits:
+    """Tells Hydra's own exits from a job's.
+
+    Hydra reports a mistake it finds while composing (an unknown group option, a value of the
+    wrong type or outside an enum, an unknown key) in one paragraph and exits 1, the code of a
+    failed training run. Anything leaving the job function is the job's own exit; an exit 1
+    with none is Hydra's report of a configuration mistake, and ends with distrain's code 2.
+    """
+
+    def __init__(self) -> None:
+        self.job_exited = False
+
+    @contextlib.contextmanager
+    def job(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.job_exited = True
+            raise
+
+    def code(self, exit_: SystemExit) -> Any:
+        if exit_.code == 1 and not self.job_exited:
+            return EXIT_CODES[ConfigError][1]
+        return exit_.code
+
+
+_job_exits = _JobExits()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    with _interrupts.raised_here():
+    with _job_exits.job(), _interrupts.raised_here():
         metrics = _run(cfg)
     # Returned to Hydra so sweepers that optimise (e.g. Optuna) can read the objective.
     return None if metrics is None else metrics.get("val_loss")
@@ -225,6 +254,8 @@ def main() -> None:
         _hydra_main()
         if _interrupts.pending:  # arrived after the last job, while Hydra wrapped up
             raise KeyboardInterrupt
+    except SystemExit as exit_:
+        sys.exit(_job_exits.code(exit_))
     except KeyboardInterrupt:
         # Between two jobs of a sweep (or while Hydra composes the next one) no job is running:
         # nothing to checkpoint, but the sweep stops like a Ctrl-C inside a job.

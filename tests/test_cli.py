@@ -98,7 +98,7 @@ def test_bad_input_fails_fast_with_one_clear_message(case: str, tmp_path: Path) 
         overrides = [*overrides, "cluster.address=127.0.0.1:9"]
     started = time.monotonic()
     result = run_cli(*overrides, f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout_s=90)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # found by Hydra or by distrain: the same code
     assert message in result.stderr, result.stderr
     if case != "unreachable address":
         assert "is unreachable" not in result.stderr, result.stderr
