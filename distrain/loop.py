@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from distrain.aggregators.base import GradientAggregator
-from distrain.data.batches import Batch, ShardBatches
+from distrain.data.batches import ShardBatches
+from distrain.evaluation import evaluate
 from distrain.histograms import model_histograms
 from distrain.plan import StepPlan
 from distrain.timing import StepClock, make_clock
@@ -124,40 +125,6 @@ def grad_norm(parts: Parts) -> float:
     norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
     # Under fp16 the gradients are still multiplied by the loss scale here.
     return norm / parts.scaler.get_scale() if parts.scaler.is_enabled() else norm
-
-
-@torch.no_grad()
-def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
-    """Sums over this worker's validation shard; the driver adds the workers' sums together."""
-    parts.model.eval()
-    device = parts.batches.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    correct_top5 = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    per_token = parts.task == "language_model"  # the loss is a mean over every token
-    # Under FSDP the forward is a collective: the aggregator pads ranks with empty batches.
-    for x, y in parts.aggregator.eval_batches(batches):
-        with parts.autocast():
-            out = parts.model(x)
-        if not len(x):  # a padding batch: forward only, nothing to count
-            continue
-        with parts.autocast():
-            loss = parts.loss_fn(out, y)
-        n = y.numel() if per_token else len(x)
-        loss_sum += loss.double() * n
-        if parts.task == "classification":
-            correct += (out.argmax(dim=1) == y).sum()
-            if out.shape[1] > 5:  # top-5 only means something with more than 5 classes
-                correct_top5 += (out.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
-        count += n
-    parts.model.train()
-    sums = {"val_loss_sum": loss_sum.item(), "val_correct": int(correct), "val_count": count}
-    if per_token and parts.bytes_per_token:
-        sums["val_bytes"] = count * parts.bytes_per_token
-    if parts.task == "classification" and parts.num_outputs > 5:
-        sums["val_correct_top5"] = int(correct_top5)
-    return sums
 
 
 def _throughput(parts: Parts, samples: int) -> dict[str, float]:
