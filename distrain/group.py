@@ -72,6 +72,7 @@ class WorkerGroup:
         self.workers: list[Any] = []
         self.nodes: list[dict[str, Any]] = []
         self.sink: Any = None
+        self.sink_ip = "?"  # the sink's node, once it has answered
         self.placement_group: Any = None
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
@@ -82,9 +83,11 @@ class WorkerGroup:
         self.placement_group = cluster.place(need, self.job.cluster)
         started = time.perf_counter()
         # The sink lives on the driver's node: losing another node must not take the metrics.
+        # Pinned (soft=False): it needs no CPU, so it always fits there, and a soft preference
+        # could let Ray place it on a node that is cut off but not yet declared dead.
         self.sink = MetricsSink.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
+                ray.get_runtime_context().get_node_id(), soft=False
             )
         ).remote(trainer.checkpoint_min_interval_s)
         actor = ray.remote(Worker)
@@ -103,7 +106,13 @@ class WorkerGroup:
             for rank in range(self.world_size)
         ]
         timeout_s = trainer.setup_timeout_s
-        self.nodes = self._get([w.node.remote() for w in self.workers], timeout_s, "start")
+        # The sink answers before training starts: one slow to come up fails the start (which
+        # is retried), not the first drain of a running group (which would count a restart).
+        *self.nodes, self.sink_ip = self._get(
+            [*(w.node.remote() for w in self.workers), self.sink.node_ip.remote()],
+            timeout_s,
+            "start",
+        )
         self._get(
             [w.place.remote(p) for w, p in zip(self.workers, self._placements())],
             timeout_s,
@@ -140,16 +149,16 @@ class WorkerGroup:
         return [{**node, "actor": name} for node, name in zip(self.nodes, self.names)]
 
     def drain(self) -> list[dict[str, Any]]:
-        # Bounded like a step: a sink cut off from the driver (it lives on the driver's node,
-        # but Ray may place it elsewhere when that node is full) is not waited on for the
-        # minute Ray takes to declare its node dead.
+        # Bounded like a step: a sink that stops answering (its actor died with the driver's
+        # node still up, a Ray client cut off from its server) is not waited on for the minute
+        # Ray takes to declare a node dead.
         timeout_s = self.job.trainer.step_timeout_s
         try:
             return ray.get(self.sink.drain.remote(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise GroupFailed(
-                f"the metrics sink did not answer within trainer.step_timeout_s={timeout_s:g} s "
-                "(its node unreachable?)"
+                f"the metrics sink (on node {self.sink_ip}) did not answer within "
+                f"trainer.step_timeout_s={timeout_s:g} s (its node unreachable?)"
             ) from None
         except ray.exceptions.RayActorError as error:
             raise GroupFailed(f"the metrics sink died: {error}") from None

@@ -64,5 +64,9 @@ class MetricsSink:
     def saved_step(self) -> int:
         return self._saved_step
 
+    def node_ip(self) -> str:
+        """Where the sink runs; answering also says it is up."""
+        return ray.util.get_node_ip_address()
+
     def flush(self) -> None:
         """A no-op: once it returns, every earlier push from the same caller has been stored."""

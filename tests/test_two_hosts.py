@@ -228,7 +228,7 @@ def test_a_cut_link_is_detected_within_the_timeout_and_training_goes_on(
     assert proc.returncode == 0, stderr[-3000:]
     assert "elastic: continuing on 1 of 2 workers" in stderr, stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["workers"] == 1 and metrics["restarts"] == 1
+    assert metrics["workers"] == 1 and metrics["restarts"] == 1, metrics["failures"]
     failure = metrics["failures"][0]
     # Bounded by the step timeout (plus the probes' few seconds), not by Ray's node-death wait.
     assert failure["detection_s"] < 2 * 20, failure
