@@ -18,6 +18,7 @@ metadata; here the index is JSON (`meta["tensors"]`) and the pieces are safetens
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,11 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
 Tensors = dict[str, torch.Tensor]
 # A tensor's key in the checkpoint: "model/<name>", "optimizer/<index>/<name>", "rng/<rank>/<kind>".
 # The index is the parameter's position in the optimizer's groups (Optimizer.state_dict()'s key).
+
+
+def _is_dtensor(value: Any) -> bool:
+    """A sharded tensor (FSDP's). Importing torch.distributed.tensor costs every process half a
+    second (its op registrations); only FSDP makes DTensors, and it imports the module itself, so
+    a process without it holds none."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def chunk_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -43,7 +51,9 @@ def _piece(
     value: torch.Tensor, *, rank: int, world_size: int, split: bool
 ) -> tuple[torch.Tensor, list[int] | None] | None:
     """(this rank's rows of `value`, [start, stop]) or None when another rank writes them."""
-    if isinstance(value, DTensor):
+    if _is_dtensor(value):
+        from torch.distributed.tensor import Shard
+
         if list(value.placements) != [Shard(0)]:
             raise ValueError(f"only Shard(0) DTensors are checkpointed, not {value.placements}")
         local = value.to_local()
@@ -104,7 +114,7 @@ def capture(
     share = ShareBuilder(rank, world_size)
 
     def add(key: str, value: torch.Tensor) -> None:
-        if identical_replicas or isinstance(value, DTensor):
+        if identical_replicas or _is_dtensor(value):
             share.add(key, value, split=True)
         elif rank == 0:
             share.add(key, value, split=False)
@@ -218,8 +228,10 @@ class ShardReader:
         """The saved tensor laid out as `current` is: this rank's rows of a DTensor of the same
         shape (FSDP), else the whole tensor."""
         shape = self.index[key]["shape"]
-        if not isinstance(current, DTensor) or list(current.shape) != shape or not shape:
+        if not _is_dtensor(current) or list(current.shape) != shape or not shape:
             return self.full(key)
+        from torch.distributed.tensor import DTensor
+
         mesh = current.device_mesh
         start, stop = chunk_rows(shape[0], mesh.get_local_rank(), mesh.size())
         local = self.rows(key, start, stop).to(current.to_local().device)

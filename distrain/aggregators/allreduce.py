@@ -25,7 +25,6 @@ import ray
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.aggregators import comm_hooks, shm_allreduce
@@ -149,6 +148,10 @@ class AllReduce(GradientAggregator):
                     "trainer.shard_optimizer=true needs the optimizer config to name a "
                     "torch.optim class with keyword settings (_target_ + _partial_: true)."
                 )
+            # Imported here: torch.distributed.optim pulls in FSDP and DTensor, half a second of
+            # start-up for every worker that does not shard its optimizer.
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
             self.optimizer = ZeroRedundancyOptimizer(
                 params, optimizer_class=make_optimizer.func, **make_optimizer.keywords
             )

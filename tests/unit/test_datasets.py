@@ -279,3 +279,30 @@ def test_synthetic_is_learnable():
         optimizer.step()
     accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
     assert accuracy > chance + 0.3, (accuracy, chance)
+
+
+# ---------------------------------------------------------------- scikit-learn's embedded sets
+
+
+@pytest.mark.parametrize("name", ["digits", "iris"])
+def test_embedded_sets_equal_scikit_learns_loaders(name):
+    """Read from scikit-learn's files without importing it: the same values as its loaders."""
+    from sklearn import datasets
+
+    from distrain.data import sklearn as embedded
+    from distrain.data.base import tensor_splits
+
+    bunch = getattr(datasets, f"load_{name}")()
+    x = torch.tensor(bunch.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    classes = len(bunch.target_names)
+    expected = tensor_splits(
+        x, torch.tensor(bunch.target), val_fraction=0.2, seed=3, num_outputs=classes
+    )
+    splits = getattr(embedded, name)(val_fraction=0.2, seed=3)
+
+    assert splits.num_outputs == classes and splits.input_shape == expected.input_shape
+    for ours, theirs in zip(
+        splits.train.tensors + splits.val.tensors, expected.train.tensors + expected.val.tensors
+    ):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
