@@ -43,6 +43,11 @@ from distrain.watch import StopRequest, check_hang, first_line, rank_result
 
 log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
+# In-memory data up to this size goes to the workers from the driver's dry build, through the
+# object store: a worker then imports no dataset code and reads no file, and each node fetches
+# it once. Larger data stays out of the object store (Ray's default share of memory is 30 %);
+# each worker builds it, as it does data read from files as it goes.
+SHIP_SPLITS_MAX_BYTES = 512 * 2**20
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
 
@@ -62,9 +67,12 @@ def train(
     config.validate(plain_job)
     job = config.typed(plain_job)  # typed once; below here no part reads the job by string keys
     torch.manual_seed(job.trainer.seed)
-    splits, plan = preflight.dry_build(job)
-    resume = preflight.load_resume(job)
+    # An embedded Ray starts while the job is checked. A cluster is joined only after the
+    # checks: a mistake in the data or model is reported before any connection is tried.
+    checks = preflight.start_checks(job, background=job.cluster.address is None)
     with cluster.connect(job.cluster, keep=keep_cluster):
+        checked = checks.result()  # a mistake raises here; Ray is shut down on the way out
+        splits, plan, resume = checked.splits, checked.plan, checked.resume
         auto = job.trainer.device == "auto"
         limits = cluster.autoscaler_limits() if auto else None
         device_type = choose_device_type(
@@ -138,6 +146,8 @@ class Supervisor:
         if resume is not None:
             self.last_checkpoint, self.last_checkpoint_step = resume.path, resume.step
             self.history = [EpochMetrics(**e) for e in resume.meta.get("history", [])]
+        ship = self.splits.in_memory and self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
+        self.splits_ref = ray.put(self.splits) if ship else None
         self.recorder.open(
             self.job,
             self.splits,
@@ -185,7 +195,7 @@ class Supervisor:
             try:
                 plan = self._plan_group()
                 group = WorkerGroup(self.job, plan, self.device_type)
-                group.start(self._resources(plan.world_size), ref)
+                group.start(self._resources(plan.world_size), ref, self.splits_ref)
             except WorkerError as error:
                 if group is not None:
                     group.shutdown()

@@ -77,8 +77,16 @@ class WorkerGroup:
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
 
-    def start(self, need: cluster.WorkerResources, checkpoint_ref: Any | None) -> None:
-        """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s."""
+    def start(
+        self,
+        need: cluster.WorkerResources,
+        checkpoint_ref: Any | None,
+        splits_ref: Any | None = None,
+    ) -> None:
+        """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s.
+
+        `splits_ref`: the driver's in-memory data in the object store (None: workers build it).
+        """
         trainer = self.job.trainer
         self.placement_group = cluster.place(need, self.job.cluster)
         started = time.perf_counter()
@@ -123,7 +131,9 @@ class WorkerGroup:
         self.rendezvous = aggregator.rendezvous(self.workers, self.job.aggregator)
         checkpoint = [checkpoint_ref] if checkpoint_ref is not None else None
         self._get(
-            [w.setup.remote(self.rendezvous, checkpoint) for w in self.workers], timeout_s, "set up"
+            [w.setup.remote(self.rendezvous, checkpoint, splits_ref) for w in self.workers],
+            timeout_s,
+            "set up",
         )
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}

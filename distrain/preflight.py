@@ -7,6 +7,8 @@ traceback from every worker a minute later.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.utils import get_object, instantiate
@@ -17,6 +19,37 @@ from distrain.plan import StepPlan, plan_steps
 
 # Parts of the job a checkpoint must agree with to be resumed (the rest may change on resume).
 RESUME_MUST_MATCH = ("model", "loss", "aggregator")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found: the data, the step plan, the checkpoint to resume from."""
+
+    splits: Splits
+    plan: StepPlan
+    resume: checkpoint.Checkpoint | None
+
+
+def check(job: config.Config) -> Checked:
+    """The dry build, then the resume checkpoint checked against the job."""
+    splits, plan = dry_build(job)
+    return Checked(splits, plan, load_resume(job))
+
+
+def start_checks(job: config.Config, *, background: bool) -> Future[Checked]:
+    """`check`, now (a mistake raises here) or on a thread while the main thread starts an
+    embedded Ray (ray.init must run on the main thread: Ray ties its daemons' lives to the
+    thread that started them). Starting Ray is seconds of other processes starting; the dry
+    build is this process's imports and CPU, so the two overlap. Nothing else starts until the
+    result is taken, so a mistake still ends the run before any actor."""
+    if not background:
+        done: Future[Checked] = Future()
+        done.set_result(check(job))
+        return done
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-preflight")
+    future = executor.submit(check, job)
+    executor.shutdown(wait=False)  # the thread ends with the check
+    return future
 
 
 def dry_build(job: config.Config) -> tuple[Splits, StepPlan]:

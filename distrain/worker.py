@@ -16,6 +16,7 @@ from distrain import blocks, build, lm, mfu, network, shards
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
+from distrain.data.base import Splits
 from distrain.data.batches import ShardBatches
 from distrain.loop import Cadence, Parts, Position, fit
 from distrain.plan import StepPlan
@@ -73,8 +74,16 @@ class Worker:
             "visible": os.environ.get(devices.VISIBLE_ENV),
         }
 
-    def setup(self, rendezvous: dict[str, Any], checkpoint: list[Any] | None = None) -> None:
+    def setup(
+        self,
+        rendezvous: dict[str, Any],
+        checkpoint: list[Any] | None = None,
+        splits: Splits | None = None,
+    ) -> None:
         """Join the aggregator's group and build model, data, optimizer on this device.
+
+        `splits`: the data as the driver built it (in-memory data, sent through the object
+        store); None: this worker builds it from the job.
 
         `checkpoint` is `[ObjectRef]` of a checkpoint payload to start from (in a list, so Ray
         hands over the reference rather than fetching it for every actor up front).
@@ -90,7 +99,8 @@ class Worker:
             # collective stuck on a dead peer still raises instead of waiting 30 minutes.
             timeout_s=2 * trainer.step_timeout_s,
         )
-        splits = build.build_splits(data)
+        if splits is None:
+            splits = build.build_splits(data)
         plan = self.plan
         batches = ShardBatches(
             splits,

@@ -138,6 +138,29 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -> None:
+    """The default path: the job is checked while its embedded Ray starts. A mistake only the
+    build finds (the data's) still ends the run with one message and exit 2, and the Ray that
+    was starting meanwhile goes with it."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # see the Ctrl-C test below
+    result = run_cli(
+        "data.val_fraction=1.5",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        timeout_s=90,
+        env={"RAY_TMPDIR": str(ray_tmp)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "data.val_fraction must be in (0, 1), got 1.5" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert any(ray_tmp.iterdir()), "no Ray was started: the test shows nothing"
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(ray_tmp)) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     """The real default path: an embedded Ray started by the command, then SIGINT mid-training."""

@@ -5,12 +5,15 @@ mistakes, which end the run before any connection (an unreachable Ray address pr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from distrain import driver
+from distrain.rundir import RunDirectory
+from tests.conftest import compose_job, run_cli
 
 
 @pytest.mark.slow
@@ -73,3 +76,32 @@ def test_bad_user_data_fails_before_any_actor(case: str, tmp_path: Path) -> None
     assert result.returncode == 2, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "unreachable" not in result.stderr
+
+
+def test_in_memory_data_is_built_once_and_sent_to_the_workers(ray_address: str, tmp_path: Path):
+    """In-memory data reaches the workers from the driver's check (the object store, once per
+    node): only this process builds it. A dataset read item by item is built by every worker."""
+    base = ["trainer.workers=2", "trainer.epochs=1", "model.hidden_sizes=[16]"]
+    in_memory, by_item = tmp_path / "in_memory_builds", tmp_path / "by_item_builds"
+    job = compose_job(*base, "data.batch_size=32", "logger.progress=none")
+    job["data"] = {
+        "_target_": "tests.userdata.counted_in_memory_clusters",
+        "builds_file": str(in_memory),
+        **{key: job["data"][key] for key in ("batch_size", "micro_batch_size", "loader")},
+        "num_workers": 0,
+    }
+    metrics = driver.train(job, RunDirectory(tmp_path / "in_memory"))
+    assert metrics["steps"] == 192 // 32 and metrics["val_accuracy"] > 0.5
+    assert in_memory.read_text().split() == [str(os.getpid())]  # the check, on the driver
+
+    job = compose_job(
+        *base,
+        "data=dataset",
+        "data.train._target_=tests.userdata.CountedClusters",
+        f"+data.train.builds_file={by_item}",
+        "data.batch_size=32",
+        "logger.progress=none",
+    )
+    driver.train(job, RunDirectory(tmp_path / "by_item"))
+    builders = by_item.read_text().split()
+    assert builders[0] == str(os.getpid()) and len(set(builders[1:])) == 2, builders

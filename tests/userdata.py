@@ -7,8 +7,13 @@ user's package.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch.utils.data import Dataset
+
+from distrain.data.base import Splits, tensor_splits
 
 
 def _clusters(num_samples: int, num_features: int, num_classes: int, seed: int):
@@ -33,6 +38,23 @@ class Clusters(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.x[index], int(self.labels[index])  # a Python int, as many datasets return
+
+
+class CountedClusters(Clusters):
+    """Clusters that note each process building them: a line with its pid in `builds_file`."""
+
+    def __init__(self, builds_file: str, num_samples: int = 256) -> None:
+        with Path(builds_file).open("a") as builds:
+            builds.write(f"{os.getpid()}\n")
+        super().__init__(num_samples)
+
+
+def counted_in_memory_clusters(builds_file: str, num_samples: int = 256) -> Splits:
+    """The same clusters as in-memory tensors (a dataset builder), noting each build likewise."""
+    with Path(builds_file).open("a") as builds:
+        builds.write(f"{os.getpid()}\n")
+    x, labels = _clusters(num_samples, num_features=8, num_classes=3, seed=0)
+    return tensor_splits(x, labels, val_fraction=0.25, seed=0, num_outputs=3)
 
 
 class NamedClusters(Clusters):

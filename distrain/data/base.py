@@ -46,6 +46,14 @@ class Splits:
     def in_memory(self) -> bool:
         return isinstance(self.train, TensorDataset) and isinstance(self.val, TensorDataset)
 
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes held by in-memory splits (0 for datasets read as they go)."""
+        if not self.in_memory:
+            return 0
+        datasets = (self.train, self.val)
+        return sum(t.nbytes for d in datasets for t in d.tensors)  # type: ignore[attr-defined]
+
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
