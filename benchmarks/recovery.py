@@ -64,7 +64,9 @@ def main() -> None:
         final = torch.load(run_dir / "model.pt", weights_only=True)
         expected = torch.load(reference.model_path, weights_only=True)
         max_diff = max((final[k] - expected[k]).abs().max().item() for k in expected)
-        print(f"checkpoint: {checkpoint.stat().st_size / 1e6:.2f} MB ({checkpoint.name})")
+        # A checkpoint is a directory: the JSON index and one safetensors shard per rank.
+        size_mb = sum(f.stat().st_size for f in latest.path.iterdir()) / 1e6
+        print(f"checkpoint: {size_mb:.2f} MB ({latest.path.name}, {len(shards)} shards)")
         print(f"checkpoint write: median {statistics.median(write_s) * 1e3:.1f} ms over 5")
         print(
             f"killed worker -> training again: {again_s:.1f} s "
