@@ -22,8 +22,11 @@ from typing import Any
 
 import ray
 
+from distrain import hangs
 from distrain.checkpoint import CheckpointStore, Saved
+from distrain.errors import GroupFailed, TrainingFailed
 from distrain.shards import from_wire
+from distrain.watch import first_line
 
 MAX_QUEUED = 2  # checkpoints waiting for the writer (the one being written included)
 
@@ -181,3 +184,26 @@ class CheckpointWriter:
     def stats(self) -> dict[str, Any]:
         """For metrics.json: how many were written, how long each took, the last one's size."""
         return {"saved": len(self.write_s), "write_s": self.write_s, "size_bytes": self.size_bytes}
+
+
+def write_failure(
+    result: WriteResult, nodes: list[dict[str, Any]], step_timeout_s: float
+) -> GroupFailed | TrainingFailed:
+    """What a failed write means for the run. A share not fetched in time, or lost with its
+    rank, fails the group as a hang would (a restart, naming unreachable nodes); the disk
+    (full, read-only) fails the run: a restart would not fix it."""
+    error, step = result.error, result.step
+    if isinstance(error, ShareTimeout):
+        return GroupFailed(
+            f"checkpoint of step {step}: the workers' shares did not arrive within "
+            f"trainer.step_timeout_s={step_timeout_s:g} s (a node unreachable from the driver?)",
+            unreachable_nodes=hangs.unreachable({n["node_id"] for n in nodes}),
+        )
+    if isinstance(error, ShareLost):
+        node = next((n for n in nodes if n["rank"] == error.rank), {})
+        return GroupFailed(
+            f"rank {error.rank} (node {node.get('node_ip', '?')}, pid {node.get('pid', '?')}) "
+            f"was lost before the driver read its share of the checkpoint of step {step}; "
+            f"the previous checkpoint is kept ({first_line(error)})"
+        )
+    return TrainingFailed(f"checkpoint of step {step} could not be written: {error}")

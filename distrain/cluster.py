@@ -339,7 +339,7 @@ def _brief(resources: dict[str, float]) -> str:
 NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node
 
 
-def _takes_label_selectors() -> bool:
+def takes_label_selectors() -> bool:
     """Whether this Ray places bundles by node label (newer than distrain's Ray floor); without
     it an excluded node is only left out of the resource count."""
     return "bundle_label_selector" in inspect.signature(placement_group).parameters
@@ -350,7 +350,7 @@ def reserve(
 ) -> PlacementGroup:
     """A placement group with one bundle per worker; gives up after `timeout_s`."""
     options: dict[str, Any] = {}
-    if need.excluded_nodes and _takes_label_selectors():
+    if need.excluded_nodes and takes_label_selectors():
         avoid = {NODE_ID_LABEL: f"!in({','.join(sorted(need.excluded_nodes))})"}
         options["bundle_label_selector"] = [avoid] * need.workers
     group = placement_group([need.bundle()] * need.workers, strategy=placement, **options)

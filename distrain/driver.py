@@ -22,8 +22,8 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, cluster, config, elastic, hangs, preflight
-from distrain.checkpoint_writer import CheckpointWriter, Pending, ShareLost, ShareTimeout
+from distrain import checkpoint, cluster, config, elastic, preflight
+from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
 from distrain.data.base import Splits
 from distrain.device import choose_device_type, worker_gpus
 from distrain.errors import (
@@ -139,6 +139,7 @@ class Supervisor:
         self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
         self.current_nodes: list[dict[str, Any]] = []
+        self.grow_backs: list[dict[str, int]] = []  # elastic: back to trainer.workers, when
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
@@ -159,7 +160,11 @@ class Supervisor:
             while True:
                 group = self._start_group(restore_from)
                 try:
-                    result = self._finish(group, self._watch(group))
+                    results = self._watch(group)
+                    if results is None:  # stopped at a checkpoint boundary to grow back
+                        restore_from = self._grow_back(group)
+                        continue
+                    result = self._finish(group, results)
                     self.recorder.finish(result, wall_s=time.perf_counter() - started)
                     return result
                 except GroupFailed as failure:
@@ -223,8 +228,9 @@ class Supervisor:
             self.run_dir.write_json(
                 self.run_dir.path / "workers.json", {"workers": group.describe()}
             )
-            if self.failures:  # seconds from noticing the failure to a working group again
-                last = self.failures[-1]
+            last = self.failures[-1] if self.failures else {}
+            if "recovery_s" not in last and "detected_s" in last:  # not after a grow-back
+                # seconds from noticing the failure to a working group again
                 last["recovery_s"] = time.monotonic() - last["detected_s"]
             if plan.world_size < self.plan.world_size:
                 self.recorder.message(
@@ -280,8 +286,12 @@ class Supervisor:
         self.history = [e for e in self.history if e.step <= step]
         return restore_from
 
-    def _watch(self, group: WorkerGroup) -> list[dict[str, Any]]:
-        """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group."""
+    def _watch(self, group: WorkerGroup) -> list[dict[str, Any]] | None:
+        """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group.
+
+        None: the group stopped at a checkpoint boundary because the configured worker count
+        fits again (elastic runs that lost workers); the supervisor then grows it back.
+        """
         collector = MetricsCollector(group.world_size, self.task, self.history)
         self.recorder.watch_group(group, self.job.logger)
         self.current_nodes = group.nodes
@@ -290,6 +300,8 @@ class Supervisor:
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
         epoch_end_checkpoint: Pending | None = None
         stop_deadline: float | None = None
+        probe = self._grow_probe(group)
+        growing = False
         with StopRequest() as stop:
             while pending:
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
@@ -328,8 +340,17 @@ class Supervisor:
                     stop_deadline = time.monotonic() + self.trainer.stop_timeout_s
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     break
+                if probe and not growing and not stop.requested and probe.ready():
+                    growing = True
+                    self.recorder.message(
+                        f"elastic: there is room for trainer.workers={self.plan.world_size} "
+                        "workers again; growing back at the next checkpoint boundary"
+                    )
+                    group.sink.request_stop.remote()
         self.stop_requested = self.stop_requested or stop.requested
         self._settle(wait=True)  # the last checkpoint is on disk before the run ends
+        if growing and not stop.requested and results and all(r["stopped"] for r in results):
+            return None
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
             latest = self.store.latest()
             raise Interrupted(
@@ -341,6 +362,30 @@ class Supervisor:
                 )
             )
         return results
+
+    def _grow_probe(self, group: WorkerGroup) -> elastic.GrowProbe | None:
+        """For a group smaller than configured: what says the missing workers fit again. The
+        group owns it, so its shutdown releases it."""
+        missing = self.plan.world_size - group.world_size
+        if missing <= 0:
+            return None
+        group.grow_probe = elastic.GrowProbe(
+            self._resources(missing),
+            self.job.cluster.placement.value,
+            running_nodes=[node["node_id"] for node in group.nodes],
+        )
+        return group.grow_probe
+
+    def _grow_back(self, group: WorkerGroup) -> checkpoint.Checkpoint:
+        """The checkpoint the stopped group wrote, to start the configured count from."""
+        assert self.last_checkpoint is not None  # a stop always writes one
+        restore_from = checkpoint.load(self.last_checkpoint)
+        self.grow_backs.append({"step": restore_from.step, "from_workers": group.world_size})
+        self.recorder.message(
+            f"elastic: growing back from {group.world_size} to {self.plan.world_size} workers, "
+            f"from the checkpoint of step {restore_from.step}"
+        )
+        return restore_from
 
     def _progressed(self, now_s: float) -> None:
         """A step or epoch record arrived: after a failure, the first one closes its downtime.
@@ -379,32 +424,19 @@ class Supervisor:
         failed_writes = [r for r in results if r.error is not None]
         if not failed_writes:
             return
-        error, step = failed_writes[0].error, failed_writes[0].step
         if failed:
-            self.recorder.message(f"the checkpoint of step {step} was lost: {first_line(error)}")
-        elif isinstance(error, ShareTimeout):
-            nodes = {n["node_id"] for n in self.current_nodes}
-            raise GroupFailed(
-                f"checkpoint of step {step}: the workers' shares did not arrive within "
-                f"trainer.step_timeout_s={self.trainer.step_timeout_s:g} s (a node "
-                "unreachable from the driver?)",
-                unreachable_nodes=hangs.unreachable(nodes),
+            lost = failed_writes[0]
+            self.recorder.message(
+                f"the checkpoint of step {lost.step} was lost: {first_line(lost.error)}"
             )
-        elif isinstance(error, ShareLost):  # a worker died: the group has failed
-            node = next((n for n in self.current_nodes if n["rank"] == error.rank), {})
-            raise GroupFailed(
-                f"rank {error.rank} (node {node.get('node_ip', '?')}, pid {node.get('pid', '?')}) "
-                f"was lost before the driver read its share of the checkpoint of step {step}; "
-                f"the previous checkpoint is kept ({first_line(error)})"
-            )
-        else:  # the disk (full, read-only): not something a restart fixes
-            raise TrainingFailed(f"checkpoint of step {step} could not be written: {error}")
+            return
+        raise write_failure(failed_writes[0], self.current_nodes, self.trainer.step_timeout_s)
 
     def _finish(self, group: WorkerGroup, results: list[dict[str, Any]]) -> dict[str, Any]:
         """model.pt from rank 0, and the run's figures."""
         rank0 = next(r for r in results if r["rank"] == 0)
         torch.save(rank0["state_dict"], self.run_dir.model_path)
-        return self.recorder.summary(
+        summary = self.recorder.summary(
             group,
             results,
             task=self.task,
@@ -412,3 +444,4 @@ class Supervisor:
             failures=self.failures,
             checkpoints=self.writer.stats(),
         )
+        return {**summary, "grow_backs": self.grow_backs}

@@ -1,14 +1,21 @@
-"""Elastic training: how many workers a new group gets after a failure.
+"""Elastic training: how many workers a new group gets after a failure, and growing back.
 
 After a failure the supervisor tries the configured worker count first, then fewer (down to
 `trainer.min_workers`), keeping the global batch: fewer workers accumulate more micro-batches
-(`StepPlan.on`, distrain/plan.py).
+(`StepPlan.on`, distrain/plan.py). While a group runs on fewer workers, a `GrowProbe` waits for
+the capacity of the missing ones to come back (a node joins, a lost one returns); the supervisor
+then stops the group at its next checkpoint boundary and starts the configured count from that
+checkpoint: the same global batch, so the same mathematics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from distrain import cluster
 from distrain.config import ConfigError
 
 
@@ -34,3 +41,41 @@ def choose_world_size(
         return world_size
     check_fits(candidates[-1])
     return candidates[-1]
+
+
+class GrowProbe:
+    """A placement group for the workers a shrunk group lacks, left pending until Ray can place
+    it beside the running group: then the configured count fits again (once the running group
+    is released). Pending, it is also what an autoscaler sees as demand.
+
+    Ray places it, so every placement rule is Ray's own: under STRICT_SPREAD the missing
+    workers must find nodes the group does not use (a label selector; a Ray without them gets
+    no probe), under STRICT_PACK the whole group must fit one node, which a probe beside it
+    cannot show, so STRICT_PACK groups do not grow back.
+    """
+
+    def __init__(
+        self, missing: cluster.WorkerResources, placement: str, running_nodes: Iterable[str]
+    ) -> None:
+        self.group = None
+        avoid = set(running_nodes) if placement == "STRICT_SPREAD" else set()
+        avoid |= missing.excluded_nodes
+        if placement == "STRICT_PACK" or (avoid and not cluster.takes_label_selectors()):
+            return
+        options = {}
+        if avoid:
+            selector = {cluster.NODE_ID_LABEL: f"!in({','.join(sorted(avoid))})"}
+            options["bundle_label_selector"] = [selector] * missing.workers
+        self.group = placement_group(
+            [missing.bundle()] * missing.workers, strategy=placement, **options
+        )
+        self.ready_ref = self.group.ready()
+
+    def ready(self) -> bool:
+        """Placed (non-blocking): the missing workers fit now."""
+        return self.group is not None and bool(ray.wait([self.ready_ref], timeout=0)[0])
+
+    def close(self) -> None:
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None

@@ -76,6 +76,7 @@ class WorkerGroup:
         self.placement_group: Any = None
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
+        self.grow_probe: Any = None  # elastic.GrowProbe of a group smaller than configured
 
     def start(
         self,
@@ -219,4 +220,6 @@ class WorkerGroup:
                 ray.kill(handle)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
+        if self.grow_probe is not None:
+            self.grow_probe.close()
         self.workers, self.sink, self.placement_group = [], None, None

@@ -495,6 +495,55 @@ def test_node_lost_continues_elastically_on_fewer_workers(
     assert_same_parameters(run_dir, reference)
 
 
+def test_node_lost_then_back_grows_back_to_the_configured_workers(
+    two_nodes: object, tmp_path: Path, reference: dict
+) -> None:
+    """Shrink when a node is lost, grow back when a node joins: still the uninterrupted run."""
+    cluster, node = two_nodes
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            *DISTRAIN,
+            *JOB,
+            # 40 ms a step on rank 0 (the result does not change): time for a node to join.
+            "trainer.debug_delay_rank=0",
+            "trainer.debug_delay_s=0.04",
+            f"cluster.address={cluster.address}",
+            "cluster.placement=STRICT_SPREAD",
+            "trainer.workers=2",
+            "trainer.min_workers=1",
+            "cluster.connect_timeout_s=5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(first_checkpoint(run_dir), proc)
+        cluster.remove_node(node, allow_graceful=False)
+        lines = []
+        for line in proc.stderr:  # until the run goes on with one worker
+            lines.append(line)
+            if "elastic: continuing on 1 of 2 workers" in line:
+                break
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        cluster.add_node(num_cpus=1)  # capacity is back
+        stderr = "".join(lines) + finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "growing back from 1 to 2 workers, from the checkpoint of step" in stderr, stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["steps"] == STEPS
+    grow_back = metrics["grow_backs"][0]
+    assert grow_back["from_workers"] == 1 and 0 < grow_back["step"] < STEPS, metrics["grow_backs"]
+    workers = json.loads((run_dir / "workers.json").read_text())["workers"]
+    assert len({w["node_id"] for w in workers}) == 2  # one per node again, the new one included
+    assert_same_parameters(run_dir, reference)
+
+
 # A wider MLP, so that writing a checkpoint (2 shards of ~17 MB) takes long enough to be hit.
 WIDE = ["trainer.epochs=2", "model.hidden_sizes=[2048,2048]", "trainer.checkpoint_every_n_steps=4"]
 
