@@ -24,7 +24,7 @@ import torch
 
 from distrain import checkpoint, cluster, config, elastic, preflight
 from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
-from distrain.data.base import Splits
+from distrain.data.base import SharedSplits, Splits
 from distrain.device import choose_device_type, worker_gpus
 from distrain.errors import (
     ConfigError,
@@ -44,9 +44,9 @@ from distrain.watch import StopRequest, check_hang, first_line, rank_result
 log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # In-memory data up to this size goes to the workers from the driver's dry build, through the
-# object store: a worker then imports no dataset code and reads no file, and each node fetches
-# it once. Larger data stays out of the object store (Ray's default share of memory is 30 %);
-# each worker builds it, as it does data read from files as it goes.
+# object store (`SharedSplits`): a worker then imports no dataset code and reads no file, and a
+# node holds one copy, which its workers map. Larger data stays out of the object store (Ray's
+# default share of memory is 30 %); each worker builds it, as it does data read item by item.
 SHIP_SPLITS_MAX_BYTES = 512 * 2**20
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
@@ -147,8 +147,9 @@ class Supervisor:
         if resume is not None:
             self.last_checkpoint, self.last_checkpoint_step = resume.path, resume.step
             self.history = [EpochMetrics(**e) for e in resume.meta.get("history", [])]
-        ship = self.splits.in_memory and self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
-        self.splits_ref = ray.put(self.splits) if ship else None
+        small = self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
+        shared = SharedSplits.of(self.splits) if small else None
+        self.splits_ref = ray.put(shared) if shared is not None else None
         self.recorder.open(
             self.job,
             self.splits,

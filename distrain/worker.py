@@ -16,7 +16,7 @@ from distrain import blocks, build, lm, mfu, network, shards
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
-from distrain.data.base import Splits
+from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
 from distrain.loop import Cadence, Parts, Position, fit
 from distrain.plan import StepPlan
@@ -78,12 +78,12 @@ class Worker:
         self,
         rendezvous: dict[str, Any],
         checkpoint: list[Any] | None = None,
-        splits: Splits | None = None,
+        shared: SharedSplits | None = None,
     ) -> None:
         """Join the aggregator's group and build model, data, optimizer on this device.
 
-        `splits`: the data as the driver built it (in-memory data, sent through the object
-        store); None: this worker builds it from the job.
+        `shared`: the data as the driver built it (in-memory data, mapped from this node's copy
+        in the object store); None: this worker builds it from the job.
 
         `checkpoint` is `[ObjectRef]` of a checkpoint payload to start from (in a list, so Ray
         hands over the reference rather than fetching it for every actor up front).
@@ -99,8 +99,7 @@ class Worker:
             # collective stuck on a dead peer still raises instead of waiting 30 minutes.
             timeout_s=2 * trainer.step_timeout_s,
         )
-        if splits is None:
-            splits = build.build_splits(data)
+        splits = build.build_splits(data) if shared is None else shared.open()
         plan = self.plan
         batches = ShardBatches(
             splits,

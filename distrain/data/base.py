@@ -8,8 +8,11 @@ to a `DataLoader` with worker processes.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -57,6 +60,42 @@ class Splits:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+
+
+@dataclass
+class SharedSplits:
+    """In-memory splits as numpy arrays, to go through Ray's object store: a process reading
+    numpy arrays from it maps the node's one copy (zero-copy, read-only), where torch tensors
+    would be unpickled into a copy per process. `open()` gives the Splits back, as tensors on
+    that shared memory: never written in place (batches are gathered copies of rows)."""
+
+    train: list[Any]  # numpy arrays: the TensorDataset's tensors
+    val: list[Any]
+    rest: dict[str, Any]  # the other Splits fields
+
+    @classmethod
+    def of(cls, splits: Splits) -> SharedSplits | None:
+        """None unless the splits are in memory in dtypes numpy has (not bfloat16)."""
+        if not splits.in_memory:
+            return None
+        tensors = [*splits.train.tensors, *splits.val.tensors]  # type: ignore[attr-defined]
+        try:
+            arrays = [t.detach().cpu().numpy() for t in tensors]
+        except TypeError:
+            return None
+        count = len(splits.train.tensors)  # type: ignore[attr-defined]
+        rest = {f.name: getattr(splits, f.name) for f in dataclasses.fields(Splits)}
+        del rest["train"], rest["val"]
+        return cls(arrays[:count], arrays[count:], rest)
+
+    def open(self) -> Splits:
+        with warnings.catch_warnings():  # "not writable": they are not written to (see above)
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = [torch.from_numpy(a) for a in [*self.train, *self.val]]
+        count = len(self.train)
+        return Splits(
+            train=TensorDataset(*tensors[:count]), val=TensorDataset(*tensors[count:]), **self.rest
+        )
 
 
 def tensor_splits(

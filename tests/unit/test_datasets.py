@@ -306,3 +306,21 @@ def test_embedded_sets_equal_scikit_learns_loaders(name):
         splits.train.tensors + splits.val.tensors, expected.train.tensors + expected.val.tensors
     ):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+def test_shared_splits_give_the_same_tensors_back_and_refuse_what_numpy_lacks():
+    from distrain.data.base import SharedSplits, Splits, tensor_splits
+
+    x, y = torch.randn(50, 3), torch.arange(50) % 4
+    splits = tensor_splits(x, y, val_fraction=0.2, seed=1, num_outputs=4)
+    opened = SharedSplits.of(splits).open()
+    assert (opened.input_shape, opened.num_outputs, opened.task) == ((3,), 4, "classification")
+    for ours, theirs in zip(
+        opened.train.tensors + opened.val.tensors, splits.train.tensors + splits.val.tensors
+    ):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    as_bf16 = tensor_splits(x.bfloat16(), y, val_fraction=0.2, seed=1, num_outputs=4)
+    assert SharedSplits.of(as_bf16) is None  # numpy has no bfloat16: each worker builds it
+    subset = torch.utils.data.Subset(splits.train, range(10))  # read item by item
+    by_item = Splits(train=subset, val=subset, input_shape=(3,), num_outputs=4)
+    assert SharedSplits.of(by_item) is None
