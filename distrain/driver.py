@@ -139,7 +139,7 @@ class Supervisor:
         self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
         self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
         self.current_nodes: list[dict[str, Any]] = []
-        self.grow_backs: list[dict[str, int]] = []  # elastic: back to trainer.workers, when
+        self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""

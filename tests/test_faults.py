@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -462,12 +463,9 @@ def two_nodes() -> object:
         cluster.shutdown()
 
 
-def test_node_lost_continues_elastically_on_fewer_workers(
-    two_nodes: object, tmp_path: Path, reference: dict
-) -> None:
-    cluster, node = two_nodes
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
+def start_elastic(cluster: Any, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """The job on the two-node cluster, one worker per node, allowed to shrink to one."""
+    return subprocess.Popen(
         [
             *DISTRAIN,
             *JOB,
@@ -477,11 +475,20 @@ def test_node_lost_continues_elastically_on_fewer_workers(
             "trainer.min_workers=1",
             "cluster.connect_timeout_s=5",
             f"hydra.run.dir={run_dir}",
+            *overrides,
         ],
-        cwd=tmp_path,
+        cwd=run_dir.parent,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_node_lost_continues_elastically_on_fewer_workers(
+    two_nodes: object, tmp_path: Path, reference: dict
+) -> None:
+    cluster, node = two_nodes
+    run_dir = tmp_path / "run"
+    proc = start_elastic(cluster, run_dir)
     wait_for(first_checkpoint(run_dir), proc)
     workers = json.loads((run_dir / "workers.json").read_text())["workers"]
     assert len({w["node_id"] for w in workers}) == 2  # one worker per node
@@ -501,24 +508,9 @@ def test_node_lost_then_back_grows_back_to_the_configured_workers(
     """Shrink when a node is lost, grow back when a node joins: still the uninterrupted run."""
     cluster, node = two_nodes
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            *DISTRAIN,
-            *JOB,
-            # 40 ms a step on rank 0 (the result does not change): time for a node to join.
-            "trainer.debug_delay_rank=0",
-            "trainer.debug_delay_s=0.04",
-            f"cluster.address={cluster.address}",
-            "cluster.placement=STRICT_SPREAD",
-            "trainer.workers=2",
-            "trainer.min_workers=1",
-            "cluster.connect_timeout_s=5",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # 40 ms a step on rank 0 (the result does not change): time for a node to join.
+    slowed = ("trainer.debug_delay_rank=0", "trainer.debug_delay_s=0.04")
+    proc = start_elastic(cluster, run_dir, *slowed)
     try:
         wait_for(first_checkpoint(run_dir), proc)
         cluster.remove_node(node, allow_graceful=False)
