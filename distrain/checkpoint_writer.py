@@ -85,9 +85,12 @@ class CheckpointWriter:
             return None
         del self._arrived[record["step"]]
         records = [ranks[rank] for rank in range(world_size)]
-        return Pending(self._meta(records, record["epoch_end"]), [r["share"][0] for r in records])
+        return Pending(
+            self.assemble(records, record["epoch_end"]), [r["share"][0] for r in records]
+        )
 
-    def _meta(self, records: list[dict[str, Any]], epoch_end: bool) -> dict[str, Any]:
+    def assemble(self, records: list[dict[str, Any]], epoch_end: bool) -> dict[str, Any]:
+        """A checkpoint's metadata from its ranks' records, in rank order."""
         headers = [r["header"] for r in records]
         position = dict(headers[0]["position"])
         position["epoch_loss_sum"] = sum(h["position"]["epoch_loss_sum"] for h in headers)

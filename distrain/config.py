@@ -76,8 +76,15 @@ class TrainerConfig:
     # True: a step waits only while its state is copied to host memory (Ray's object store) and
     # the driver writes it in the background; false: the step waits until it is on disk.
     async_checkpoint: bool = True
-    max_failures: int = 3  # worker/node losses recovered from the last checkpoint before giving up
+    max_failures: int = 3  # worker/node losses recovered (healed or restarted) before giving up
     min_workers: int | None = None  # elastic: continue on fewer workers (>= this) if nodes are lost
+    # A dead or hung worker is replaced while the others keep their processes and state in
+    # memory (distrain/healing.py); false, or where healing does not apply: every worker restarts
+    # from the last checkpoint.
+    heal: bool = True
+    # Workers started beside the group, torch imported and data mapped: one takes a failed rank's
+    # place without a start-up (and is itself replaced in the background).
+    spare_workers: int = 0
     nan_policy: NanPolicy = NanPolicy.stop  # what a NaN/inf loss or gradient does
     stop_timeout_s: float = 60.0  # Ctrl-C: how long to wait for the workers' final checkpoint
     # TEST ONLY: rank `debug_delay_rank` sleeps `debug_delay_s` per step (a simulated straggler).
@@ -211,6 +218,8 @@ def validate(job: dict[str, Any]) -> None:
         trainer["max_failures"] >= 0,
         f"trainer.max_failures={trainer['max_failures']} must be >= 0.",
     )
+    spares = trainer.get("spare_workers", 0)
+    _require(spares >= 0, f"trainer.spare_workers={spares} must be >= 0 (0: no spare).")
     low = trainer["min_workers"]
     _require(
         low is None or 1 <= low <= workers,

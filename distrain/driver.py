@@ -13,6 +13,7 @@ classified, silent ranks, Ctrl-C) and `recording` (TensorBoard, the terminal, th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,7 +23,7 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, cluster, config, elastic, preflight
+from distrain import checkpoint, cluster, config, elastic, healing, preflight
 from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
 from distrain.data.base import SharedSplits, Splits
 from distrain.device import choose_device_type, worker_gpus
@@ -157,11 +158,16 @@ class Supervisor:
             resume,
             self.plan,
         )
+        healed: WorkerGroup | None = None
         try:
             while True:
-                group = self._start_group(restore_from)
+                if healed is None:  # a new group: its figures start afresh, after the history
+                    group = self._start_group(restore_from)
+                    collector = MetricsCollector(group.world_size, self.task, self.history)
+                else:  # the same ranks: steps a failed rank had reported still complete
+                    group, healed = healed, None
                 try:
-                    results = self._watch(group)
+                    results = self._watch(group, collector)
                     if results is None:  # stopped at a checkpoint boundary to grow back
                         restore_from = self._grow_back(group)
                         continue
@@ -169,9 +175,12 @@ class Supervisor:
                     self.recorder.finish(result, wall_s=time.perf_counter() - started)
                     return result
                 except GroupFailed as failure:
-                    restore_from = self._recover(failure)
+                    self._count(failure)
+                    healed = self._heal(group, failure, collector)
+                    if healed is None:
+                        restore_from = self._recover(failure)
                 finally:
-                    group.shutdown()
+                    group.shutdown()  # a healed group has taken everything but what failed
         finally:
             self.recorder.close()
 
@@ -226,9 +235,7 @@ class Supervisor:
                 if group is not None:
                     group.shutdown()
                 raise
-            self.run_dir.write_json(
-                self.run_dir.path / "workers.json", {"workers": group.describe()}
-            )
+            self._write_workers(group)
             last = self.failures[-1] if self.failures else {}
             if "recovery_s" not in last and "detected_s" in last:  # not after a grow-back
                 # seconds from noticing the failure to a working group again
@@ -252,7 +259,8 @@ class Supervisor:
         )
         return self.plan.on(world_size)
 
-    def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
+    def _count(self, failure: GroupFailed) -> None:
+        """Record a failure; past trainer.max_failures the run ends, naming its checkpoint."""
         # A node that did not answer is avoided from now on: Ray counts it alive for a minute
         # or more, and a group placed on it would wait for Ray to declare it dead. The driver's
         # own node always answers, whatever a probe under load said.
@@ -277,6 +285,60 @@ class Supervisor:
         # A write in progress completes, or fails with the group (its shares' owners died).
         self._settle(wait=True, failed=True)
         self.writer.forget()
+
+    def _heal(
+        self, group: WorkerGroup, failure: GroupFailed, collector: MetricsCollector
+    ) -> WorkerGroup | None:
+        """The group with its failed ranks replaced and its survivors kept (None: restart from
+        the last checkpoint instead; distrain/healing.py says when)."""
+        reason = healing.why_not(self.job, group, failure)
+        if reason is not None:
+            log.info("not healing in place (%s): restarting from the last checkpoint", reason)
+            return None
+        try:
+            healed = healing.heal(
+                group,
+                failure.failed_ranks,
+                timeout_s=min(self.trainer.step_timeout_s, self.trainer.setup_timeout_s),
+                assemble=self.writer.assemble,
+            )
+        except GroupFailed as error:
+            self.recorder.message(
+                f"healing failed ({first_line(error)}); restarting from the last checkpoint"
+            )
+            return None
+        # What the workers reported before the failure and the driver had not drained yet
+        # (an epoch's figures, logged steps; the survivors flushed theirs when they stood down).
+        with contextlib.suppress(GroupFailed):
+            for record in group.drain():
+                if record["kind"] not in ("checkpoint", "heartbeat"):
+                    self.recorder.record(collector.add(record))
+        last, count = self.failures[-1], len(self.failures)
+        last["recovery_s"] = time.monotonic() - last["detected_s"]
+        last["healed"] = {
+            "from_step": healed.from_step,
+            "source_rank": healed.source_rank,
+            "survivors": healed.survivors,
+            "replaced": sorted(failure.failed_ranks),
+            "from_spares": healed.from_spares,
+            "phases_s": healed.phases_s,
+        }
+        replaced = ", ".join(
+            f"rank {rank} by {'a warm spare' if rank in healed.from_spares else 'a new worker'}"
+            for rank in sorted(failure.failed_ranks)
+        )
+        self.recorder.message(
+            f"healed {count}/{self.trainer.max_failures}: {failure}; {replaced}; the other "
+            f"workers kept their processes and continue from step {healed.from_step}, held in "
+            f"memory by rank {healed.source_rank} (no checkpoint read)"
+        )
+        self.recorder.restarted(count, healed.from_step, failure, how="healed")
+        self._write_workers(healed.group)
+        return healed.group
+
+    def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
+        """The checkpoint a new group starts from after `failure` (None: the start)."""
+        restarts, limit = len(self.failures), self.trainer.max_failures
         restore_from = checkpoint.load(self.last_checkpoint) if self.last_checkpoint else None
         step = restore_from.step if restore_from else 0
         self.recorder.message(
@@ -287,13 +349,14 @@ class Supervisor:
         self.history = [e for e in self.history if e.step <= step]
         return restore_from
 
-    def _watch(self, group: WorkerGroup) -> list[dict[str, Any]] | None:
+    def _watch(
+        self, group: WorkerGroup, collector: MetricsCollector
+    ) -> list[dict[str, Any]] | None:
         """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group.
 
         None: the group stopped at a checkpoint boundary because the configured worker count
         fits again (elastic runs that lost workers); the supervisor then grows it back.
         """
-        collector = MetricsCollector(group.world_size, self.task, self.history)
         self.recorder.watch_group(group, self.job.logger)
         self.current_nodes = group.nodes
         refs = group.fit()
@@ -325,6 +388,8 @@ class Supervisor:
                             epoch_end_checkpoint = None
                         self.recorder.record(metrics)
                 self._settle(wait=False)
+                if group.spares and group.spares_became_ready():
+                    self._write_workers(group)
                 check_hang(
                     {refs[r] for r in pending},
                     last_seen_s,
@@ -363,6 +428,13 @@ class Supervisor:
                 )
             )
         return results
+
+    def _write_workers(self, group: WorkerGroup) -> None:
+        """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
+        spares = {"spares": group.spares_ready_s} if self.trainer.spare_workers else {}
+        self.run_dir.write_json(
+            self.run_dir.path / "workers.json", {"workers": group.describe(), **spares}
+        )
 
     def _grow_probe(self, group: WorkerGroup) -> elastic.GrowProbe | None:
         """For a group smaller than configured: what says the missing workers fit again. The

@@ -35,12 +35,20 @@ class GroupFailed(RuntimeError):
     """Infrastructure failure (a worker died, hung or could not start): worth a restart.
 
     `unreachable_nodes`: Ray node ids that did not answer a probe when the failure was found (a
-    cut link): the next group avoids them while Ray still counts them alive.
+    cut link): the next group avoids them while Ray still counts them alive. `failed_ranks`: the
+    ranks known to be dead or hung (the others may heal the group, distrain/healing.py); empty
+    when the cause is not one rank.
     """
 
-    def __init__(self, message: str, unreachable_nodes: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        message: str,
+        unreachable_nodes: frozenset[str] = frozenset(),
+        failed_ranks: frozenset[int] = frozenset(),
+    ) -> None:
         super().__init__(message)
         self.unreachable_nodes = unreachable_nodes
+        self.failed_ranks = failed_ranks
 
 
 class SetupTransportFailed(GroupFailed):

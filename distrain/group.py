@@ -1,8 +1,10 @@
 """One group of worker actors: reserved together, started together, torn down together.
 
-A failure anywhere ends the whole group; the driver's supervisor then starts a new one from the
-last checkpoint. Keeping the group's lifecycle in one place makes "no orphan actors" a property of
-`shutdown()`, called from a `finally`.
+A failure either heals the group (`replace`: the survivors stay, a spare or a new actor takes each
+failed rank; distrain/healing.py) or ends it, and the driver's supervisor starts a new one from
+the last checkpoint. Keeping the group's lifecycle in one place makes "no orphan actors" a
+property of `shutdown()`, called from a `finally`: a healed group takes its actors, spares and
+reservation with it, and the old one keeps only what failed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ TRANSPORT_MARKERS = (
     "Connection reset",
     "Connection closed",
     "Connection refused",
+    "shared-memory all-reduce",  # shm_allreduce: a peer's process exited, or never arrived
 )
 
 
@@ -77,6 +80,17 @@ class WorkerGroup:
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
         self.grow_probe: Any = None  # elastic.GrowProbe of a group smaller than configured
+        self.need: cluster.WorkerResources | None = None
+        self.splits_ref: Any = None
+        self.bundles: list[int | None] = []  # each rank's bundle (None: a spare placed outside)
+        # Warm spares (trainer.spare_workers): (actor, name, bundle, ref of its `warm`).
+        self.spares: list[tuple[Any, str, int | None, Any]] = []
+        self.fit_refs: dict[Any, int] = {}
+        self.taken_from_spares: list[int] = []  # ranks a spare took when this group healed
+        self.spare_started_s: dict[str, float] = {}  # by actor name: when it was started
+        self.spares_ready_s: dict[str, float] = {}  # by actor name: seconds it took to warm up
+        self.group_id = uuid.uuid4().hex[:8]
+        self._actors_made = 0
 
     def start(
         self,
@@ -89,31 +103,13 @@ class WorkerGroup:
         `splits_ref`: the driver's in-memory data in the object store (None: workers build it).
         """
         trainer = self.job.trainer
+        self.need, self.splits_ref = need, splits_ref
         self.placement_group = cluster.place(need, self.job.cluster)
         started = time.perf_counter()
-        # The sink lives on the driver's node: losing another node must not take the metrics.
-        # Pinned (soft=False): it needs no CPU, so it always fits there, and a soft preference
-        # could let Ray place it on a node that is cut off but not yet declared dead.
-        self.sink = MetricsSink.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False
-            )
-        ).remote(trainer.checkpoint_min_interval_s)
-        actor = ray.remote(Worker)
-        group_id = uuid.uuid4().hex[:8]
-        self.names = [f"distrain-{group_id}-rank{rank}" for rank in range(self.world_size)]
-        self.workers = [
-            actor.options(
-                name=self.names[rank],
-                namespace=NAMESPACE,
-                num_cpus=need.cpus,
-                num_gpus=need.gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=rank
-                ),
-            ).remote(rank, asdict(self.plan), plain(self.job), self.device_type, self.sink)
-            for rank in range(self.world_size)
-        ]
+        self.sink = self._start_sink()
+        made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]
+        self.workers, self.names = [w for w, _ in made], [n for _, n in made]
+        self.bundles = list(range(self.world_size))
         timeout_s = trainer.setup_timeout_s
         # The sink answers before training starts: one slow to come up fails the start (which
         # is retried), not the first drain of a running group (which would count a restart).
@@ -138,6 +134,135 @@ class WorkerGroup:
         )
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
+        for _ in range(trainer.spare_workers):
+            self._add_spare(bundle=None)
+
+    def _start_sink(self) -> Any:
+        # The sink lives on the driver's node: losing another node must not take the metrics.
+        # Pinned (soft=False): it needs no CPU, so it always fits there, and a soft preference
+        # could let Ray place it on a node that is cut off but not yet declared dead.
+        return MetricsSink.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
+        ).remote(self.job.trainer.checkpoint_min_interval_s)
+
+    def _actor(self, rank: int, bundle: int | None) -> tuple[Any, str]:
+        """A new worker actor for `rank` (-1: a spare) in `bundle` of the group's reservation, or
+        (None) outside it, spread over the cluster's nodes; and its name."""
+        assert self.need is not None
+        self._actors_made += 1
+        label = f"rank{rank}" if rank >= 0 else "spare"
+        name = f"distrain-{self.group_id}-{label}-{self._actors_made}"
+        strategy: Any = (
+            PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=bundle
+            )
+            if bundle is not None
+            else "SPREAD"
+        )
+        handle = (
+            ray.remote(Worker)
+            .options(
+                name=name,
+                namespace=NAMESPACE,
+                num_cpus=self.need.cpus,
+                num_gpus=self.need.gpus,
+                scheduling_strategy=strategy,
+            )
+            .remote(rank, asdict(self.plan), plain(self.job), self.device_type, self.sink)
+        )
+        return handle, name
+
+    def _add_spare(self, bundle: int | None) -> None:
+        """Start a spare in the background: torch imported, the data mapped, its device taken."""
+        handle, name = self._actor(-1, bundle)
+        self.spares.append((handle, name, bundle, handle.warm.remote(self.splits_ref)))
+        self.spare_started_s[name] = time.monotonic()
+
+    def spares_became_ready(self) -> bool:
+        """Whether a spare finished warming up since the last call (`spares_ready_s` then says
+        how many are ready, and each one's start-up time)."""
+        ready = self._ready_spares()
+        became = {s[1] for s in ready} - set(self.spares_ready_s)
+        for name in became:
+            self.spares_ready_s[name] = round(time.monotonic() - self.spare_started_s[name], 3)
+        return bool(became)
+
+    def _ready_spares(self) -> list[tuple[Any, str, int | None, Any]]:
+        refs = [ref for *_, ref in self.spares]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        return [spare for spare in self.spares if spare[3] in ready]
+
+    def replace(self, failed: set[int], state_ref: Any) -> WorkerGroup:
+        """The same ranks again: the survivors kept, each failed rank taken by a ready spare (or
+        a new actor in its bundle), every rank rejoining a new process group from `state_ref`
+        (a one-rank checkpoint payload). This group keeps only the failed actors, its sink and
+        its grow probe, for `shutdown`; a used spare is replaced in the background.
+        """
+        healed = WorkerGroup(self.job, self.plan, self.device_type)
+        healed.need, healed.splits_ref = self.need, self.splits_ref
+        healed.group_id, healed._actors_made = self.group_id, self._actors_made
+        healed.placement_group, self.placement_group = self.placement_group, None
+        healed.spares, self.spares = self.spares, []
+        healed.spare_started_s = self.spare_started_s
+        kept = {name for _, name, *_ in healed.spares}  # the used ones go below
+        healed.spares_ready_s = {n: s for n, s in self.spares_ready_s.items() if n in kept}
+        healed.workers, healed.names = list(self.workers), list(self.names)
+        healed.nodes, healed.bundles = list(self.nodes), list(self.bundles)
+        self.workers = [self.workers[rank] for rank in sorted(failed)]
+        try:
+            healed.sink = healed._start_sink()
+            healed._take_ranks(sorted(failed))
+            aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
+            healed.rendezvous = aggregator.rendezvous(healed.workers, self.job.aggregator)
+            healed._get(
+                [
+                    w.rejoin.remote(
+                        rank, healed.sink, healed.rendezvous, [state_ref], self.splits_ref
+                    )
+                    for rank, w in enumerate(healed.workers)
+                ],
+                self.job.trainer.setup_timeout_s,
+                "rejoin",
+            )
+        except BaseException:
+            healed.shutdown()  # the survivors too: the caller restarts from a checkpoint
+            raise
+        return healed
+
+    def _take_ranks(self, ranks: list[int]) -> None:
+        """Fill `ranks` (their actors gone): ready spares first, then new actors in the ranks'
+        bundles; a bundle a spare made free gets a new spare."""
+        ready = self._ready_spares()
+        fresh = []
+        for rank in ranks:
+            spare = ready.pop(0) if ready else None
+            freed = self.bundles[rank]
+            if spare is not None:
+                self.spares.remove(spare)
+                self.spares_ready_s.pop(spare[1], None)
+                handle, name, bundle, warm = spare
+                self.nodes[rank] = {**ray.get(warm), "rank": rank}
+                self.taken_from_spares.append(rank)
+                self._add_spare(freed)
+            else:
+                bundle = freed
+                handle, name = self._actor(rank, bundle)
+                fresh.append(rank)
+            self.workers[rank], self.names[rank], self.bundles[rank] = handle, name, bundle
+        if not fresh:
+            return
+        timeout_s = self.job.trainer.setup_timeout_s
+        nodes = self._get([self.workers[r].node.remote() for r in fresh], timeout_s, "start")
+        for rank, node in zip(fresh, nodes):
+            self.nodes[rank] = node
+        placements = self._placements()
+        self._get(
+            [self.workers[r].place.remote(placements[r]) for r in fresh],
+            timeout_s,
+            "take its device",
+        )
 
     def _placements(self) -> list[devices.DevicePlacement | None]:
         """Each rank's device: on GPUs, every worker of a node sees the node's assigned GPUs."""
@@ -176,7 +301,8 @@ class WorkerGroup:
 
     def fit(self) -> dict[Any, int]:
         """Start training on every rank; returns {ObjectRef: rank}."""
-        return {w.fit.remote(): rank for rank, w in enumerate(self.workers)}
+        self.fit_refs = {w.fit.remote(): rank for rank, w in enumerate(self.workers)}
+        return self.fit_refs
 
     def where(self, rank: int) -> str:
         node = self.nodes[rank] if rank < len(self.nodes) else {}
@@ -215,11 +341,12 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Kill every actor of the group and free its reservation; safe to call twice."""
         aggregator_cls = get_object(self.job.aggregator["_target_"])
-        for handle in [*self.workers, self.sink, *aggregator_cls.actors(self.rendezvous)]:
+        spares = [handle for handle, *_ in self.spares]
+        for handle in [*self.workers, *spares, self.sink, *aggregator_cls.actors(self.rendezvous)]:
             if handle is not None:
                 ray.kill(handle)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
         if self.grow_probe is not None:
             self.grow_probe.close()
-        self.workers, self.sink, self.placement_group = [], None, None
+        self.workers, self.sink, self.placement_group, self.spares = [], None, None, []

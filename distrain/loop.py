@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -50,6 +50,18 @@ class Parts:
     peak_flops_per_s: float = 0.0
     bytes_per_token: float | None = None
     sample: Callable[[], list[str]] | None = None
+    # This rank's random stream restarts after every step from `step_seed(rank_seed, step)`:
+    # dropout and augmentation are then a function of (rank, step), so a worker that replaces a
+    # dead one mid-run (distrain/healing.py) draws what the dead one would have. None: no reseed.
+    rank_seed: int | None = None
+
+
+STEP_SEED_STRIDE = 7919  # a prime: streams of different (rank, step) pairs do not collide
+
+
+def step_seed(rank_seed: int, step: int) -> int:
+    """The seed of a rank's random stream after `step` optimizer steps."""
+    return rank_seed + STEP_SEED_STRIDE * step
 
 
 def train_step(
@@ -165,6 +177,22 @@ class Position:
     epoch_loss_sum: float = 0.0  # this rank's share of the epoch's summed step losses so far
     epoch_batches: int = 0
     skipped_steps: int = 0  # non-finite steps skipped (trainer.nan_policy=skip_step)
+    # The epoch's losses since `epoch_loss_sum` was last updated, still on the device (reading
+    # them is a sync): `settle()` adds them in, e.g. after a failure, before healing.
+    unsettled_loss: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def plain(self) -> dict[str, Any]:
+        """The position as plain numbers (a checkpoint's header)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "unsettled_loss"}
+
+    def settle(self) -> None:
+        if self.unsettled_loss is not None:
+            self.epoch_loss_sum += self.unsettled_loss.item()
+            self.unsettled_loss.zero_()
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.epoch_loss_sum, self.epoch_batches, self.unsettled_loss = 0.0, 0, None
 
 
 class NonFiniteError(RuntimeError):
@@ -222,24 +250,24 @@ def fit(
     *,
     plan: StepPlan,
     cadence: Cadence,
-    start: Position,
+    pos: Position,
     at_boundary: Boundary,
     report: Report,
-) -> tuple[Position, bool]:
-    """Train from `start` to the plan's last step, reporting step and epoch records.
+) -> bool:
+    """Train from `pos` to the plan's last step, reporting step and epoch records.
 
-    Checkpoint boundaries are every `cadence.checkpoint_every_n_steps` steps and every epoch end;
-    there `at_boundary` may capture a checkpoint and decide to stop. Returns the final position
-    and whether training stopped early.
+    `pos` advances in place after every step: if a step fails (a peer died), the caller still
+    knows the last completed one. Checkpoint boundaries are every
+    `cadence.checkpoint_every_n_steps` steps and every epoch end; there `at_boundary` may capture
+    a checkpoint and decide to stop. Returns whether training stopped early.
     """
-    pos = Position(**vars(start))
     outbox = _Outbox(report, cadence.heartbeat_s)
     parts.train_model.train()
     while pos.epoch < plan.epochs and pos.step < plan.total_steps:
         epoch, started_s = pos.epoch, time.perf_counter()
         steps, stopped = _train_epoch(parts, plan, cadence, pos, at_boundary, outbox)
         if stopped:
-            return pos, True
+            return True
         train_s = time.perf_counter() - started_s
         record = _evaluate_epoch(parts, pos, steps, train_s)
         if parts.sample is not None:  # a language model: a few lines from a prompt
@@ -247,15 +275,15 @@ def fit(
             if lines is not None:
                 outbox.send({"kind": "sample", "step": pos.step, "epoch": epoch, "text": lines})
         if pos.step_in_epoch == plan.steps_per_epoch:  # not when max_steps ended it early
-            pos = Position(step=pos.step, epoch=epoch + 1, skipped_steps=pos.skipped_steps)
+            pos.next_epoch()
         # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
         # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.
         final = pos.epoch >= plan.epochs or pos.step >= plan.total_steps
         stop = at_boundary(pos, epoch_end=True, final=final)
         outbox.send(record)
         if stop:
-            return pos, not final
-    return pos, False
+            return not final
+    return False
 
 
 def _train_epoch(
@@ -269,6 +297,7 @@ def _train_epoch(
     """The steps of `pos.epoch` from `pos` (advanced in place): how many, and whether to stop."""
     device = parts.batches.device
     epoch_loss = torch.zeros((), device=device)  # losses stay on the device until read
+    pos.unsettled_loss = epoch_loss
     clock = make_clock(device)  # GPU time (CUDA events) on a GPU
     interval, steps = _Interval(device), 0
     for x, y in parts.batches.train_batches(pos.epoch, pos.step_in_epoch):
@@ -284,6 +313,8 @@ def _train_epoch(
         skip = cadence.nan_policy == "skip_step"
         loss, finite = train_step(parts, x, y, clock, inspect, skip_non_finite=skip)
         pos.step, pos.step_in_epoch, steps = step, pos.step_in_epoch + 1, steps + 1
+        if parts.rank_seed is not None:  # the next step's stream, a function of (rank, step)
+            torch.manual_seed(step_seed(parts.rank_seed, step))
         interval.add(loss, finite)
         if finite:
             epoch_loss += loss
@@ -301,13 +332,13 @@ def _train_epoch(
         if pos.step >= plan.total_steps or pos.step_in_epoch == plan.steps_per_epoch:
             break
         if cadence.checkpoint_every_n_steps and step % cadence.checkpoint_every_n_steps == 0:
-            pos.epoch_loss_sum += epoch_loss.item()
-            epoch_loss.zero_()
+            pos.settle()
             _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
             if at_boundary(pos, epoch_end=False, final=False):
                 return steps, True
         clock.restart()
-    pos.epoch_loss_sum += epoch_loss.item()
+    pos.settle()
+    pos.unsettled_loss = None
     _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
     return steps, False
 

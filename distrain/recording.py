@@ -86,12 +86,15 @@ class RunRecorder:
     def message(self, text: str) -> None:
         self.progress.message(text)
 
-    def restarted(self, restarts: int, step: int, failure: BaseException) -> None:
-        """A restart from the checkpoint of `step`: a new event file, so the steps after it,
-        logged again, replace the old; the failure as text and a count."""
+    def restarted(
+        self, restarts: int, step: int, failure: BaseException, how: str = "restart"
+    ) -> None:
+        """A restart from the checkpoint of `step` (or a group healed at `step`): a new event
+        file, so the steps after it, logged again, replace the old; the failure as text and a
+        count."""
         assert self.tensorboard is not None
         self.tensorboard.reopen(purge_step=step + 1)
-        self.tensorboard.add_text("faults", f"restart {restarts} at step {step}: {failure}", step)
+        self.tensorboard.add_text("faults", f"{how} {restarts} at step {step}: {failure}", step)
         self.tensorboard.add_scalar("faults/restarts", restarts, step)
 
     def finish(self, result: dict[str, Any], wall_s: float) -> None:

@@ -27,7 +27,9 @@ def rank_result(ref: ray.ObjectRef, rank: int, group: WorkerGroup) -> dict[str, 
     try:
         return ray.get(ref)
     except ray.exceptions.RayActorError as error:  # the process or its node is gone
-        raise GroupFailed(f"{group.where(rank)} died: {first_line(error)}") from None
+        raise GroupFailed(
+            f"{group.where(rank)} died: {first_line(error)}", failed_ranks=frozenset({rank})
+        ) from None
     except ray.exceptions.RayTaskError as error:
         cause = error.cause
         if isinstance(cause, NonFiniteError):
@@ -41,7 +43,8 @@ def rank_result(ref: ray.ObjectRef, rank: int, group: WorkerGroup) -> dict[str, 
             dead = _dead_peers(group, exclude=rank)
             raise GroupFailed(
                 ", ".join(f"{group.where(r)} died" for r in dead)
-                or f"{group.where(rank)}: {first_line(cause)}"
+                or f"{group.where(rank)}: {first_line(cause)}",
+                failed_ranks=frozenset(dead),
             ) from None
         raise TrainingFailed(
             f"{group.where(rank)} raised {type(cause).__name__}: {cause} "
@@ -87,6 +90,7 @@ def check_hang(
         "the worker is hung (stuck collective, frozen process) or its node is lost; "
         f"{where}every rank's stack is in {stacks_dir}",
         unreachable_nodes=lost,
+        failed_ranks=frozenset(silent),
     )
 
 

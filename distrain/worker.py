@@ -18,7 +18,7 @@ from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
 from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
-from distrain.loop import Cadence, Parts, Position, fit
+from distrain.loop import Cadence, Parts, Position, fit, step_seed
 from distrain.plan import StepPlan
 
 log = logging.getLogger("distrain.worker")
@@ -37,11 +37,11 @@ class Worker:
     def __init__(
         self, rank: int, plan: dict[str, int], job: dict[str, Any], device_type: str, sink: Any
     ):
-        self.rank, self.sink = rank, sink
+        self.sink = sink
         self.plan, self.job = StepPlan(**plan), typed(job)
         self.world_size = self.plan.world_size
         trainer = self.job.trainer
-        logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", force=True)
+        self._name(rank)
         # One intra-op thread per reserved CPU, so N workers on N cores do not oversubscribe.
         torch.set_num_threads(max(1, int(trainer.cpus_per_worker)))
         network.bind_collectives(self.job.cluster.socket_ifname, ray.util.get_node_ip_address())
@@ -49,6 +49,14 @@ class Worker:
         # CUDA is not touched until `place`: CUDA_VISIBLE_DEVICES must be set before it starts.
         self.device = devices.worker_device(device_type) if device_type == devices.CPU else None
         self.precision = trainer.precision
+        self.splits: Any = None  # built (or mapped) once: a healed group's survivors keep it
+        self.position = Position()  # the last completed step, also after a failed one
+
+    def _name(self, rank: int) -> None:
+        """Take `rank` (a spare has none, -1, until it replaces a worker)."""
+        self.rank = rank
+        label = f"rank {rank}" if rank >= 0 else "spare"
+        logging.basicConfig(level=logging.INFO, format=f"[{label}] %(message)s", force=True)
 
     def place(self, placement: devices.DevicePlacement | None) -> None:
         """Take this rank's device (group.py shares each node's GPU list among its workers)."""
@@ -99,7 +107,9 @@ class Worker:
             # collective stuck on a dead peer still raises instead of waiting 30 minutes.
             timeout_s=2 * trainer.step_timeout_s,
         )
-        splits = build.build_splits(data) if shared is None else shared.open()
+        if self.splits is None:
+            self.splits = build.build_splits(data) if shared is None else shared.open()
+        splits = self.splits
         plan = self.plan
         batches = ShardBatches(
             splits,
@@ -118,7 +128,8 @@ class Worker:
         )
         torch.manual_seed(trainer.seed)  # the same initial parameters on every rank
         model = build.build_model(job.model, splits).to(self.device)
-        torch.manual_seed(trainer.seed + 1 + self.rank)  # distinct dropout/augmentation streams
+        rank_seed = trainer.seed + 1 + self.rank  # distinct dropout/augmentation streams
+        torch.manual_seed(step_seed(rank_seed, 0))
         # While blocked on its peers the worker still reports, naming whom it waits for.
         aggregator.on_wait = self._waiting
         aggregator.wait_beat_s = heartbeat_s(trainer)
@@ -151,12 +162,13 @@ class Worker:
             micro_batch_size=plan.micro_batch,
             task=splits.task,
             num_outputs=splits.num_outputs,
+            rank_seed=rank_seed,
         )
         if splits.task == "language_model":
             self._language_model(splits)
-        self.start = Position()
+        self.position = Position()
         if checkpoint:
-            self.start = self._restore(ray.get(checkpoint[0]))
+            self.position = self._restore(ray.get(checkpoint[0]))
 
     def _language_model(self, splits: Any) -> None:
         """Tokens/s and MFU figures for every rank; on rank 0 the sampler (logger.sample_*)."""
@@ -199,9 +211,19 @@ class Worker:
 
     def _restore(self, source: dict[str, Any]) -> Position:
         """Start from a checkpoint: `source` is its metadata and one object-store reference per
-        shard; this rank fetches only the shards holding rows it needs."""
+        shard; this rank fetches only the shards holding rows it needs. A healed group's state
+        comes as a survivor sent it ("wire": `shards.to_wire` arrays), a checkpoint's as tensors.
+        """
         parts, meta = self.parts, source["meta"]
-        reader = shards.ShardReader(meta["tensors"], lambda i: ray.get(source["shards"][i]))
+        reader = shards.ShardReader(
+            meta["tensors"],
+            # Wire arrays are views of this node's object store, shared by its workers: the
+            # optimizer would keep them as its state (same dtype and device: no copy) and every
+            # rank of the node would step the same buffers. Each rank takes its own copy.
+            (lambda i: _owned(shards.from_wire(ray.get(source["shards"][i]))))
+            if source.get("wire")
+            else (lambda i: ray.get(source["shards"][i])),
+        )
         model_state, optimizer_state = shards.restore_state(
             reader, parts.model, parts.optimizer, meta["optimizer"]
         )
@@ -210,8 +232,8 @@ class Worker:
             parts.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler") is not None:
             parts.scaler.load_state_dict(meta["scaler"])
-        # A new worker count has new streams, still a function of (seed, rank, step).
-        seed = self.job.trainer.seed + 1 + self.rank + 7919 * meta["step"]
+        # A new worker count, or a healed group, has new streams: the rule every step follows.
+        seed = step_seed(parts.rank_seed or 0, meta["step"])
         if meta["world_size"] == self.world_size:  # continue each rank's stream exactly
             torch.set_rng_state(reader.full(f"rng/{self.rank}/cpu"))
             # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
@@ -226,16 +248,19 @@ class Worker:
             position = {**position, "epoch_loss_sum": 0.0, "epoch_batches": 0}
         return Position(**position)
 
-    def _capture(self, position: Position) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _capture(
+        self, position: Position, *, whole: bool = False
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """This rank's share of a checkpoint: a plain header, and the tensors it holds (its
         rows of the model and optimizer state, copied to host memory; distrain/shards.py). No
-        collective: each rank writes what it has."""
+        collective: each rank writes what it has. `whole`: every row, as the only rank of a
+        world of one (a replica's state handed to a healed group)."""
         parts = self.parts
         share, settings, values = shards.capture(
             parts.model,
             parts.optimizer,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=0 if whole else self.rank,
+            world_size=1 if whole else self.world_size,
             identical_replicas=parts.aggregator.identical_replicas,
         )
         share.add(f"rng/{self.rank}/cpu", torch.get_rng_state(), split=False)
@@ -243,11 +268,11 @@ class Worker:
         if cuda is not None:
             share.add(f"rng/{self.rank}/cuda", cuda, split=False)
         header: dict[str, Any] = {
-            "position": vars(position).copy(),
+            "position": position.plain(),
             "index": share.index,
             "optimizer_values": values,
         }
-        if self.rank == 0:
+        if self.rank == 0 or whole:
             header["lead"] = {
                 "optimizer": settings,
                 "scheduler": shards.plain(parts.scheduler.state_dict())
@@ -301,14 +326,15 @@ class Worker:
             histogram_every_n_steps=logger.histogram_every_n_steps if self.rank == 0 else 0,
             debug_delay_s=trainer.debug_delay_s if slowed else 0.0,
         )
-        position, stopped = fit(
+        stopped = fit(
             self.parts,
             plan=self.plan,
             cadence=cadence,
-            start=self.start,
+            pos=self.position,
             at_boundary=self._at_boundary,
             report=self._report,
         )
+        position = self.position
         self._report(None)
         ray.get(self.sink.flush.remote())  # every record of this rank is in the sink now
         result: dict[str, Any] = {
@@ -328,6 +354,72 @@ class Worker:
         if self.compiled:  # torch.compile ran during the first step
             result["aggregator"]["compile_s"] = result["aggregator"]["first_step_extra_s"]
         return result
+
+    # Healing (distrain/healing.py): the survivors of a failed step keep their processes.
+
+    def stand_down(self) -> dict[str, Any]:
+        """After a peer failed: leave the broken process group (and shared-memory segment) and
+        say where this rank stands: its last completed step and its share of the epoch's loss."""
+        self.position.settle()
+        if getattr(self, "_outbox", None):  # what it had not sent yet, for the last drain
+            self._report(None)
+            ray.get(self.sink.flush.remote(), timeout=5.0)
+        parts = getattr(self, "parts", None)
+        if parts is not None:
+            parts.aggregator.close()
+        return {
+            "rank": self.rank,
+            "step": self.position.step,
+            "epoch_loss_sum": self.position.epoch_loss_sum,
+            "epoch_batches": self.position.epoch_batches,
+        }
+
+    def snapshot(self, epoch_loss_sum: float, epoch_batches: int) -> dict[str, Any]:
+        """This replica's whole training state at its last completed step, as the checkpoint
+        record of a world of one: the header inline, the tensors in the object store. The
+        epoch's loss so far is the survivors' (the failed ranks' shares are gone)."""
+        position = Position(
+            **{
+                **self.position.plain(),
+                "epoch_loss_sum": epoch_loss_sum,
+                "epoch_batches": epoch_batches,
+            }
+        )
+        header, tensors = self._capture(position, whole=True)
+        share = ray.put(shards.to_wire(tensors))
+        return {"rank": 0, "step": position.step, "header": header, "share": [share]}
+
+    def rejoin(
+        self,
+        rank: int,
+        sink: Any,
+        rendezvous: dict[str, Any],
+        state: list[Any],
+        shared: SharedSplits | None,
+    ) -> None:
+        """Join a healed group as `rank` (a spare takes its rank here): a new process group, the
+        parts rebuilt around the data this process already holds, the state from `state`."""
+        self._name(rank)
+        self.sink = sink
+        self.setup(rendezvous, state, shared)
+
+    def warm(self, shared: SharedSplits | None) -> dict[str, Any]:
+        """A spare gets ready to replace a worker: its device taken, the data mapped, and what
+        DDP's constructor imports (torch._dynamo, ~2 s of CPU) imported now, not at the heal."""
+        if self.device_type == devices.CUDA:
+            node = self.node()
+            self.place(
+                devices.share_visible_devices(
+                    [(node["node_id"], node["gpu_ids"])],
+                    noset=node["noset"],
+                    process_visible=[node["visible"]],
+                )[0]
+            )
+        import torch._dynamo  # noqa: F401
+
+        if shared is not None:
+            self.splits = shared.open()
+        return self.node()
 
     def _waiting(self, ranks: list[int]) -> None:
         self._report({"kind": "heartbeat", "waiting_for": ranks})
@@ -356,6 +448,10 @@ class Worker:
 def heartbeat_s(trainer: TrainerConfig) -> float:
     """Report at least this often, so the driver can tell a slow step from a hung worker."""
     return min(5.0, trainer.step_timeout_s / 5)
+
+
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor.clone() for key, tensor in tensors.items()}
 
 
 def _to_cpu(value: Any) -> Any:

@@ -121,11 +121,13 @@ def assert_same_parameters(run_dir: Path, reference: dict) -> None:
         torch.testing.assert_close(final[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_worker_actor_killed_recovers_to_the_same_parameters(
+def test_worker_actor_killed_restarts_from_a_checkpoint_to_the_same_parameters(
     ray_address: str, tmp_path: Path, reference_dropout: dict
 ) -> None:
+    """The path every failure took before healing, and still takes where healing does not apply
+    (no survivor, a lost node, sharded state): every worker restarts from the last checkpoint."""
     run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT)
+    proc = start(ray_address, run_dir, DROPOUT, "trainer.heal=false")
     wait_for(first_checkpoint(run_dir), proc)
     ray.kill(ray.get_actor(worker(run_dir, 1)["actor"], namespace="distrain"))
     stderr = finish(proc)
@@ -143,28 +145,121 @@ def test_worker_actor_killed_recovers_to_the_same_parameters(
     assert_same_parameters(run_dir, reference_dropout)
 
 
-def test_worker_process_sigkilled_recovers_to_the_same_parameters(
+# The healing scenarios keep one checkpoint (step 10): later scheduled ones are skipped for the
+# next 1000 s. A restart could only resume from step 10; a heal continues from a later step.
+ONE_CHECKPOINT = "trainer.checkpoint_min_interval_s=1000"
+HEALED = re.compile(
+    r"healed (\d)/\d+: .*?; rank (\d) by (a warm spare|a new worker); the other workers kept "
+    r"their processes and continue from step (\d+), held in memory by rank (\d) "
+    r"\(no checkpoint read\)"
+)
+
+
+def assert_healed(
+    stderr: str, failure: dict, *, rank: int, spare: bool, before: dict, after: dict
+) -> None:
+    """Healed in place: the failed rank replaced (by a spare or not), the survivor's process
+    kept (the same pid), training continued from a step no checkpoint on disk holds."""
+    healed = failure["healed"]
+    assert healed["replaced"] == [rank] and healed["from_spares"] == ([rank] if spare else [])
+    assert healed["from_step"] > 10, healed  # past the only checkpoint: it came from memory
+    assert any(
+        m.group(2) == str(rank) and int(m.group(4)) == healed["from_step"]
+        for m in HEALED.finditer(stderr)
+    ), stderr[-3000:]
+    assert 0 <= failure["detection_s"] < failure["downtime_s"]
+    assert failure["recovery_s"] < failure["downtime_s"]
+    survivor = 1 - rank
+    assert after["workers"][survivor]["pid"] == before["workers"][survivor]["pid"]
+    assert after["workers"][rank]["pid"] != before["workers"][rank]["pid"]
+    if spare:  # the spare that was ready took the rank
+        assert after["workers"][rank]["actor"] in before["spares"], (before, after)
+
+
+def workers_now(run_dir: Path) -> dict:
+    return json.loads((run_dir / "workers.json").read_text())
+
+
+def assert_every_epoch_logged(run_dir: Path) -> None:
+    """A heal loses no epoch's figures: what the workers reported before the failure is drained."""
+    from tests.test_cli import scalars
+
+    assert [step for step, _ in scalars(run_dir)["epoch/val_loss"]] == list(range(1, 21))
+
+
+def assert_bitwise_equal(run_dir: Path, reference: dict) -> None:
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    assert final.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(final[key], reference[key]), key
+
+
+def test_worker_sigkilled_heals_in_place_from_a_survivor(
     ray_address: str, tmp_path: Path, reference_dropout: dict
 ) -> None:
     run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT)
+    proc = start(ray_address, run_dir, DROPOUT, ONE_CHECKPOINT)
     wait_for(first_checkpoint(run_dir), proc)
-    os.kill(worker(run_dir, 0)["pid"], signal.SIGKILL)
+    before = workers_now(run_dir)
+    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
     stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["steps"] == STEPS
-    assert_resumed_from_a_checkpoint(stderr)
-    assert_same_parameters(run_dir, reference_dropout)
+    assert "restart 1/" not in stderr and "resuming from" not in stderr
+    after = workers_now(run_dir)
+    assert_healed(stderr, metrics["failures"][0], rank=1, spare=False, before=before, after=after)
+    # Dropout: the replacement drew what the dead rank would have (streams of (rank, step)).
+    assert_bitwise_equal(run_dir, reference_dropout)
+    assert_every_epoch_logged(run_dir)
+
+
+def spares_ready(run_dir: Path, count: int = 1) -> Callable[[], bool]:
+    def ready() -> bool:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            return (
+                len(json.loads((run_dir / "workers.json").read_text()).get("spares", {})) >= count
+            )
+        return False
+
+    return ready
+
+
+def test_warm_spares_take_the_place_of_two_killed_workers_in_a_row(
+    ray_address: str, tmp_path: Path, reference_dropout: dict
+) -> None:
+    """trainer.spare_workers=1: a killed rank's place is taken by the spare (no start-up), a new
+    spare warms up in the background, and it takes the place of the next failure too."""
+    run_dir = tmp_path / "run"
+    # 30 ms a step on rank 0: a spare imports torch while both workers keep the two cores busy
+    # (several seconds here), and the second must be ready before the run ends.
+    slower = "trainer.debug_delay_s=0.03"
+    proc = start(ray_address, run_dir, DROPOUT, ONE_CHECKPOINT, "trainer.spare_workers=1", slower)
+    seen = []
+    for rank in (0, 1):  # two failures, one after the other
+        wait_for(spares_ready(run_dir), proc)
+        before = workers_now(run_dir)
+        os.kill(before["workers"][rank]["pid"], signal.SIGKILL)
+        wait_for(lambda old=before["workers"]: workers_now(run_dir)["workers"] != old, proc)
+        seen.append((before, workers_now(run_dir)))
+    stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["restarts"] == 2 and metrics["steps"] == STEPS
+    for rank, (failure, (before, after)) in enumerate(zip(metrics["failures"], seen)):
+        assert_healed(stderr, failure, rank=rank, spare=True, before=before, after=after)
+    assert_bitwise_equal(run_dir, reference_dropout)
+    assert_every_epoch_logged(run_dir)
 
 
 def test_frozen_worker_is_detected_named_and_recovered(
     ray_address: str, tmp_path: Path, reference_dropout: dict
 ) -> None:
     run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT, "trainer.step_timeout_s=4")
+    proc = start(ray_address, run_dir, DROPOUT, ONE_CHECKPOINT, "trainer.step_timeout_s=4")
     wait_for(first_checkpoint(run_dir), proc)
-    frozen = worker(run_dir, 1)
+    before = workers_now(run_dir)
+    frozen = before["workers"][1]
     os.kill(frozen["pid"], signal.SIGSTOP)
     try:
         stderr = finish(proc)
@@ -192,8 +287,10 @@ def test_frozen_worker_is_detected_named_and_recovered(
         stack = (hang_dir / f"rank{rank}.txt").read_text()
         assert "distrain" in stack and "(no stack" not in stack, stack[-2000:]
     assert re.search(r"rank 1 is in \S+ \(\S+:\d+\)", error), error
-    assert_resumed_from_a_checkpoint(stderr)
-    assert_same_parameters(run_dir, reference_dropout)
+    # Healed: the frozen process was killed and replaced; rank 0 kept its process.
+    after = workers_now(run_dir)
+    assert_healed(stderr, metrics["failures"][0], rank=1, spare=False, before=before, after=after)
+    assert_bitwise_equal(run_dir, reference_dropout)
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
@@ -554,7 +651,7 @@ def test_worker_killed_during_a_background_write_recovers_to_the_synchronous_res
     expected = torch.load(sync_dir.model_path, weights_only=True)
 
     run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, *WIDE)
+    proc = start(ray_address, run_dir, *WIDE, "trainer.heal=false")  # the checkpoint path
     checkpoints = run_dir / "checkpoints"
 
     def writing() -> bool:  # a checkpoint exists, and the next one is being written

@@ -87,6 +87,11 @@ class AllReduce(GradientAggregator):
         """Every job setting works with all-reduce, trainer.shard_optimizer included."""
 
     @classmethod
+    def heals_in_place(cls, config: dict[str, Any], *, shard_optimizer: bool) -> bool:
+        # ZeRO shards the optimizer state; PowerSGD keeps per-rank error-feedback residuals.
+        return not shard_optimizer and config.get("compression", "none") != "powersgd"
+
+    @classmethod
     def resume_key(cls, config: dict[str, Any]) -> Any:
         # Buckets and transport do not change the step; compression does.
         if config.get("compression", "none") == "none":

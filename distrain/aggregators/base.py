@@ -70,6 +70,14 @@ class GradientAggregator(ABC):
         return []
 
     @classmethod
+    def heals_in_place(cls, config: dict[str, Any], *, shard_optimizer: bool) -> bool:
+        """Whether every rank holds the whole training state after each step (replicas), so a
+        failed rank can be replaced from a survivor's memory (distrain/healing.py). No by
+        default: sharded state (FSDP, ZeRO) or state held elsewhere (a parameter server) is
+        restored from a checkpoint."""
+        return False
+
+    @classmethod
     def resume_key(cls, config: dict[str, Any]) -> Any:
         """What a checkpoint's aggregator config must share with the resuming job's.
 

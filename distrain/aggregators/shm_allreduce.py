@@ -27,7 +27,9 @@ before the flag that announces it, hence x86-64 only. A waiting rank spins brief
 the core (the workers may share cores with each other and with Ray), calls `on_wait` with the
 missing ranks every `beat_s` (the worker turns that into a heartbeat, so the driver's hang report
 names the rank that stopped, not the ones waiting for it), and raises after `timeout_s` if a peer
-never arrives (it died): the same contract as a gloo collective.
+never arrives: the same contract as a gloo collective. A peer whose process is gone (killed) is
+noticed within `LIVENESS_CHECK_S` instead, as gloo notices a closed socket, so the survivors can
+heal the group at once (distrain/healing.py) rather than wait out the timeout.
 """
 
 from __future__ import annotations
@@ -48,6 +50,21 @@ import torch.distributed as dist
 CACHE_LINE = 64
 SPINS_BEFORE_YIELD = 200
 SMALL_BYTES = 1 << 20  # up to this, the one-barrier path
+LIVENESS_CHECK_S = 0.05  # while waiting: how often the late peers' processes are looked up
+
+
+class PeerExited(ConnectionError):
+    """A peer's process ended while this rank waited for it (a transport failure)."""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) S ...": the state follows the last ')' (comm may hold spaces)
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def supported() -> bool:
@@ -101,6 +118,8 @@ class ShmAllReduce:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             raise OSError(error[0])
+        self.pids: list[int] = [0] * self.world_size  # one node: peers' pids can be looked up
+        dist.all_gather_object(self.pids, os.getpid())
         fd = os.open(path, os.O_RDWR)
         self.buffer = mmap.mmap(fd, size)
         os.close(fd)
@@ -126,7 +145,7 @@ class ShmAllReduce:
         self.sequence += 1
         flags, sequence = self.flags, self.sequence
         flags[self.rank] = sequence
-        spins, deadline, beat = 0, math.inf, math.inf
+        spins, deadline, beat, check = 0, math.inf, math.inf, math.inf
         for rank in range(self.world_size):
             while flags[rank] < sequence:
                 spins += 1
@@ -136,6 +155,10 @@ class ShmAllReduce:
                 now = time.monotonic()
                 if deadline == math.inf:
                     deadline, beat = now + self.timeout_s, now + self.beat_s
+                    check = now + LIVENESS_CHECK_S
+                if now > check:
+                    self._raise_if_exited(sequence)
+                    check = now + LIVENESS_CHECK_S
                 if now > beat and self.on_wait is not None:
                     self.on_wait(self._late(sequence))
                     beat = now + self.beat_s
@@ -145,6 +168,14 @@ class ShmAllReduce:
                         f"shared-memory all-reduce: rank(s) {late} did not arrive within "
                         f"{self.timeout_s:.0f} s (dead or stopped)"
                     )
+
+    def _raise_if_exited(self, sequence: int) -> None:
+        gone = [r for r in self._late(sequence) if not process_alive(self.pids[r])]
+        if gone:
+            pids = ", ".join(f"rank {r} (pid {self.pids[r]})" for r in gone)
+            raise PeerExited(
+                f"shared-memory all-reduce: {pids} exited while rank {self.rank} waited for it"
+            )
 
     def _late(self, sequence: int) -> list[int]:
         return [r for r in range(self.world_size) if self.flags[r] < sequence]

@@ -1,0 +1,142 @@
+"""Healing a worker group in place: the survivors of a failure keep their processes.
+
+Restarting every worker from the last checkpoint costs a whole start-up (new processes, torch
+imported again, the data built) and the steps since that checkpoint. Here the survivors stay.
+Their broken step is abandoned: a dead peer breaks the gradient all-reduce inside backward,
+before the optimizer steps, so each survivor holds the state of its last completed step, a
+commit that costs nothing (Horovod Elastic copies its state at every commit instead). The failed
+ranks are killed and replaced, by a warm spare (`trainer.spare_workers`) or a new actor in their
+bundle, and every rank rebuilds its parts around a new process group from the most advanced
+survivor's state, handed over through Ray's object store: no checkpoint is read. Each rank's
+random stream restarts after every step from a seed of (rank, step) (`loop.step_seed`), so a
+replacement draws what the failed rank would have drawn, and the run ends bitwise equal to an
+uninterrupted one.
+
+Healing applies where every rank holds the whole state after each step (`heals_in_place`: DDP
+all-reduce without ZeRO or PowerSGD) and the failed ranks' nodes are still up; otherwise, or if
+healing itself fails, the supervisor restarts from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from hydra.utils import get_object
+
+from distrain import hangs
+from distrain.config import Config
+from distrain.errors import GroupFailed
+from distrain.group import WorkerGroup
+
+NODE_PROBE_TIMEOUT_S = 5.0  # a failed rank's other node must run a task within this to heal
+
+
+@dataclass
+class Healed:
+    group: WorkerGroup  # the same ranks, the failed ones replaced
+    from_step: int  # the survivors' last completed step (the most advanced one's)
+    source_rank: int  # whose state every rank took
+    survivors: list[int]
+    from_spares: list[int]  # the failed ranks a warm spare took (the others: new actors)
+    phases_s: dict[str, float]  # where the healing time went
+
+
+def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None:
+    """Why `failure` cannot be healed in place (None: it can)."""
+    aggregator = get_object(job.aggregator["_target_"])
+    failed = failure.failed_ranks
+    if not job.trainer.heal:
+        return "trainer.heal=false"
+    if not aggregator.heals_in_place(job.aggregator, shard_optimizer=job.trainer.shard_optimizer):
+        return f"the ranks of aggregator {job.aggregator['_target_']} do not each hold the state"
+    if not failed or failure.unreachable_nodes:
+        return "the failure is not one of known ranks on reachable nodes"
+    if len(failed) >= group.world_size:
+        return "no worker survived"
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    nodes = {group.nodes[rank]["node_id"] for rank in failed}
+    if nodes - alive:
+        return "a failed rank's node is gone"
+    # A node lost moments ago still counts as alive: a replacement placed there would never
+    # start. The driver's own node needs no asking.
+    remote = nodes - {ray.get_runtime_context().get_node_id()}
+    if remote and hangs.unreachable(remote, timeout_s=NODE_PROBE_TIMEOUT_S):
+        return "a failed rank's node does not answer"
+    return None
+
+
+def heal(
+    group: WorkerGroup,
+    failed: frozenset[int],
+    *,
+    timeout_s: float,
+    assemble: Callable[[list[dict[str, Any]], bool], dict[str, Any]],
+) -> Healed:
+    """Replace the `failed` ranks of `group`; raises GroupFailed if the survivors cannot heal
+    within `timeout_s` (the caller then restarts from a checkpoint). `assemble` turns checkpoint
+    records into a checkpoint's metadata (CheckpointWriter.assemble)."""
+    clock = _Phases()
+    here = ray.get_runtime_context().get_node_id()
+    for rank in failed:  # a frozen rank stays frozen: only its end frees the survivors
+        node = group.nodes[rank]
+        if node["node_id"] == here:  # at once; Ray asks a frozen process to exit first
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(node["pid"], signal.SIGKILL)
+        ray.kill(group.workers[rank])
+    survivors = [rank for rank in range(group.world_size) if rank not in failed]
+    try:
+        # Each survivor's `fit` ends once its collective sees the peer gone (a closed socket,
+        # a process that exited); then it leaves the broken process group.
+        running = [ref for ref, rank in group.fit_refs.items() if rank in survivors]
+        _, stuck = ray.wait(running, num_returns=len(running), timeout=timeout_s)
+        if stuck:
+            stuck_ranks = sorted(group.fit_refs[ref] for ref in stuck)
+            raise GroupFailed(f"rank(s) {stuck_ranks} did not leave the failed step")
+        clock.lap("survivors_stopped_s")
+        states = ray.get(
+            [group.workers[rank].stand_down.remote() for rank in survivors], timeout=timeout_s
+        )
+        source = max(states, key=lambda state: (state["step"], -state["rank"]))
+        record = ray.get(
+            group.workers[source["rank"]].snapshot.remote(
+                sum(state["epoch_loss_sum"] for state in states),
+                sum(state["epoch_batches"] for state in states),
+            ),
+            timeout=timeout_s,
+        )
+        meta = assemble([record], False)
+        clock.lap("state_captured_s")
+        healed = group.replace(
+            set(failed), ray.put({"meta": meta, "shards": record["share"], "wire": True})
+        )
+    except GroupFailed:
+        raise
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
+        raise GroupFailed(f"{type(error).__name__}: {error}") from None
+    return Healed(
+        group=healed,
+        from_step=source["step"],
+        source_rank=source["rank"],
+        survivors=survivors,
+        from_spares=healed.taken_from_spares,
+        phases_s={**clock.phases, "replaced_and_rejoined_s": clock.lap("")},
+    )
+
+
+class _Phases:
+    def __init__(self) -> None:
+        self.last_s, self.phases = time.monotonic(), {}
+
+    def lap(self, name: str) -> float:
+        now = time.monotonic()
+        seconds, self.last_s = round(now - self.last_s, 3), now
+        if name:
+            self.phases[name] = seconds
+        return seconds
