@@ -315,23 +315,8 @@ class Supervisor:
                     self.recorder.record(collector.add(record))
         last, count = self.failures[-1], len(self.failures)
         last["recovery_s"] = time.monotonic() - last["detected_s"]
-        last["healed"] = {
-            "from_step": healed.from_step,
-            "source_rank": healed.source_rank,
-            "survivors": healed.survivors,
-            "replaced": sorted(failure.failed_ranks),
-            "from_spares": healed.from_spares,
-            "phases_s": healed.phases_s,
-        }
-        replaced = ", ".join(
-            f"rank {rank} by {'a warm spare' if rank in healed.from_spares else 'a new worker'}"
-            for rank in sorted(failure.failed_ranks)
-        )
-        self.recorder.message(
-            f"healed {count}/{self.trainer.max_failures}: {failure}; {replaced}; the other "
-            f"workers kept their processes and continue from step {healed.from_step}, held in "
-            f"memory by rank {healed.source_rank} (no checkpoint read)"
-        )
+        last["healed"] = healed.record()
+        self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")
         self.recorder.restarted(count, healed.from_step, failure, how="healed")
         self._write_workers(healed.group)
         return healed.group

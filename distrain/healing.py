@@ -46,6 +46,28 @@ class Healed:
     survivors: list[int]
     from_spares: list[int]  # the failed ranks a warm spare took (the others: new actors)
     phases_s: dict[str, float]  # where the healing time went
+    replaced: list[int]
+
+    def record(self) -> dict[str, Any]:
+        """The heal as metrics.json's failure entry holds it."""
+        return {
+            "from_step": self.from_step,
+            "source_rank": self.source_rank,
+            "survivors": self.survivors,
+            "replaced": self.replaced,
+            "from_spares": self.from_spares,
+            "phases_s": self.phases_s,
+        }
+
+    def __str__(self) -> str:
+        replaced = ", ".join(
+            f"rank {rank} by {'a warm spare' if rank in self.from_spares else 'a new worker'}"
+            for rank in self.replaced
+        )
+        return (
+            f"{replaced}; the other workers kept their processes and continue from step "
+            f"{self.from_step}, held in memory by rank {self.source_rank} (no checkpoint read)"
+        )
 
 
 def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None:
@@ -126,6 +148,7 @@ def heal(
         source_rank=source["rank"],
         survivors=survivors,
         from_spares=healed.taken_from_spares,
+        replaced=sorted(failed),
         phases_s={**clock.phases, "replaced_and_rejoined_s": clock.lap("")},
     )
 

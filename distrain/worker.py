@@ -12,7 +12,7 @@ import ray
 import torch
 from hydra.utils import instantiate
 
-from distrain import blocks, build, lm, mfu, network, shards
+from distrain import blocks, build, lm, mfu, network, shards, training_state
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
@@ -168,7 +168,9 @@ class Worker:
             self._language_model(splits)
         self.position = Position()
         if checkpoint:
-            self.position = self._restore(ray.get(checkpoint[0]))
+            self.position = training_state.restore(
+                self.parts, ray.get(checkpoint[0]), rank=self.rank, world_size=self.world_size
+            )
 
     def _language_model(self, splits: Any) -> None:
         """Tokens/s and MFU figures for every rank; on rank 0 the sampler (logger.sample_*)."""
@@ -209,86 +211,13 @@ class Worker:
 
         parts.sample = sample
 
-    def _restore(self, source: dict[str, Any]) -> Position:
-        """Start from a checkpoint: `source` is its metadata and one object-store reference per
-        shard; this rank fetches only the shards holding rows it needs. A healed group's state
-        comes as a survivor sent it ("wire": `shards.to_wire` arrays), a checkpoint's as tensors.
-        """
-        parts, meta = self.parts, source["meta"]
-        reader = shards.ShardReader(
-            meta["tensors"],
-            # Wire arrays are views of this node's object store, shared by its workers: the
-            # optimizer would keep them as its state (same dtype and device: no copy) and every
-            # rank of the node would step the same buffers. Each rank takes its own copy.
-            (lambda i: _owned(shards.from_wire(ray.get(source["shards"][i]))))
-            if source.get("wire")
-            else (lambda i: ray.get(source["shards"][i])),
-        )
-        model_state, optimizer_state = shards.restore_state(
-            reader, parts.model, parts.optimizer, meta["optimizer"]
-        )
-        parts.aggregator.load_state(parts.model, parts.optimizer, model_state, optimizer_state)
-        if parts.scheduler is not None and meta.get("scheduler") is not None:
-            parts.scheduler.load_state_dict(meta["scheduler"])
-        if meta.get("scaler") is not None:
-            parts.scaler.load_state_dict(meta["scaler"])
-        # A new worker count, or a healed group, has new streams: the rule every step follows.
-        seed = step_seed(parts.rank_seed or 0, meta["step"])
-        if meta["world_size"] == self.world_size:  # continue each rank's stream exactly
-            torch.set_rng_state(reader.full(f"rng/{self.rank}/cpu"))
-            # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
-            cuda = f"rng/{self.rank}/cuda"
-            state = reader.full(cuda) if cuda in reader.index else None
-            devices.restore_device_rng(self.device, state, seed)
-        else:
-            torch.manual_seed(seed)  # every device's generator
-        # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
-        position = meta["position"]
-        if self.rank != 0:
-            position = {**position, "epoch_loss_sum": 0.0, "epoch_batches": 0}
-        return Position(**position)
-
-    def _capture(
-        self, position: Position, *, whole: bool = False
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """This rank's share of a checkpoint: a plain header, and the tensors it holds (its
-        rows of the model and optimizer state, copied to host memory; distrain/shards.py). No
-        collective: each rank writes what it has. `whole`: every row, as the only rank of a
-        world of one (a replica's state handed to a healed group)."""
-        parts = self.parts
-        share, settings, values = shards.capture(
-            parts.model,
-            parts.optimizer,
-            rank=0 if whole else self.rank,
-            world_size=1 if whole else self.world_size,
-            identical_replicas=parts.aggregator.identical_replicas,
-        )
-        share.add(f"rng/{self.rank}/cpu", torch.get_rng_state(), split=False)
-        cuda = devices.device_rng_state(self.device)
-        if cuda is not None:
-            share.add(f"rng/{self.rank}/cuda", cuda, split=False)
-        header: dict[str, Any] = {
-            "position": position.plain(),
-            "index": share.index,
-            "optimizer_values": values,
-        }
-        if self.rank == 0 or whole:
-            header["lead"] = {
-                "optimizer": settings,
-                "scheduler": shards.plain(parts.scheduler.state_dict())
-                if parts.scheduler
-                else None,
-                "scaler": shards.plain(parts.scaler.state_dict())
-                if parts.scaler.is_enabled()
-                else None,
-            }
-        return header, share.tensors
-
     def _at_boundary(self, position: Position, *, epoch_end: bool, final: bool) -> bool:
         stop, checkpoint = ray.get(self.sink.decide.remote(position.step, final))
         if checkpoint:
             started = time.perf_counter()
-            header, tensors = self._capture(position)
+            header, tensors = training_state.capture(
+                self.parts, position, rank=self.rank, world_size=self.world_size
+            )
             # The copy the step waits for (into the object store); the write is the driver's.
             share = ray.put(shards.to_wire(tensors))
             record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
@@ -385,7 +314,7 @@ class Worker:
                 "epoch_batches": epoch_batches,
             }
         )
-        header, tensors = self._capture(position, whole=True)
+        header, tensors = training_state.capture(self.parts, position, rank=0, world_size=1)
         share = ray.put(shards.to_wire(tensors))
         return {"rank": 0, "step": position.step, "header": header, "share": [share]}
 
@@ -448,10 +377,6 @@ class Worker:
 def heartbeat_s(trainer: TrainerConfig) -> float:
     """Report at least this often, so the driver can tell a slow step from a hung worker."""
     return min(5.0, trainer.step_timeout_s / 5)
-
-
-def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in tensors.items()}
 
 
 def _to_cpu(value: Any) -> Any:
