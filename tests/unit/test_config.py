@@ -19,6 +19,7 @@ def test_default_job_composes_and_is_valid() -> None:
     [
         (["trainer.workers=0"], "trainer.workers=0"),
         (["trainer.workers=-2"], "trainer.workers=-2"),
+        (["trainer.spare_workers=-1"], "trainer.spare_workers=-1 must be >= 0"),
         (["optimizer.lr=-0.1"], "optimizer.lr=-0.1"),
         (["optimizer.lr=0"], "optimizer.lr=0"),
         (["trainer.precision=8"], "trainer.precision='8'"),

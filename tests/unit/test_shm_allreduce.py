@@ -62,6 +62,21 @@ def _late_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _exiting_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    _init(rank, world, port)
+    shm = ShmAllReduce(1024, timeout_s=300)
+    Path(out, f"pid{rank}").write_text(str(os.getpid()))
+    if rank == 1:
+        os._exit(0)  # as a SIGKILLed worker: gone, never arriving at the all-reduce
+    try:
+        shm.all_reduce_sum_(torch.ones(8))
+    except shm_allreduce.PeerExited as error:
+        Path(out, "error.txt").write_text(str(error))
+    os._exit(0)  # the group has a dead member: nothing to tear down collectively
+
+
 def _no_room(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     try:
@@ -102,3 +117,30 @@ def test_no_room_for_the_segment_is_the_same_error_on_every_rank(tmp_path: Path)
     mp.spawn(_no_room, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         assert "cannot reserve" in (tmp_path / f"error{rank}.txt").read_text()
+
+
+def test_a_peer_that_exited_is_noticed_without_waiting_for_the_timeout(tmp_path: Path) -> None:
+    """A survivor's all-reduce ends as soon as it sees the peer's process gone (the way gloo
+    sees a closed socket), so the group can heal at once; the timeout here is 300 s."""
+    mp.spawn(_exiting_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    pid = (tmp_path / "pid1").read_text()
+    assert (tmp_path / "error.txt").read_text() == (
+        f"shared-memory all-reduce: rank 1 (pid {pid}) exited while rank 0 waited for it"
+    )
+
+
+def test_process_alive_tells_a_running_process_from_a_gone_one() -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert shm_allreduce.process_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not shm_allreduce.process_alive(child.pid)  # reaped: no /proc entry
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{zombie.pid}/stat")
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        pass  # exited, not yet reaped: a zombie is not alive either
+    assert not shm_allreduce.process_alive(zombie.pid)
+    zombie.wait()
