@@ -3,7 +3,9 @@ training goes on, healed in place with a warm spare, healed without one (a new a
 restarted from the last checkpoint (`trainer.heal=false`, every worker new); with each, how far
 the final parameters are from an uninterrupted run's. Also the checkpoint's size and write time.
 
-    python benchmarks/recovery.py [--rounds 2]      # ~3 minutes on 2 cores
+    python benchmarks/recovery.py [--rounds 2] [--out results/recovery_latest.md]   # ~3 min
+
+`make bench` runs it last (results/recovery_latest.md).
 
 One embedded Ray (4 logical CPUs) for everything; each faulted run goes through the real CLI
 joined to it, and rank 1 is killed with SIGKILL by pid once the first checkpoint is written (and,
@@ -78,14 +80,16 @@ def max_difference(run_dir: Path, expected: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    rounds = parser.parse_args().rounds
+    parser.add_argument("--out", type=Path, help="also write the report here (markdown)")
+    args = parser.parse_args()
+    rounds, lines = args.rounds, []
     work = Path(tempfile.mkdtemp(prefix="distrain-recovery-"))
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         reference = RunDirectory(work / "reference")
         driver.train(compose_job(*JOB), reference)
         expected = torch.load(reference.model_path, weights_only=True)
-        report_checkpoint(reference)
+        lines += report_checkpoint(reference)
         address = ray.get_runtime_context().gcs_address
         figures: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for round_ in range(rounds):  # interleaved: the machine's noise falls on every mode
@@ -93,28 +97,31 @@ def main() -> None:
                 run_dir = work / f"{mode.replace(' ', '-').replace(',', '')}-{round_}"
                 failure = faulted_run(run_dir, address, overrides)["failures"][0]
                 figures[mode].append({**failure, "max_diff": max_difference(run_dir, expected)})
-        print(f"SIGKILLed worker, median of {rounds} (seconds):")
-        print(f"  {'':27} {'detection':>9} {'recovery':>9} {'downtime':>9}  max |diff|")
+        lines.append(f"SIGKILLed worker, median of {rounds} (seconds):")
+        lines.append(f"  {'':27} {'detection':>9} {'recovery':>9} {'downtime':>9}  max |diff|")
         for mode, runs in figures.items():
             median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k.endswith("_s")}
             diff = max(r["max_diff"] for r in runs)
-            print(
+            lines.append(
                 f"  {mode:27} {median['detection_s']:9.2f} {median['recovery_s']:9.2f} "
                 f"{median['downtime_s']:9.2f}  {diff:.3g}"
             )
         restart = statistics.median(r["downtime_s"] for r in figures["restarted from checkpoint"])
         for mode in ("healed, warm spare", "healed, no spare"):
             healed = statistics.median(r["downtime_s"] for r in figures[mode])
-            print(f"  {mode}: downtime {healed / restart:.2f}x the checkpoint restart's")
-        print(
+            lines.append(f"  {mode}: downtime {healed / restart:.2f}x the checkpoint restart's")
+        lines.append(
             "  detection: last step before the kill -> failure noticed; recovery: noticed -> "
             "group training again; downtime: last step before -> first step after"
         )
+        print("\n".join(lines))
+        if args.out:
+            args.out.write_text("# Recovery\n\n```\n" + "\n".join(lines) + "\n```\n")
     finally:
         ray.shutdown()
 
 
-def report_checkpoint(reference: RunDirectory) -> None:
+def report_checkpoint(reference: RunDirectory) -> list[str]:
     latest = checkpoint.load(CheckpointStore(reference.checkpoints, keep=3).latest())
     shards = [read() for read in latest.shards]
     store = CheckpointStore(reference.path / "timing", keep=1)
@@ -125,8 +132,10 @@ def report_checkpoint(reference: RunDirectory) -> None:
         write_s.append(time.perf_counter() - started)
     # A checkpoint is a directory: the JSON index and one safetensors shard per rank.
     size_mb = sum(f.stat().st_size for f in latest.path.iterdir()) / 1e6
-    print(f"checkpoint: {size_mb:.2f} MB ({latest.path.name}, {len(shards)} shards)")
-    print(f"checkpoint write: median {statistics.median(write_s) * 1e3:.1f} ms over 5")
+    return [
+        f"checkpoint: {size_mb:.2f} MB ({latest.path.name}, {len(shards)} shards)",
+        f"checkpoint write: median {statistics.median(write_s) * 1e3:.1f} ms over 5",
+    ]
 
 
 if __name__ == "__main__":

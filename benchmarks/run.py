@@ -26,7 +26,8 @@ then the LM workload (benchmarks/lm_bench.py, `--lm-repeats` rounds: a byte-leve
 nanoGPT's loop and torchrun DDP of it, with MFU; results/lm_latest.md), and last DDP, ZeRO-1
 and FSDP on the ~6M MLP and the GPT (benchmarks/large_models.py, `--large-repeats` rounds (1):
 speed, per-worker state and memory, checkpoint blocking/write time and size;
-results/large_latest.md).
+results/large_latest.md), and last of all a killed worker healed with a warm spare, healed
+without one and restarted from a checkpoint (benchmarks/recovery.py, results/recovery_latest.md).
 
 Options: `--workloads` (comma list of digits_mlp, mlp6m, cnn), `--workers` (2, for the
 multi-worker systems), `--repeats` (3), `--ps-repeats` (2: the PS target is missed far outside
@@ -34,7 +35,8 @@ its spread, and each PS run costs ~45 s), `--warmup-steps` (20), `--measure-step
 (`digits_mlp=1200,cnn=60`: per-workload overrides), `--only NAME[:WORKERS],...` (just these
 systems, e.g. `inmemory,distrain_allreduce:1`), `--extras allreduce_gloo,ps_async`,
 `--skip-peers` (distrain only), `--skip-others` (no Ray Train), `--skip-compression`,
-`--skip-lm`, `--lm-repeats` (1), `--skip-large`, `--large-repeats` (1), `--out PATH`
+`--skip-lm`, `--lm-repeats` (1), `--skip-large`, `--large-repeats` (1), `--skip-recovery`,
+`--recovery-rounds` (2: benchmarks/recovery.py, results/recovery_latest.md), `--out PATH`
 (default results/latest; pass /tmp/... for trial runs, so the committed report stays a full
 run).
 """
@@ -218,6 +220,8 @@ def parse_args() -> argparse.Namespace:
         "--large-repeats", type=int, default=1, help="rounds of benchmarks/large_models.py"
     )
     p.add_argument("--skip-large", action="store_true", help="no DDP/ZeRO-1/FSDP comparison")
+    p.add_argument("--skip-recovery", action="store_true", help="no benchmarks/recovery.py")
+    p.add_argument("--recovery-rounds", type=int, default=2, help="rounds of recovery.py")
     p.add_argument("--out", type=Path, default=RESULTS / "latest")
     args = p.parse_args()
     unknown = [w for w in args.workloads.split(",") if w not in MEASURE_STEPS]
@@ -273,6 +277,10 @@ def main() -> None:
         large = [sys.executable, str(REPO / "benchmarks" / "large_models.py"), "--workers"]
         large += [str(args.workers), "--repeats", str(args.large_repeats)]
         subprocess.run(large, check=True, env=_env(), cwd=REPO)
+    if not args.skip_recovery:  # a killed worker: healed with/without a spare, or restarted
+        recovery = [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--rounds"]
+        recovery += [str(args.recovery_rounds), "--out", str(RESULTS / "recovery_latest.md")]
+        subprocess.run(recovery, check=True, env=_env(), cwd=REPO)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ class WorkerGroup:
 
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> Any:
         try:
-            return ray.get(refs, timeout=timeout_s)
+            return _first_failure_first(refs, timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise GroupFailed(
                 f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
@@ -350,3 +350,15 @@ class WorkerGroup:
         if self.grow_probe is not None:
             self.grow_probe.close()
         self.workers, self.sink, self.placement_group, self.spares = [], None, None, []
+
+
+def _first_failure_first(refs: list[Any], timeout_s: float) -> list[Any]:
+    """`ray.get(refs)`, but a failure is raised as soon as it arrives: a worker that died while
+    the others wait for it in a rendezvous is not waited out for the whole timeout."""
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} not ready in {timeout_s} s")
+        ray.get(ready)  # raises the failure it holds
+    return ray.get(refs)

@@ -187,6 +187,21 @@ def assert_every_epoch_logged(run_dir: Path) -> None:
     assert [step for step, _ in scalars(run_dir)["epoch/val_loss"]] == list(range(1, 21))
 
 
+def assert_no_actor_left(*snapshots: dict) -> None:
+    """Every worker and spare named in these workers.json snapshots is gone once the run ends."""
+    names = {w["actor"] for snap in snapshots for w in snap["workers"]}
+    names |= {name for snap in snapshots for name in snap.get("spares", {})}
+    deadline = time.monotonic() + 30  # ray.kill is asynchronous: the names go soon after
+    while names and time.monotonic() < deadline:
+        for name in list(names):
+            try:
+                ray.get_actor(name, namespace="distrain")
+            except ValueError:  # a dead named actor is no longer found
+                names.discard(name)
+        time.sleep(0.2)
+    assert not names, f"actors left behind: {sorted(names)}"
+
+
 def assert_bitwise_equal(run_dir: Path, reference: dict) -> None:
     final = torch.load(run_dir / "model.pt", weights_only=True)
     assert final.keys() == reference.keys()
@@ -212,6 +227,7 @@ def test_worker_sigkilled_heals_in_place_from_a_survivor(
     # Dropout: the replacement drew what the dead rank would have (streams of (rank, step)).
     assert_bitwise_equal(run_dir, reference_dropout)
     assert_every_epoch_logged(run_dir)
+    assert_no_actor_left(before, after)
 
 
 def spares_ready(run_dir: Path, count: int = 1) -> Callable[[], bool]:
@@ -250,6 +266,7 @@ def test_warm_spares_take_the_place_of_two_killed_workers_in_a_row(
         assert_healed(stderr, failure, rank=rank, spare=True, before=before, after=after)
     assert_bitwise_equal(run_dir, reference_dropout)
     assert_every_epoch_logged(run_dir)
+    assert_no_actor_left(*(snapshot for pair in seen for snapshot in pair))
 
 
 def test_frozen_worker_is_detected_named_and_recovered(
@@ -291,6 +308,37 @@ def test_frozen_worker_is_detected_named_and_recovered(
     after = workers_now(run_dir)
     assert_healed(stderr, metrics["failures"][0], rank=1, spare=False, before=before, after=after)
     assert_bitwise_equal(run_dir, reference_dropout)
+
+
+def test_a_failure_while_healing_falls_back_to_the_checkpoint(
+    ray_address: str, tmp_path: Path, reference_dropout: dict
+) -> None:
+    """Rank 1 is killed; while its replacement starts, the survivor is killed too: healing
+    fails, and every worker restarts from the last checkpoint, still to the same parameters."""
+    run_dir = tmp_path / "run"
+    proc = start(ray_address, run_dir, DROPOUT)
+    wait_for(first_checkpoint(run_dir), proc)
+    before = workers_now(run_dir)
+    group = before["workers"][0]["actor"].rsplit("-", 2)[0]  # distrain-<group id>
+    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
+
+    def replacement_started() -> bool:  # the group's third actor: rank 1's replacement
+        try:
+            ray.get_actor(f"{group}-rank1-3", namespace="distrain")
+        except ValueError:
+            return False
+        return True
+
+    wait_for(replacement_started, proc)
+    os.kill(before["workers"][0]["pid"], signal.SIGKILL)  # the survivor, mid-heal
+    stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "healing failed (" in stderr and "restarting from the last checkpoint" in stderr
+    assert_resumed_from_a_checkpoint(stderr)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and "healed" not in metrics["failures"][0]
+    assert_bitwise_equal(run_dir, reference_dropout)
+    assert_no_actor_left(before, workers_now(run_dir))
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
