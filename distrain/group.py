@@ -10,9 +10,10 @@ reservation with it, and the old one keeps only what failed.
 from __future__ import annotations
 
 import errno
+import logging
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
@@ -33,6 +34,7 @@ from distrain.plan import StepPlan
 from distrain.reporting import MetricsSink
 from distrain.worker import Worker
 
+log = logging.getLogger("distrain")
 NAMESPACE = "distrain"  # worker actors are named, so `ray.get_actor(name, NAMESPACE)` finds them
 
 
@@ -67,6 +69,19 @@ def is_transport_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in text for m in TRANSPORT_MARKERS)
 
 
+@dataclass
+class Spare:
+    """A worker started beside the group, to take a failed rank's place without a start-up."""
+
+    actor: Any
+    name: str
+    bundle: int | None  # its bundle of the group's reservation (None: placed outside it)
+    warm: Any  # the ObjectRef of its `Worker.warm`: its node, once it is ready
+    started_s: float
+    ready_s: float | None = None  # seconds it took to warm up, once it has
+    node: dict[str, Any] = field(default_factory=dict)
+
+
 class WorkerGroup:
     def __init__(self, job: Config, plan: StepPlan, device_type: str) -> None:
         self.job, self.plan = job, plan
@@ -83,12 +98,9 @@ class WorkerGroup:
         self.need: cluster.WorkerResources | None = None
         self.splits_ref: Any = None
         self.bundles: list[int | None] = []  # each rank's bundle (None: a spare placed outside)
-        # Warm spares (trainer.spare_workers): (actor, name, bundle, ref of its `warm`).
-        self.spares: list[tuple[Any, str, int | None, Any]] = []
+        self.spares: list[Spare] = []  # trainer.spare_workers
         self.fit_refs: dict[Any, int] = {}
         self.taken_from_spares: list[int] = []  # ranks a spare took when this group healed
-        self.spare_started_s: dict[str, float] = {}  # by actor name: when it was started
-        self.spares_ready_s: dict[str, float] = {}  # by actor name: seconds it took to warm up
         self.group_id = uuid.uuid4().hex[:8]
         self._actors_made = 0
 
@@ -177,22 +189,29 @@ class WorkerGroup:
     def _add_spare(self, bundle: int | None) -> None:
         """Start a spare in the background: torch imported, the data mapped, its device taken."""
         handle, name = self._actor(-1, bundle)
-        self.spares.append((handle, name, bundle, handle.warm.remote(self.splits_ref)))
-        self.spare_started_s[name] = time.monotonic()
+        warm = handle.warm.remote(self.splits_ref)
+        self.spares.append(Spare(handle, name, bundle, warm, started_s=time.monotonic()))
 
     def spares_became_ready(self) -> bool:
         """Whether a spare finished warming up since the last call (`spares_ready_s` then says
-        how many are ready, and each one's start-up time)."""
-        ready = self._ready_spares()
-        became = {s[1] for s in ready} - set(self.spares_ready_s)
-        for name in became:
-            self.spares_ready_s[name] = round(time.monotonic() - self.spare_started_s[name], 3)
-        return bool(became)
+        which are ready, and how long each took). One that failed to is dropped."""
+        pending = [spare for spare in self.spares if spare.ready_s is None]
+        refs = [spare.warm for spare in pending]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        for spare in (spare for spare in pending if spare.warm in done):
+            try:
+                spare.node = ray.get(spare.warm)
+                spare.ready_s = round(time.monotonic() - spare.started_s, 3)
+            except ray.exceptions.RayError as error:
+                log.warning("a spare worker failed to warm up, dropped: %s", error)
+                self.spares.remove(spare)
+                ray.kill(spare.actor)
+        return any(spare.ready_s is not None for spare in pending)
 
-    def _ready_spares(self) -> list[tuple[Any, str, int | None, Any]]:
-        refs = [ref for *_, ref in self.spares]
-        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
-        return [spare for spare in self.spares if spare[3] in ready]
+    @property
+    def spares_ready_s(self) -> dict[str, float]:
+        """Ready spares by actor name: the seconds each took to warm up."""
+        return {s.name: s.ready_s for s in self.spares if s.ready_s is not None}
 
     def replace(self, failed: set[int], state_ref: Any) -> WorkerGroup:
         """The same ranks again: the survivors kept, each failed rank taken by a ready spare (or
@@ -205,9 +224,6 @@ class WorkerGroup:
         healed.group_id, healed._actors_made = self.group_id, self._actors_made
         healed.placement_group, self.placement_group = self.placement_group, None
         healed.spares, self.spares = self.spares, []
-        healed.spare_started_s = self.spare_started_s
-        kept = {name for _, name, *_ in healed.spares}  # the used ones go below
-        healed.spares_ready_s = {n: s for n, s in self.spares_ready_s.items() if n in kept}
         healed.workers, healed.names = list(self.workers), list(self.names)
         healed.nodes, healed.bundles = list(self.nodes), list(self.bundles)
         self.workers = [self.workers[rank] for rank in sorted(failed)]
@@ -234,16 +250,16 @@ class WorkerGroup:
     def _take_ranks(self, ranks: list[int]) -> None:
         """Fill `ranks` (their actors gone): ready spares first, then new actors in the ranks'
         bundles; a bundle a spare made free gets a new spare."""
-        ready = self._ready_spares()
+        self.spares_became_ready()  # the ones ready by now, failed ones dropped
+        ready = [spare for spare in self.spares if spare.ready_s is not None]
         fresh = []
         for rank in ranks:
             spare = ready.pop(0) if ready else None
             freed = self.bundles[rank]
             if spare is not None:
                 self.spares.remove(spare)
-                self.spares_ready_s.pop(spare[1], None)
-                handle, name, bundle, warm = spare
-                self.nodes[rank] = {**ray.get(warm), "rank": rank}
+                handle, name, bundle = spare.actor, spare.name, spare.bundle
+                self.nodes[rank] = {**spare.node, "rank": rank}
                 self.taken_from_spares.append(rank)
                 self._add_spare(freed)
             else:
@@ -341,7 +357,7 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Kill every actor of the group and free its reservation; safe to call twice."""
         aggregator_cls = get_object(self.job.aggregator["_target_"])
-        spares = [handle for handle, *_ in self.spares]
+        spares = [spare.actor for spare in self.spares]
         for handle in [*self.workers, *spares, self.sink, *aggregator_cls.actors(self.rendezvous)]:
             if handle is not None:
                 ray.kill(handle)
