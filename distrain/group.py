@@ -146,8 +146,15 @@ class WorkerGroup:
         )
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
-        for _ in range(trainer.spare_workers):
-            self._add_spare(bundle=None)
+        if trainer.spare_workers and self.device_type == devices.CUDA:
+            log.warning(
+                "trainer.spare_workers=%d is ignored: CUDA workers do not heal in place yet "
+                "(a failure restarts every worker from the last checkpoint)",
+                trainer.spare_workers,
+            )
+        elif trainer.spare_workers:
+            for _ in range(trainer.spare_workers):
+                self._add_spare(bundle=None)
 
     def _start_sink(self) -> Any:
         # The sink lives on the driver's node: losing another node must not take the metrics.

@@ -12,9 +12,10 @@ random stream restarts after every step from a seed of (rank, step) (`loop.step_
 replacement draws what the failed rank would have drawn, and the run ends bitwise equal to an
 uninterrupted one.
 
-Healing applies where every rank holds the whole state after each step (`heals_in_place`: DDP
-all-reduce without ZeRO or PowerSGD) and the failed ranks' nodes are still up; otherwise, or if
-healing itself fails, the supervisor restarts from the last checkpoint.
+Healing applies to CPU workers (gloo or shared memory) where every rank holds the whole state
+after each step (`heals_in_place`: DDP all-reduce without ZeRO or PowerSGD) and the failed ranks'
+nodes are still up; otherwise, or if healing itself fails, the supervisor restarts from the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import ray
 from hydra.utils import get_object
 
+from distrain import device as devices
 from distrain import hangs
 from distrain.config import Config
 from distrain.errors import GroupFailed
@@ -78,6 +80,11 @@ def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None
         return "trainer.heal=false"
     if not aggregator.heals_in_place(job.aggregator, shard_optimizer=job.trainer.shard_optimizer):
         return f"the ranks of aggregator {job.aggregator['_target_']} do not each hold the state"
+    if group.device_type == devices.CUDA:
+        # An NCCL collective whose peer died does not fail: it waits for the watchdog, which then
+        # ends the survivor's process too. Abandoning it needs the communicator aborted from
+        # another thread of the survivor, which is not built yet.
+        return "healing in place is not built for CUDA workers yet"
     if not failed or failure.unreachable_nodes:
         return "the failure is not one of known ranks on reachable nodes"
     if len(failed) >= group.world_size:

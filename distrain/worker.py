@@ -333,17 +333,9 @@ class Worker:
         self.setup(rendezvous, state, shared)
 
     def warm(self, shared: SharedSplits | None) -> dict[str, Any]:
-        """A spare gets ready to replace a worker: its device taken, the data mapped, and what
-        DDP's constructor imports (torch._dynamo, ~2 s of CPU) imported now, not at the heal."""
-        if self.device_type == devices.CUDA:
-            node = self.node()
-            self.place(
-                devices.share_visible_devices(
-                    [(node["node_id"], node["gpu_ids"])],
-                    noset=node["noset"],
-                    process_visible=[node["visible"]],
-                )[0]
-            )
+        """A spare (CPU workers: group.py) gets ready to replace a worker: the data mapped, and
+        what DDP's constructor imports (torch._dynamo, ~2 s of CPU) imported now, not at the
+        heal."""
         import torch._dynamo  # noqa: F401
 
         if shared is not None:
