@@ -38,6 +38,7 @@ from distrain.errors import GroupFailed
 from distrain.group import WorkerGroup
 
 NODE_PROBE_TIMEOUT_S = 5.0  # a failed rank's other node must run a task within this to heal
+NEVER_WRITTEN_STEP = 2**62  # "every checkpoint is written", to release ranks waiting for one
 
 
 @dataclass
@@ -120,6 +121,9 @@ def heal(
                 os.kill(node["pid"], signal.SIGKILL)
         ray.kill(group.workers[rank])
     survivors = [rank for rank in range(group.world_size) if rank not in failed]
+    # Under trainer.async_checkpoint=false a survivor may be waiting for a checkpoint that the
+    # failed rank's share will never complete: release it (it then meets the dead peer).
+    group.sink.saved.remote(NEVER_WRITTEN_STEP)
     try:
         # Each survivor's `fit` ends once its collective sees the peer gone (a closed socket,
         # a process that exited); then it leaves the broken process group.

@@ -138,6 +138,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # an embedded Ray starts: ~10 s
 def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -> None:
     """The default path: the job is checked while its embedded Ray starts. A mistake only the
     build finds (the data's) still ends the run with one message and exit 2, and the Ray that

@@ -230,6 +230,26 @@ def test_worker_sigkilled_heals_in_place_from_a_survivor(
     assert_no_actor_left(before, after)
 
 
+def test_a_heal_releases_a_survivor_waiting_for_a_synchronous_checkpoint(
+    ray_address: str, tmp_path: Path, reference_dropout: dict
+) -> None:
+    """trainer.async_checkpoint=false: at a boundary the survivor waits until the checkpoint is on
+    disk, which the dead rank's missing share never allows. A regression test: it used to wait
+    out the heal's timeout (2 minutes) and restart from a checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = start(ray_address, run_dir, DROPOUT, "trainer.async_checkpoint=false")
+    wait_for(first_checkpoint(run_dir), proc)
+    before = workers_now(run_dir)
+    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
+    stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert HEALED.search(stderr), stderr[-3000:]
+    assert "healing failed" not in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == STEPS and metrics["failures"][0]["healed"]["replaced"] == [1]
+    assert_bitwise_equal(run_dir, reference_dropout)
+
+
 def spares_ready(run_dir: Path, count: int = 1) -> Callable[[], bool]:
     def ready() -> bool:
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):

@@ -78,6 +78,7 @@ def test_bad_user_data_fails_before_any_actor(case: str, tmp_path: Path) -> None
     assert "Traceback" not in result.stderr and "unreachable" not in result.stderr
 
 
+@pytest.mark.slow  # a whole run through the CLI
 def test_in_memory_data_is_built_once_and_sent_to_the_workers(ray_address: str, tmp_path: Path):
     """In-memory data reaches the workers from the driver's check (the object store, once per
     node): only this process builds it. A dataset read item by item is built by every worker."""
