@@ -2,13 +2,16 @@
 
 It does not take part in training steps: workers run the loop (SPMD) and report to a sink that the
 driver drains a few times a second into TensorBoard, the terminal, checkpoints and metrics.json.
-When a worker dies, hangs or its node is lost, the supervisor tears the group down and starts a
-new one from the last checkpoint (`trainer.max_failures` times), on fewer workers if the cluster
-shrank and `trainer.min_workers` allows it.
+When a worker dies or hangs, the supervisor heals the group in place (the others keep their
+processes and state; a spare or a new worker takes the failed rank) or, where that does not
+apply (a lost node, sharded state), tears it down and starts a new one from the last checkpoint,
+on fewer workers if the cluster shrank and `trainer.min_workers` allows it; up to
+`trainer.max_failures` times.
 
 This module keeps the restart loop; its parts live beside it: `preflight` (checks before any
-actor), `elastic` (a smaller group after a failure), `watch` (a rank's result or failure
-classified, silent ranks, Ctrl-C) and `recording` (TensorBoard, the terminal, the summary).
+actor), `healing` (a failed rank replaced in place), `elastic` (a smaller group after a failure),
+`watch` (a rank's result or failure classified, silent ranks, Ctrl-C) and `recording`
+(TensorBoard, the terminal, the summary).
 """
 
 from __future__ import annotations
