@@ -26,6 +26,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -116,9 +117,9 @@ def heal(
     here = ray.get_runtime_context().get_node_id()
     for rank in failed:  # a frozen rank stays frozen: only its end frees the survivors
         node = group.nodes[rank]
-        if node["node_id"] == here:  # at once; Ray asks a frozen process to exit first
+        if node["node_id"] == here and _is_worker_process(node["pid"]):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(node["pid"], signal.SIGKILL)
+                os.kill(node["pid"], signal.SIGKILL)  # at once: Ray asks a frozen one to exit
         ray.kill(group.workers[rank])
     survivors = [rank for rank in range(group.world_size) if rank not in failed]
     # Under trainer.async_checkpoint=false a survivor may be waiting for a checkpoint that the
@@ -162,6 +163,15 @@ def heal(
         replaced=sorted(failed),
         phases_s={**clock.phases, "replaced_and_rejoined_s": clock.lap("")},
     )
+
+
+def _is_worker_process(pid: int) -> bool:
+    """Whether `pid` is still a Ray worker process (its title names the actor's class), not a
+    process that reused the number of one that is gone."""
+    try:
+        return b"Worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 class _Phases:

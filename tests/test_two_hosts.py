@@ -119,6 +119,9 @@ def two_hosts() -> Iterator[dict[str, Any]]:
             "env": env,
         }
     finally:
+        # A link a test cut is restored first: a node cut off from its head takes half a minute
+        # to stop, its processes retrying the head before they give up.
+        subprocess.run(["ip", "-n", node_ns, "link", "set", node_if, "up"], capture_output=True)
         for proc in reversed(nodes):  # `ray start --block` stops the processes it started
             proc.send_signal(signal.SIGTERM)
             try:
