@@ -213,7 +213,12 @@ class Supervisor:
             try:
                 plan = self._plan_group()
                 group = WorkerGroup(self.job, plan, self.device_type)
-                group.start(self._resources(plan.world_size), ref, self.splits_ref)
+                group.start(
+                    self._resources(plan.world_size),
+                    ref,
+                    self.splits_ref,
+                    spares=self._spares(plan.world_size),
+                )
             except WorkerError as error:
                 if group is not None:
                     group.shutdown()
@@ -416,6 +421,19 @@ class Supervisor:
                 )
             )
         return results
+
+    def _spares(self, world_size: int) -> int:
+        """trainer.spare_workers, unless no failure could use a spare (then none is started)."""
+        wanted = self.trainer.spare_workers
+        reason = healing.never(self.job, self.device_type, world_size) if wanted else None
+        if reason is not None:
+            log.warning(
+                "trainer.spare_workers=%d: none started, nothing heals in place (%s)",
+                wanted,
+                reason,
+            )
+            return 0
+        return wanted
 
     def _write_workers(self, group: WorkerGroup) -> None:
         """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""

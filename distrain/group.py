@@ -109,10 +109,12 @@ class WorkerGroup:
         need: cluster.WorkerResources,
         checkpoint_ref: Any | None,
         splits_ref: Any | None = None,
+        spares: int = 0,
     ) -> None:
         """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s.
 
         `splits_ref`: the driver's in-memory data in the object store (None: workers build it).
+        `spares`: warm spares to start once the group is set up (they warm up in the background).
         """
         trainer = self.job.trainer
         self.need, self.splits_ref = need, splits_ref
@@ -146,15 +148,8 @@ class WorkerGroup:
         )
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
-        if trainer.spare_workers and self.device_type == devices.CUDA:
-            log.warning(
-                "trainer.spare_workers=%d is ignored: CUDA workers do not heal in place yet "
-                "(a failure restarts every worker from the last checkpoint)",
-                trainer.spare_workers,
-            )
-        elif trainer.spare_workers:
-            for _ in range(trainer.spare_workers):
-                self._add_spare(bundle=None)
+        for _ in range(spares):
+            self._add_spare(bundle=None)
 
     def _start_sink(self) -> Any:
         # The sink lives on the driver's node: losing another node must not take the metrics.

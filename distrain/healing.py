@@ -74,19 +74,30 @@ class Healed:
         )
 
 
-def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None:
-    """Why `failure` cannot be healed in place (None: it can)."""
+def never(job: Config, device_type: str, world_size: int) -> str | None:
+    """Why no failure of this job's groups can heal in place (None: some can): then neither
+    healing nor warm spares are tried."""
     aggregator = get_object(job.aggregator["_target_"])
-    failed = failure.failed_ranks
     if not job.trainer.heal:
         return "trainer.heal=false"
+    if world_size < 2:
+        return "one worker: no survivor"
     if not aggregator.heals_in_place(job.aggregator, shard_optimizer=job.trainer.shard_optimizer):
         return f"the ranks of aggregator {job.aggregator['_target_']} do not each hold the state"
-    if group.device_type == devices.CUDA:
+    if device_type == devices.CUDA:
         # An NCCL collective whose peer died does not fail: it waits for the watchdog, which then
         # ends the survivor's process too. Abandoning it needs the communicator aborted from
         # another thread of the survivor, which is not built yet.
         return "healing in place is not built for CUDA workers yet"
+    return None
+
+
+def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None:
+    """Why `failure` cannot be healed in place (None: it can)."""
+    reason = never(job, group.device_type, group.world_size)
+    if reason is not None:
+        return reason
+    failed = failure.failed_ranks
     if not failed or failure.unreachable_nodes:
         return "the failure is not one of known ranks on reachable nodes"
     if len(failed) >= group.world_size:
