@@ -10,14 +10,14 @@ on fewer workers if the cluster shrank and `trainer.min_workers` allows it; up t
 
 This module keeps the restart loop; its parts live beside it: `preflight` (checks before any
 actor), `healing` (a failed rank replaced in place), `elastic` (a smaller group after a failure),
-`watch` (a rank's result or failure classified, silent ranks, Ctrl-C) and `recording`
-(TensorBoard, the terminal, the summary).
+`watch` (a rank's result or failure classified, silent ranks, Ctrl-C), `failures` (the count
+and the timings of failures), `saving` (checkpoint records to writes, the restart point) and
+`recording` (TensorBoard, the terminal, the summary).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -27,7 +27,6 @@ import ray
 import torch
 
 from distrain import checkpoint, cluster, config, elastic, healing, preflight
-from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
 from distrain.data.base import SharedSplits, Splits
 from distrain.device import choose_device_type, worker_gpus
 from distrain.errors import (
@@ -38,11 +37,13 @@ from distrain.errors import (
     TrainingFailed,
     WorkerError,
 )
+from distrain.failures import FailureLog
 from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, MetricsCollector
 from distrain.plan import StepPlan
 from distrain.recording import RunRecorder
 from distrain.rundir import RunDirectory, git_revision
+from distrain.saving import Checkpoints
 from distrain.watch import StopRequest, check_hang, first_line, rank_result
 
 log = logging.getLogger("distrain")
@@ -125,23 +126,16 @@ class Supervisor:
         self.splits, self.plan, self.overrides = splits, plan, overrides
         self.trainer = job.trainer
         self.task = splits.task
-        self.store = checkpoint.CheckpointStore(run_dir.checkpoints, self.trainer.keep_checkpoints)
         self.recorder = RunRecorder(run_dir, job.logger.progress)
         self.history: list[EpochMetrics] = []
-        self.failures: list[dict[str, Any]] = []
-        self.writer = CheckpointWriter(
-            self.store,
-            job={group: getattr(job, group) for group in preflight.RESUME_MUST_MATCH},
-            # Bounded: a share held on a node cut off from this one is not fetched until Ray
-            # declares the node dead (minutes); the hang timeout applies to it as to a step.
-            fetch_timeout_s=self.trainer.step_timeout_s,
+        self.failures = FailureLog(self.trainer.max_failures)
+        self.checkpoints = Checkpoints(
+            run_dir.checkpoints,
+            self.trainer,
+            {group: getattr(job, group) for group in preflight.RESUME_MUST_MATCH},
+            self.recorder.message,
         )
-        # The checkpoint a restart resumes from: the last one written, or the one resumed from.
-        self.last_checkpoint: Path | None = None
-        self.last_checkpoint_step = 0
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
-        self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
-        self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
 
@@ -149,18 +143,12 @@ class Supervisor:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
         restore_from = resume  # the checkpoint the next group starts from
         if resume is not None:
-            self.last_checkpoint, self.last_checkpoint_step = resume.path, resume.step
+            self.checkpoints.resumed_from(resume)
             self.history = [EpochMetrics(**e) for e in resume.meta.get("history", [])]
         small = self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
         shared = SharedSplits.of(self.splits) if small else None
         self.splits_ref = ray.put(shared) if shared is not None else None
-        self.recorder.open(
-            self.job,
-            self.splits,
-            self.overrides,
-            resume,
-            self.plan,
-        )
+        self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
         healed: WorkerGroup | None = None
         try:
             while True:
@@ -178,7 +166,13 @@ class Supervisor:
                     self.recorder.finish(result, wall_s=time.perf_counter() - started)
                     return result
                 except GroupFailed as failure:
-                    self._count(failure)
+                    self.failures.count(
+                        failure,
+                        here=ray.get_runtime_context().get_node_id(),
+                        latest=self.checkpoints.latest(),
+                        resume_dir=self.run_dir.path,
+                    )
+                    self.checkpoints.after_failure()
                     healed = self._heal(group, failure, collector)
                     if healed is None:
                         restore_from = self._recover(failure)
@@ -193,7 +187,7 @@ class Supervisor:
             world_size,
             self.trainer.cpus_per_worker,
             worker_gpus(self.device_type, self.trainer.gpus_per_worker),
-            excluded_nodes=self.excluded_nodes,
+            excluded_nodes=self.failures.excluded_nodes,
         )
 
     def _start_group(self, restore_from: checkpoint.Checkpoint | None) -> WorkerGroup:
@@ -217,7 +211,7 @@ class Supervisor:
                     self._resources(plan.world_size),
                     ref,
                     self.splits_ref,
-                    spares=self._spares(plan.world_size),
+                    spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
                 )
             except WorkerError as error:
                 if group is not None:
@@ -244,10 +238,7 @@ class Supervisor:
                     group.shutdown()
                 raise
             self._write_workers(group)
-            last = self.failures[-1] if self.failures else {}
-            if "recovery_s" not in last and "detected_s" in last:  # not after a grow-back
-                # seconds from noticing the failure to a working group again
-                last["recovery_s"] = time.monotonic() - last["detected_s"]
+            self.failures.recovered()
             if plan.world_size < self.plan.world_size:
                 self.recorder.message(
                     f"elastic: continuing on {plan.world_size} of {self.plan.world_size} workers "
@@ -267,33 +258,6 @@ class Supervisor:
         )
         return self.plan.on(world_size)
 
-    def _count(self, failure: GroupFailed) -> None:
-        """Record a failure; past trainer.max_failures the run ends, naming its checkpoint."""
-        # A node that did not answer is avoided from now on: Ray counts it alive for a minute
-        # or more, and a group placed on it would wait for Ray to declare it dead. The driver's
-        # own node always answers, whatever a probe under load said.
-        here = ray.get_runtime_context().get_node_id()
-        self.excluded_nodes |= failure.unreachable_nodes - {here}
-        self.failures.append(
-            {
-                "error": str(failure),
-                "detected_s": time.monotonic(),
-                # from the last progress anyone saw: what a user waits, detection included
-                "last_progress_s": self.last_progress_s,
-            }
-        )
-        restarts, limit = len(self.failures), self.trainer.max_failures
-        latest = self.store.latest()
-        if restarts > limit:
-            kept = f"the last checkpoint is {latest}" if latest else "no checkpoint was written"
-            raise TrainingFailed(
-                f"{failure} — gave up after trainer.max_failures={limit} restarts; {kept}"
-                + (f" (continue with resume={self.run_dir.path})." if latest else ".")
-            ) from None
-        # A write in progress completes, or fails with the group (its shares' owners died).
-        self._settle(wait=True, failed=True)
-        self.writer.forget()
-
     def _heal(
         self, group: WorkerGroup, failure: GroupFailed, collector: MetricsCollector
     ) -> WorkerGroup | None:
@@ -308,7 +272,7 @@ class Supervisor:
                 group,
                 failure.failed_ranks,
                 timeout_s=min(self.trainer.step_timeout_s, self.trainer.setup_timeout_s),
-                assemble=self.writer.assemble,
+                assemble=self.checkpoints.writer.assemble,
             )
         except GroupFailed as error:
             self.recorder.message(
@@ -321,9 +285,8 @@ class Supervisor:
             for record in group.drain():
                 if record["kind"] not in ("checkpoint", "heartbeat"):
                     self.recorder.record(collector.add(record))
-        last, count = self.failures[-1], len(self.failures)
-        last["recovery_s"] = time.monotonic() - last["detected_s"]
-        last["healed"] = healed.record()
+        self.failures.recovered(healed.record())
+        count = len(self.failures)
         self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")
         self.recorder.restarted(count, healed.from_step, failure, how="healed")
         self._write_workers(healed.group)
@@ -332,7 +295,7 @@ class Supervisor:
     def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
         """The checkpoint a new group starts from after `failure` (None: the start)."""
         restarts, limit = len(self.failures), self.trainer.max_failures
-        restore_from = checkpoint.load(self.last_checkpoint) if self.last_checkpoint else None
+        restore_from = self.checkpoints.restart_point()
         step = restore_from.step if restore_from else 0
         self.recorder.message(
             f"restart {restarts}/{limit}: {failure}; resuming from "
@@ -355,7 +318,7 @@ class Supervisor:
         refs = group.fit()
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
-        epoch_end_checkpoint: Pending | None = None
+        self.checkpoints.begin_group()
         stop_deadline: float | None = None
         probe = self._grow_probe(group)
         growing = False
@@ -366,21 +329,8 @@ class Supervisor:
                     results.append(rank_result(ref, refs[ref], group))
                 for record in group.drain():
                     last_seen_s[record["rank"]] = time.monotonic()
-                    if record["kind"] in ("step", "epoch"):
-                        self._progressed(last_seen_s[record["rank"]])
-                    if record["kind"] == "checkpoint":
-                        pending_checkpoint = self.writer.add(record, group.world_size)
-                        if pending_checkpoint is not None and not record["epoch_end"]:
-                            self._save(pending_checkpoint, group)
-                        elif pending_checkpoint is not None:  # once its epoch is in the history
-                            epoch_end_checkpoint = pending_checkpoint
-                    elif record["kind"] != "heartbeat":
-                        metrics = collector.add(record)
-                        if isinstance(metrics, EpochMetrics) and epoch_end_checkpoint:
-                            self._save(epoch_end_checkpoint, group)  # before TensorBoard shows it
-                            epoch_end_checkpoint = None
-                        self.recorder.record(metrics)
-                self._settle(wait=False)
+                    self._take(record, group, collector)
+                self.checkpoints.settle(wait=False, nodes=self.current_nodes)
                 if group.spares and group.spares_became_ready():
                     self._write_workers(group)
                 check_hang(
@@ -407,13 +357,14 @@ class Supervisor:
                     )
                     group.sink.request_stop.remote()
         self.stop_requested = self.stop_requested or stop.requested
-        self._settle(wait=True)  # the last checkpoint is on disk before the run ends
+        # the last checkpoint is on disk before the run ends
+        self.checkpoints.settle(wait=True, nodes=self.current_nodes)
         if growing and not stop.requested and results and all(r["stopped"] for r in results):
             return None
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
-            latest = self.store.latest()
+            latest = self.checkpoints.latest()
             raise Interrupted(
-                f"stopped at step {self.last_checkpoint_step}; "
+                f"stopped at step {self.checkpoints.last_step}; "
                 + (
                     f"checkpoint {latest}. Continue with: distrain resume={self.run_dir.path}"
                     if latest
@@ -421,19 +372,6 @@ class Supervisor:
                 )
             )
         return results
-
-    def _spares(self, world_size: int) -> int:
-        """trainer.spare_workers, unless no failure could use a spare (then none is started)."""
-        wanted = self.trainer.spare_workers
-        reason = healing.never(self.job, self.device_type, world_size) if wanted else None
-        if reason is not None:
-            log.warning(
-                "trainer.spare_workers=%d: none started, nothing heals in place (%s)",
-                wanted,
-                reason,
-            )
-            return 0
-        return wanted
 
     def _write_workers(self, group: WorkerGroup) -> None:
         """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
@@ -457,8 +395,8 @@ class Supervisor:
 
     def _grow_back(self, group: WorkerGroup) -> checkpoint.Checkpoint:
         """The checkpoint the stopped group wrote, to start the configured count from."""
-        assert self.last_checkpoint is not None  # a stop always writes one
-        restore_from = checkpoint.load(self.last_checkpoint)
+        restore_from = self.checkpoints.restart_point()
+        assert restore_from is not None  # a stop always writes one
         self.grow_backs.append({"step": restore_from.step, "from_workers": group.world_size})
         self.recorder.message(
             f"elastic: growing back from {group.world_size} to {self.plan.world_size} workers, "
@@ -466,50 +404,20 @@ class Supervisor:
         )
         return restore_from
 
-    def _progressed(self, now_s: float) -> None:
-        """A step or epoch record arrived: after a failure, the first one closes its downtime.
-
-        `downtime_s` runs from the last progress before the failure to the first after it
-        (detection, teardown, restart, state restore and the steps redone up to the next
-        logged one), so a partition's wait for the timeout is counted, not only the restart.
-        """
-        self.last_progress_s = now_s
-        failure = self.failures[-1] if self.failures else None
-        if failure is not None and "downtime_s" not in failure:
-            failure["detection_s"] = failure["detected_s"] - failure["last_progress_s"]
-            failure["downtime_s"] = now_s - failure.pop("last_progress_s")
-            failure.pop("detected_s")
-
-    def _save(self, pending: Pending, group: WorkerGroup) -> None:
-        """Queue a checkpoint for the background writer; with trainer.async_checkpoint=false,
-        wait until it is written and let the workers (waiting for it) go on."""
-        self.writer.submit(pending, [dataclasses.asdict(e) for e in self.history])
-        if not self.trainer.async_checkpoint:
-            self._settle(wait=True)
-            group.sink.saved.remote(pending.step)
-
-    def _settle(self, *, wait: bool, failed: bool = False) -> None:
-        """Take the results of the checkpoint writes done (with `wait`: of all queued ones).
-
-        A share that could not be fetched fails the group as a hang would (naming unreachable
-        nodes); once the group has `failed` anyway, a lost write only leaves the previous
-        checkpoint as the latest.
-        """
-        results = self.writer.wait() if wait else self.writer.finished()
-        for result in results:
-            if result.saved is not None:
-                log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
-                self.last_checkpoint, self.last_checkpoint_step = result.saved.path, result.step
-        failed_writes = [r for r in results if r.error is not None]
-        if not failed_writes:
-            return
-        if failed:
-            lost = failed_writes[0]
-            self.recorder.message(
-                f"the checkpoint of step {lost.step} was lost: {first_line(lost.error)}"
-            )
-            return
-        raise write_failure(failed_writes[0], self.current_nodes, self.trainer.step_timeout_s)
+    def _take(
+        self, record: dict[str, Any], group: WorkerGroup, collector: MetricsCollector
+    ) -> None:
+        """One record from a rank: progress, a checkpoint share, or figures to record."""
+        kind = record["kind"]
+        if kind in ("step", "epoch"):
+            self.failures.progressed(time.monotonic())
+        if kind == "checkpoint":
+            self.checkpoints.add(record, group.world_size, self.history, group.sink)
+        elif kind != "heartbeat":
+            metrics = collector.add(record)
+            if isinstance(metrics, EpochMetrics):
+                self.checkpoints.epoch_recorded(self.history, group.sink)
+            self.recorder.record(metrics)
 
     def _finish(self, group: WorkerGroup, results: list[dict[str, Any]]) -> dict[str, Any]:
         """model.pt from rank 0, and the run's figures."""
@@ -520,7 +428,7 @@ class Supervisor:
             results,
             task=self.task,
             history=self.history,
-            failures=self.failures,
-            checkpoints=self.writer.stats(),
+            failures=self.failures.entries,
+            checkpoints=self.checkpoints.writer.stats(),
         )
         return {**summary, "grow_backs": self.grow_backs}

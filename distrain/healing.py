@@ -21,6 +21,7 @@ checkpoint.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -38,6 +39,7 @@ from distrain.config import Config
 from distrain.errors import GroupFailed
 from distrain.group import WorkerGroup
 
+log = logging.getLogger("distrain")
 NODE_PROBE_TIMEOUT_S = 5.0  # a failed rank's other node must run a task within this to heal
 NEVER_WRITTEN_STEP = 2**62  # "every checkpoint is written", to release ranks waiting for one
 
@@ -90,6 +92,18 @@ def never(job: Config, device_type: str, world_size: int) -> str | None:
         # another thread of the survivor, which is not built yet.
         return "healing in place is not built for CUDA workers yet"
     return None
+
+
+def spares_to_start(job: Config, device_type: str, world_size: int) -> int:
+    """trainer.spare_workers, unless no failure could use a spare (then none is started)."""
+    wanted = job.trainer.spare_workers
+    reason = never(job, device_type, world_size) if wanted else None
+    if reason is not None:
+        log.warning(
+            "trainer.spare_workers=%d: none started, nothing heals in place (%s)", wanted, reason
+        )
+        return 0
+    return wanted
 
 
 def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None:

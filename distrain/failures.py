@@ -1,0 +1,69 @@
+"""The supervisor's account of failures: how many, how long each cost, which nodes to avoid.
+
+Each failure becomes one entry of metrics.json's `failures`: its error, and once training goes
+on again `detection_s` (last progress -> failure noticed), `recovery_s` (noticed -> a working
+group) and `downtime_s` (last progress before -> first progress after, so a partition's wait
+for the timeout counts, not only the restart); a heal adds what it did (`healed`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from distrain.errors import GroupFailed, TrainingFailed
+
+
+class FailureLog:
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+        self.entries: list[dict[str, Any]] = []
+        self.excluded_nodes: frozenset[str] = frozenset()  # unreachable at an earlier failure
+        self.last_progress_s = time.monotonic()  # the last step or epoch record from any rank
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def count(
+        self, failure: GroupFailed, *, here: str, latest: Path | None, resume_dir: Path
+    ) -> None:
+        """Record `failure`; past `max_failures` the run ends, naming `latest`, the checkpoint
+        to continue from. `here` is the driver's node."""
+        # A node that did not answer is avoided from now on: Ray counts it alive for a minute
+        # or more, and a group placed on it would wait for Ray to declare it dead. The driver's
+        # own node always answers, whatever a probe under load said.
+        self.excluded_nodes |= failure.unreachable_nodes - {here}
+        self.entries.append(
+            {
+                "error": str(failure),
+                "detected_s": time.monotonic(),
+                # from the last progress anyone saw: what a user waits, detection included
+                "last_progress_s": self.last_progress_s,
+            }
+        )
+        if len(self.entries) > self.max_failures:
+            kept = f"the last checkpoint is {latest}" if latest else "no checkpoint was written"
+            raise TrainingFailed(
+                f"{failure} — gave up after trainer.max_failures={self.max_failures} restarts; "
+                + kept
+                + (f" (continue with resume={resume_dir})." if latest else ".")
+            ) from None
+
+    def recovered(self, healed: dict[str, Any] | None = None) -> None:
+        """A working group again after the last failure (`healed`: what the heal did). A group
+        started to grow back after a recovery is not one."""
+        last = self.entries[-1] if self.entries else {}
+        if "recovery_s" not in last and "detected_s" in last:
+            last["recovery_s"] = time.monotonic() - last["detected_s"]
+            if healed is not None:
+                last["healed"] = healed
+
+    def progressed(self, now_s: float) -> None:
+        """A step or epoch record arrived: after a failure, the first one closes its downtime."""
+        self.last_progress_s = now_s
+        last = self.entries[-1] if self.entries else None
+        if last is not None and "downtime_s" not in last:
+            last["detection_s"] = last["detected_s"] - last["last_progress_s"]
+            last["downtime_s"] = now_s - last.pop("last_progress_s")
+            last.pop("detected_s")

@@ -1,0 +1,57 @@
+"""The supervisor's failure account (distrain/failures.py): limits, avoided nodes, timings."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from distrain.errors import GroupFailed, TrainingFailed
+from distrain.failures import FailureLog
+
+
+def test_a_failure_past_the_limit_ends_the_run_naming_the_checkpoint_to_resume(tmp_path):
+    log = FailureLog(max_failures=1)
+    latest = tmp_path / "checkpoints" / "step-000000040"
+    log.count(GroupFailed("rank 1 died"), here="n0", latest=latest, resume_dir=tmp_path)
+    with pytest.raises(TrainingFailed) as raised:
+        log.count(GroupFailed("rank 0 died"), here="n0", latest=latest, resume_dir=tmp_path)
+    message = str(raised.value)
+    assert "rank 0 died" in message and "trainer.max_failures=1" in message
+    assert str(latest) in message and f"resume={tmp_path}" in message
+    assert len(log) == 2
+
+
+def test_without_a_checkpoint_the_limit_says_none_was_written(tmp_path):
+    log = FailureLog(max_failures=0)
+    with pytest.raises(TrainingFailed, match=r"no checkpoint was written\.$"):
+        log.count(GroupFailed("lost"), here="n0", latest=None, resume_dir=Path("/r"))
+
+
+def test_unreachable_nodes_are_avoided_except_the_drivers_own():
+    log = FailureLog(max_failures=3)
+    cut = GroupFailed("cut", unreachable_nodes=frozenset({"n0", "n1"}))
+    log.count(cut, here="n0", latest=None, resume_dir=Path("/r"))
+    assert log.excluded_nodes == {"n1"}
+    log.count(GroupFailed("cut", frozenset({"n2"})), here="n0", latest=None, resume_dir=Path("/r"))
+    assert log.excluded_nodes == {"n1", "n2"}
+
+
+def test_timings_run_from_the_last_progress_through_recovery_to_the_next_progress():
+    log = FailureLog(max_failures=3)
+    log.progressed(time.monotonic())
+    before = log.last_progress_s
+    log.count(GroupFailed("died"), here="n0", latest=None, resume_dir=Path("/r"))
+    log.recovered({"from_step": 12})
+    log.recovered({"from_step": 99})  # a later group (grow-back) is not this failure's recovery
+    after = time.monotonic()
+    log.progressed(after)
+    entry = log.entries[0]
+    assert entry["healed"] == {"from_step": 12}
+    assert 0 <= entry["detection_s"] <= entry["downtime_s"]
+    assert entry["downtime_s"] == pytest.approx(after - before)
+    assert entry["recovery_s"] <= entry["downtime_s"]
+    assert set(entry) == {"error", "detection_s", "recovery_s", "downtime_s", "healed"}
+    log.progressed(after + 5.0)  # later progress leaves a closed failure alone
+    assert entry["downtime_s"] == pytest.approx(after - before)
