@@ -127,6 +127,7 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
             traceback.print_exc()
         run_dir.write_json(failed, record)
         print(f"distrain: {label} failed: {kind}: {error}", file=sys.stderr)
+        _job_exits.failed_sweep_jobs += 1
         return None
     _finish(metrics, cfg.logger.progress)
     return metrics
@@ -144,10 +145,12 @@ class _JobExits:
     wrong type or outside an enum, an unknown key) in one paragraph and exits 1, the code of a
     failed training run. Anything leaving the job function is the job's own exit; an exit 1
     with none is Hydra's report of a configuration mistake, and ends with distrain's code 2.
+    A sweep goes on past a failed job (its run dir says why) and then exits with code 1.
     """
 
     def __init__(self) -> None:
         self.job_exited = False
+        self.failed_sweep_jobs = 0  # a sweep with one is not a success, for scripts and CI
 
     @contextlib.contextmanager
     def job(self) -> Iterator[None]:
@@ -263,6 +266,5 @@ def main() -> None:
         where = "between jobs; the sweep stops here" if sweeping else "outside training"
         print(f"distrain: interrupted {where}", file=sys.stderr)
         sys.exit(EXIT_CODES[KeyboardInterrupt][1])
-    if sweep.last_summary is not None and any(r["status"] == "FAILED" for r in sweep.last_summary):
-        # A sweep with a failed job is not a success, for scripts and CI.
+    if _job_exits.failed_sweep_jobs:
         sys.exit(EXIT_CODES[TrainingFailed][1])

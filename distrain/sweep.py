@@ -29,8 +29,6 @@ SKIP, RESUME, RUN = "skip", "resume", "run"
 # Overrides that do not change what a job computes: a sweep may be continued on another cluster
 # or with another display without its finished jobs counting as different.
 NEUTRAL_PREFIXES = ("cluster.", "logger.", "resume=", "hydra.")
-# Set by SweepSummary at the end of a sweep: the rows, for the exit code of `distrain`.
-last_summary: list[dict[str, Any]] | None = None
 
 
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -174,7 +172,6 @@ class SweepSummary(Callback):
             )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global last_summary
         cluster.release()  # the Ray the jobs shared
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         rows = [job_row(n, o, d, self.started) for n, o, d in sorted(self.jobs or [])]
@@ -189,4 +186,3 @@ class SweepSummary(Callback):
         if common:
             title += f"; every job: {' '.join(o for o in rows[0]['overrides'] if o in common)}"
         print_table(rows, title)
-        last_summary = rows
