@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -138,7 +139,7 @@ class AllReduce(GradientAggregator):
         self.timeout_s = timeout_s
         if self.transport == "auto" and device.type == "cpu" and self.compression != "powersgd":
             nodes: list[Any] = [None] * world_size
-            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+            dist.all_gather_object(nodes, _node_identity())
             self.use_shm = len(set(nodes)) == 1 and shm_allreduce.supported()
 
     def build_optimizer(
@@ -225,3 +226,12 @@ class AllReduce(GradientAggregator):
             self.shm.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _node_identity() -> str:
+    """Which machine this rank runs on: Ray's node id in a Ray worker; outside Ray (ranks
+    started by torchrun or multiprocessing) the host name, without starting a Ray for it, as
+    `ray.get_runtime_context()` would."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
