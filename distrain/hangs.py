@@ -53,17 +53,25 @@ def _answer() -> None:
 
 
 def unreachable(node_ids: set[str], timeout_s: float = DUMP_TIMEOUT_S) -> frozenset[str]:
-    """The nodes among `node_ids` where a zero-CPU task does not run within `timeout_s`."""
+    """The nodes among `node_ids` where a zero-CPU task does not run within `timeout_s`: it is
+    late, or it failed (a node whose raylet is gone fails the task at once, before Ray has
+    declared the node dead)."""
     refs = {
         _answer.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
         ).remote(): node_id
         for node_id in node_ids
     }
-    _, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    answered, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     for ref in late:
         ray.cancel(ref, force=True)
-    return frozenset(refs[ref] for ref in late)
+    failed = []
+    for ref in answered:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            failed.append(ref)
+    return frozenset(refs[ref] for ref in [*late, *failed])
 
 
 def dump_stacks(nodes: list[dict[str, Any]], directory: Path) -> tuple[dict[int, str], frozenset]:

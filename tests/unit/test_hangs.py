@@ -59,3 +59,14 @@ def test_the_innermost_distrain_frame_is_named() -> None:
 
 def test_a_missing_process_says_so() -> None:
     assert hangs.py_spy_dump(2**22 + 12345).startswith("(no stack for pid")
+
+
+def test_a_node_that_cannot_run_a_task_is_unreachable(ray_address: str) -> None:
+    """The probe healing and a hang use: the driver's own node answers; a node whose raylet is
+    gone fails the task at once (as a removed node does before Ray declares it dead), and that
+    is no answer."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    gone = bytes.fromhex(here)[::-1].hex()  # a well-formed node id no raylet holds
+    assert hangs.unreachable({here, gone}, timeout_s=30) == {gone}
