@@ -37,7 +37,8 @@ class GroupFailed(RuntimeError):
     `unreachable_nodes`: Ray node ids that did not answer a probe when the failure was found (a
     cut link): the next group avoids them while Ray still counts them alive. `failed_ranks`: the
     ranks known to be dead or hung (the others may heal the group, distrain/healing.py); empty
-    when the cause is not one rank.
+    when the cause is not one rank. `noticed_s`: the `time.monotonic()` at which the failure
+    was noticed, when finding out more (a hung rank's stack) took time after it; None: now.
     """
 
     def __init__(
@@ -45,10 +46,12 @@ class GroupFailed(RuntimeError):
         message: str,
         unreachable_nodes: frozenset[str] = frozenset(),
         failed_ranks: frozenset[int] = frozenset(),
+        noticed_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.unreachable_nodes = unreachable_nodes
         self.failed_ranks = failed_ranks
+        self.noticed_s = noticed_s
 
 
 class SetupTransportFailed(GroupFailed):

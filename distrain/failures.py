@@ -37,7 +37,7 @@ class FailureLog:
         self.entries.append(
             {
                 "error": str(failure),
-                "detected_s": time.monotonic(),
+                "detected_s": failure.noticed_s or time.monotonic(),
                 # from the last progress anyone saw: what a user waits, detection included
                 "last_progress_s": self.last_progress_s,
             }

@@ -91,6 +91,7 @@ def check_hang(
         f"{where}every rank's stack is in {stacks_dir}",
         unreachable_nodes=lost,
         failed_ranks=frozenset(silent),
+        noticed_s=now,  # the stacks took up to hangs.DUMP_TIMEOUT_S more: part of the recovery
     )
 
 

@@ -55,3 +55,18 @@ def test_timings_run_from_the_last_progress_through_recovery_to_the_next_progres
     assert set(entry) == {"error", "detection_s", "recovery_s", "downtime_s", "healed"}
     log.progressed(after + 5.0)  # later progress leaves a closed failure alone
     assert entry["downtime_s"] == pytest.approx(after - before)
+
+
+def test_a_failure_noticed_before_it_was_raised_counts_from_when_it_was_noticed():
+    """A hang is noticed when the silence passes the timeout; dumping the stacks after that (up
+    to 10 s from a cut-off node) is recovery time, not detection time."""
+    log = FailureLog(max_failures=3)
+    log.progressed(time.monotonic())
+    noticed = time.monotonic()
+    time.sleep(0.05)
+    failure = GroupFailed("rank 1 silent", noticed_s=noticed)
+    log.count(failure, here="n0", latest=None, resume_dir=Path("/r"))
+    log.recovered()
+    log.progressed(time.monotonic())
+    entry = log.entries[0]
+    assert entry["detection_s"] < 0.05 <= entry["recovery_s"]
