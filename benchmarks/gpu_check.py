@@ -15,7 +15,7 @@ pass / FAIL / error with its message / not run with the reason):
   written on the GPU is resumed on the CPU and one written on the CPU on the GPU.
 * speed: distrain (benchmarks/distrain_bench.py) and torchrun DDP (peers/torchrun_ddp.py,
   NCCL) on the CNN and ResNet-18 workloads: samples/s and time to first step, same batch.
-* stragglers: two workers, one slowed on purpose (trainer.debug_delay_*): the time split and
+* stragglers: two workers, one slowed on purpose (DISTRAIN_SLOW_RANK): the time split and
   whether the detector names the slow rank.
 
 Multi-worker checks use `WORKERS` workers. With one GPU they share it (trainer.gpus_per_worker
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -43,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from distrain.simulate import SLOW_RANK_ENV  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SEED, STEPS, BATCH, LR = 3, 30, 64, 0.05  # as tests/test_equivalence.py
@@ -322,13 +325,15 @@ def straggler_check(setup: list[str], tmp: Path) -> Callable[[], dict[str, Any]]
                 "trainer.max_steps=null",
                 "trainer.epochs=3",
                 "data.batch_size=32",
-                "trainer.debug_delay_rank=1",
-                "trainer.debug_delay_s=0.05",
                 "logger.log_every_n_steps=5",
                 "logger.straggler_patience=2",
             ],
         )
-        metrics, _ = train(overrides, run_dir)
+        os.environ[SLOW_RANK_ENV] = "1:0.05"  # rank 1 sleeps 50 ms a step (distrain/simulate.py)
+        try:
+            metrics, _ = train(overrides, run_dir)
+        finally:
+            del os.environ[SLOW_RANK_ENV]
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         events.Reload()
         split = {

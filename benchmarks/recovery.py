@@ -33,6 +33,7 @@ from distrain import checkpoint, driver
 from distrain.checkpoint import CheckpointStore
 from distrain.cli import compose_job
 from distrain.rundir import RunDirectory
+from distrain.simulate import SLOW_RANK_ENV
 
 JOB = [
     "trainer.epochs=20",
@@ -40,8 +41,6 @@ JOB = [
     "logger.progress=none",
     "logger.log_every_n_steps=1",  # the first step after the failure is seen as it completes
     "model.dropout=0.2",  # the result depends on each rank's random stream
-    "trainer.debug_delay_rank=0",
-    "trainer.debug_delay_s=0.02",
 ]
 MODES = {
     "healed, warm spare": ["trainer.spare_workers=1"],
@@ -84,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds, lines = args.rounds, []
     work = Path(tempfile.mkdtemp(prefix="distrain-recovery-"))
+    os.environ[SLOW_RANK_ENV] = "0:0.02"  # every run below, the faulted ones' CLI included
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         reference = RunDirectory(work / "reference")

@@ -87,9 +87,6 @@ class TrainerConfig:
     spare_workers: int = 0
     nan_policy: NanPolicy = NanPolicy.stop  # what a NaN/inf loss or gradient does
     stop_timeout_s: float = 60.0  # Ctrl-C: how long to wait for the workers' final checkpoint
-    # TEST ONLY: rank `debug_delay_rank` sleeps `debug_delay_s` per step (a simulated straggler).
-    debug_delay_rank: int | None = None
-    debug_delay_s: float = 0.0
     shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
     # CUDA only: TF32 matmuls/convolutions under precision=32 (None: on for compute capability
     # >= 8, i.e. Ampere and newer; decided in distrain/device.py). cudnn.benchmark is always on.
@@ -247,16 +244,6 @@ def validate(job: dict[str, Any]) -> None:
         "(logged intervals in a row).",
     )
     _check_sampling(logger, trainer)
-    delay_rank = trainer["debug_delay_rank"]
-    _require(
-        delay_rank is None or 0 <= delay_rank < workers,
-        f"trainer.debug_delay_rank={delay_rank} (test only) must name a rank below "
-        f"trainer.workers={workers}, or be null.",
-    )
-    _require(
-        trainer["debug_delay_s"] >= 0,
-        f"trainer.debug_delay_s={trainer['debug_delay_s']} (test only) must be >= 0 seconds.",
-    )
 
     lr = job["optimizer"].get("lr")
     _require(

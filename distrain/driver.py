@@ -26,7 +26,7 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, cluster, config, elastic, healing, preflight
+from distrain import checkpoint, cluster, config, elastic, healing, preflight, simulate
 from distrain.data.base import SharedSplits, Splits
 from distrain.device import choose_device_type, worker_gpus
 from distrain.errors import (
@@ -53,6 +53,7 @@ POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # node holds one copy, which its workers map. Larger data stays out of the object store (Ray's
 # default share of memory is 30 %); each worker builds it, as it does data read item by item.
 SHIP_SPLITS_MAX_BYTES = 512 * 2**20
+GROW_SETTLE_S = 10.0  # growing back: how long the configured count may take to fit again
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
 
@@ -71,6 +72,7 @@ def train(
     started = time.perf_counter()
     config.validate(plain_job)
     job = config.typed(plain_job)  # typed once; below here no part reads the job by string keys
+    slow_rank = simulate.slow_rank_from_env(job.trainer.workers)  # a straggler made on purpose
     torch.manual_seed(job.trainer.seed)
     # An embedded Ray starts while the job is checked. A cluster is joined only after the
     # checks: a mistake in the data or model is reported before any connection is tried.
@@ -88,6 +90,7 @@ def train(
             gpus_per_worker=job.trainer.gpus_per_worker,
         )
         supervisor = Supervisor(job, run_dir, splits, plan, device_type, overrides or [])
+        supervisor.slow_rank = slow_rank
         result = supervisor.run(resume, started)
     metrics = {
         **result,
@@ -138,6 +141,8 @@ class Supervisor:
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
+        self.growing_back = False  # the next group is the configured count again
+        self.slow_rank: simulate.SlowRank | None = None  # DISTRAIN_SLOW_RANK (tests, demos)
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
@@ -206,7 +211,7 @@ class Supervisor:
             group: WorkerGroup | None = None
             try:
                 plan = self._plan_group()
-                group = WorkerGroup(self.job, plan, self.device_type)
+                group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
                 group.start(
                     self._resources(plan.world_size),
                     ref,
@@ -250,11 +255,15 @@ class Supervisor:
     def _plan_group(self) -> StepPlan:
         """The configured worker count; after a failure, the most that fit (>= min_workers)."""
         placement = self.job.cluster.placement.value
+
+        def check_fits(world_size: int) -> None:
+            cluster.check_resources(self._resources(world_size), placement)
+
+        growing_back, self.growing_back = self.growing_back, False
+        if growing_back and elastic.fits_within(check_fits, self.trainer.workers, GROW_SETTLE_S):
+            return self.plan
         world_size = elastic.choose_world_size(
-            self.trainer.workers,
-            self.trainer.min_workers,
-            lambda n: cluster.check_resources(self._resources(n), placement),
-            shrink=bool(self.failures),
+            self.trainer.workers, self.trainer.min_workers, check_fits, shrink=bool(self.failures)
         )
         return self.plan.on(world_size)
 
@@ -398,6 +407,7 @@ class Supervisor:
         restore_from = self.checkpoints.restart_point()
         assert restore_from is not None  # a stop always writes one
         self.grow_backs.append({"step": restore_from.step, "from_workers": group.world_size})
+        self.growing_back = True
         self.recorder.message(
             f"elastic: growing back from {group.world_size} to {self.plan.world_size} workers, "
             f"from the checkpoint of step {restore_from.step}"

@@ -10,6 +10,7 @@ checkpoint: the same global batch, so the same mathematics.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import ray
@@ -41,6 +42,21 @@ def choose_world_size(
         return world_size
     check_fits(candidates[-1])
     return candidates[-1]
+
+
+def fits_within(check_fits: Callable[[int], None], world_size: int, seconds: float) -> bool:
+    """Whether `world_size` workers fit within `seconds`. Growing back, the probe that showed
+    they fit held their resources until a moment ago, and Ray frees them asynchronously: a
+    check made at once saw too few and started the smaller group again."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            check_fits(world_size)
+            return True
+        except ConfigError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
 
 class GrowProbe:

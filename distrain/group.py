@@ -32,6 +32,7 @@ from distrain.config import Config, plain
 from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
 from distrain.plan import StepPlan
 from distrain.reporting import MetricsSink
+from distrain.simulate import SlowRank
 from distrain.worker import Worker
 
 log = logging.getLogger("distrain")
@@ -83,8 +84,10 @@ class Spare:
 
 
 class WorkerGroup:
-    def __init__(self, job: Config, plan: StepPlan, device_type: str) -> None:
-        self.job, self.plan = job, plan
+    def __init__(
+        self, job: Config, plan: StepPlan, device_type: str, slow_rank: SlowRank | None = None
+    ) -> None:
+        self.job, self.plan, self.slow_rank = job, plan, slow_rank
         self.world_size = plan.world_size
         self.device_type = device_type
         self.workers: list[Any] = []
@@ -184,7 +187,14 @@ class WorkerGroup:
                 num_gpus=self.need.gpus,
                 scheduling_strategy=strategy,
             )
-            .remote(rank, asdict(self.plan), plain(self.job), self.device_type, self.sink)
+            .remote(
+                rank,
+                asdict(self.plan),
+                plain(self.job),
+                self.device_type,
+                self.sink,
+                self.slow_rank,
+            )
         )
         return handle, name
 
@@ -221,7 +231,7 @@ class WorkerGroup:
         (a one-rank checkpoint payload). This group keeps only the failed actors, its sink and
         its grow probe, for `shutdown`; a used spare is replaced in the background.
         """
-        healed = WorkerGroup(self.job, self.plan, self.device_type)
+        healed = WorkerGroup(self.job, self.plan, self.device_type, self.slow_rank)
         healed.need, healed.splits_ref = self.need, self.splits_ref
         healed.group_id, healed._actors_made = self.group_id, self._actors_made
         healed.placement_group, self.placement_group = self.placement_group, None

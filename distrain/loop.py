@@ -214,7 +214,7 @@ class Cadence:
     heartbeat_s: float  # a "heartbeat" record when nothing else was sent for this long
     nan_policy: str = "stop"  # stop: raise NonFiniteError; skip_step: skip and count the step
     histogram_every_n_steps: int = 0  # a "histograms" record (0: never)
-    debug_delay_s: float = 0.0  # test only: a sleep per step (a straggler), counted as data time
+    slow_step_s: float = 0.0  # DISTRAIN_SLOW_RANK: a sleep per step (a straggler), as data time
 
 
 def grads_are_finite(model: nn.Module) -> bool:
@@ -301,8 +301,8 @@ def _train_epoch(
     clock = make_clock(device)  # GPU time (CUDA events) on a GPU
     interval, steps = _Interval(device), 0
     for x, y in parts.batches.train_batches(pos.epoch, pos.step_in_epoch):
-        if cadence.debug_delay_s:
-            time.sleep(cadence.debug_delay_s)
+        if cadence.slow_step_s:
+            time.sleep(cadence.slow_step_s)
         clock.lap("data_s")
         step = pos.step + 1
         log_now = step % cadence.log_every_n_steps == 0 or step == plan.total_steps

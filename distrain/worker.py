@@ -20,6 +20,7 @@ from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
 from distrain.loop import Cadence, Parts, Position, fit, step_seed
 from distrain.plan import StepPlan
+from distrain.simulate import SlowRank
 
 log = logging.getLogger("distrain.worker")
 # Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
@@ -35,9 +36,15 @@ class Worker:
     driver's output)."""
 
     def __init__(
-        self, rank: int, plan: dict[str, int], job: dict[str, Any], device_type: str, sink: Any
+        self,
+        rank: int,
+        plan: dict[str, int],
+        job: dict[str, Any],
+        device_type: str,
+        sink: Any,
+        slow_rank: SlowRank | None = None,
     ):
-        self.sink = sink
+        self.sink, self.slow_rank = sink, slow_rank
         self.plan, self.job = StepPlan(**plan), typed(job)
         self.world_size = self.plan.world_size
         trainer = self.job.trainer
@@ -244,7 +251,6 @@ class Worker:
         self._outbox: list[dict[str, Any]] = []
         self._checkpoint_blocking_s, self._unsaved_step = 0.0, -1
         self._next_report_s = time.monotonic()
-        slowed = trainer.debug_delay_rank == self.rank  # test only: a simulated straggler
         self.parts.aggregator.fit_started_s = time.perf_counter()
         cadence = Cadence(
             log_every_n_steps=logger.log_every_n_steps,
@@ -253,7 +259,7 @@ class Worker:
             nan_policy=trainer.nan_policy,
             # Histograms are the same on every rank after aggregation: rank 0 sends them.
             histogram_every_n_steps=logger.histogram_every_n_steps if self.rank == 0 else 0,
-            debug_delay_s=trainer.debug_delay_s if slowed else 0.0,
+            slow_step_s=self.slow_rank.delay_s(self.rank) if self.slow_rank else 0.0,
         )
         stopped = fit(
             self.parts,

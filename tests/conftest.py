@@ -39,6 +39,12 @@ def ray_address() -> Any:
         ray.shutdown()
 
 
+def slowed(rank: int, step_delay_s: float, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (this process's by default) with `rank` sleeping `step_delay_s` per step: a
+    straggler made on purpose (distrain/simulate.py)."""
+    return {**(os.environ if env is None else env), "DISTRAIN_SLOW_RANK": f"{rank}:{step_delay_s}"}
+
+
 def run_cli(
     *overrides: str, cwd: Path, timeout_s: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -51,3 +57,28 @@ def run_cli(
         timeout=timeout_s,
         env={**os.environ, **(env or {})},
     )
+
+
+# The job the multi-node tests (test_cluster.py, test_two_hosts.py) run on two nodes and compare
+# with one node.
+TWO_WORKER_JOB = [
+    "trainer.workers=2",
+    "trainer.epochs=2",
+    "optimizer.lr=0.05",
+    "model.hidden_sizes=[32,32]",
+    "logger.progress=plain",
+]
+
+
+@pytest.fixture(scope="session")
+def one_node_run(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TWO_WORKER_JOB on the session's one-node Ray, run once: what a two-node run must equal."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    result = run_cli(
+        f"cluster.address={ray_address}",
+        *TWO_WORKER_JOB,
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

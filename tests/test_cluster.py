@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import TWO_WORKER_JOB, run_cli
 from tests.test_cli import _processes_mentioning
 
 # Runs in the no-distrain venv: starts the two nodes, reports them, waits for stdin to close.
@@ -41,13 +41,7 @@ print(json.dumps({"address": cluster.address, "nodes": nodes}), flush=True)
 sys.stdin.read()
 cluster.shutdown()
 """
-JOB = [
-    "trainer.workers=2",
-    "trainer.epochs=2",
-    "optimizer.lr=0.05",
-    "model.hidden_sizes=[32,32]",
-    "logger.progress=plain",
-]
+JOB = TWO_WORKER_JOB
 
 
 def _free_port() -> int:
@@ -127,7 +121,7 @@ def _metrics(run_dir: Path) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_two_nodes_spread_trains_like_one_node(
-    two_nodes: dict[str, Any], ray_address: str, tmp_path: Path
+    two_nodes: dict[str, Any], one_node_run: Path, tmp_path: Path
 ) -> None:
     """SPREAD puts the two workers on the two nodes, the code travels in the runtime env, and
     the result is the single-node run's: the same data order and the same averaged gradients."""
@@ -140,18 +134,14 @@ def test_two_nodes_spread_trains_like_one_node(
         cwd=tmp_path,
     )
     assert spread.returncode == 0, spread.stderr[-3000:]
-    single = run_cli(
-        f"cluster.address={ray_address}", *JOB, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
 
-    two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    two, one = _metrics(tmp_path / "two"), _metrics(one_node_run)
     assert sorted(two["nodes"]) == sorted(two_nodes["nodes"])  # one worker on each node
     assert len(set(one["nodes"])) == 1
     assert two["steps"] == one["steps"] == 2 * (1437 // 64)
     assert two["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=1e-9)
     params_two = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
-    params_one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    params_one = torch.load(one_node_run / "model.pt", weights_only=True)
     assert params_two.keys() == params_one.keys()
     # Bitwise: the same float operations in the same order, only on other nodes.
     for name, value in params_one.items():

@@ -1,7 +1,8 @@
 """What a user watches, read back through TensorBoard itself: its event reader and its server.
 
-One real 2-worker run through the CLI with everything on (histograms, graph) and rank 1 slowed on
-purpose (`trainer.debug_delay_*`, test only), and a 2-job --multirun sweep for the HParams table.
+One real 2-worker run through the CLI with everything on (histograms, graph) and rank 1 slowed
+on purpose (DISTRAIN_SLOW_RANK, distrain/simulate.py), and a 2-job --multirun sweep for the
+HParams table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distrain import build
 from distrain.timing import PHASES
-from tests.conftest import compose_job, run_cli
+from tests.conftest import compose_job, run_cli, slowed
 
 EPOCHS, LOG_EVERY, HIST_EVERY, WORKERS = 2, 5, 10, 2
 STEPS_PER_EPOCH = 1437 // 64  # digits: 1,797 samples, 20% held out, global batch 64
@@ -35,8 +36,6 @@ RUN = [
     "logger.log_graph=true",
     "logger.straggler_patience=2",
     "logger.progress=plain",
-    "trainer.debug_delay_rank=1",  # test only: rank 1 sleeps 30 ms per step
-    "trainer.debug_delay_s=0.03",
 ]
 
 
@@ -44,7 +43,13 @@ RUN = [
 def monitored_run(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("monitored")
     run_dir = root / "run"
-    result = run_cli(f"cluster.address={ray_address}", *RUN, f"hydra.run.dir={run_dir}", cwd=root)
+    result = run_cli(
+        f"cluster.address={ray_address}",
+        *RUN,
+        f"hydra.run.dir={run_dir}",
+        cwd=root,
+        env=slowed(1, 0.03),  # rank 1 sleeps 30 ms per step: the straggler to find
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     events = EventAccumulator(
         str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}

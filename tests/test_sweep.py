@@ -14,7 +14,7 @@ import pytest
 
 from distrain.config import ConfigError
 from distrain.sweep import RESUME, RUN, SKIP, job_row, markdown_table, plan
-from tests.conftest import DISTRAIN, run_cli
+from tests.conftest import DISTRAIN, run_cli, slowed
 
 FINISHED = {"wall_s": 12.5, "val_accuracy": 0.9, "samples_per_s": 1000.0, "steps": 22}
 
@@ -77,18 +77,16 @@ def test_summary_rows_and_table(tmp_path: Path) -> None:
     assert "FAILED: configuration error: bad" in table[3] and "second line" not in table[3]
 
 
-def _sweep_command(ray_address: str, sweep_dir: Path) -> list[str]:
-    return [
-        *DISTRAIN,
-        "--multirun",
-        "optimizer.lr=0.05,0.1",
-        "trainer.workers=1,2",
-        "trainer.epochs=1",
-        "model.hidden_sizes=[32]",
-        "logger.progress=plain",
-        f"cluster.address={ray_address}",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+EPOCHS = 4
+SWEEP = [
+    "--multirun",
+    "optimizer.lr=0.05,0.1",
+    "trainer.workers=1,2",
+    f"trainer.epochs={EPOCHS}",
+    "trainer.checkpoint_every_n_steps=10",
+    "model.hidden_sizes=[32]",
+    "logger.progress=plain",
+]
 
 
 def _finished(job_dir: Path) -> bool:
@@ -99,53 +97,59 @@ def _finished(job_dir: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_continues_with_only_what_is_missing(
+def test_a_sweep_stopped_mid_job_continues_with_only_what_is_missing(
     ray_address: str, tmp_path: Path
 ) -> None:
-    """4 jobs; Ctrl-C once job 1 has finished; the same command again skips what finished and
-    runs the rest, into the same numbered run dirs, then prints and writes the summary.
-
-    The signal lands between jobs or inside job 2 (timing decides): either way the sweep stops
-    with exit code 130 and job 3 never starts. A regression test: a Ctrl-C that reached a job
-    in its last epoch used to be dropped when the job finished, and the sweep ran on to the end.
-    """
+    """4 jobs; Ctrl-C while job 1 trains (after its first checkpoint): the sweep stops with exit
+    code 130 and job 2 never starts. The same command again skips job 0 (finished), continues
+    job 1 from its checkpoint to the same step count in the same run dir, runs jobs 2 and 3,
+    then prints and writes the summary. A regression test: a Ctrl-C that reached a job used to
+    be dropped when the job finished, and the sweep ran on to the end."""
     sweep_dir = tmp_path / "sweep"
-    command = _sweep_command(ray_address, sweep_dir)
+    command = [*DISTRAIN, *SWEEP, f"cluster.address={ray_address}", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Rank 0 sleeps 10 ms a step, so job 1 is still training when the stop arrives, on any
+        # machine: the driver sees a checkpoint a few hundred ms after the workers pass it.
+        env=slowed(0, 0.01),
     )
+    latest = sweep_dir / "1" / "checkpoints" / "latest"
     try:
         deadline = time.monotonic() + 240
-        while not _finished(sweep_dir / "1") and time.monotonic() < deadline:
+        while not latest.exists() and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.2)
-        assert _finished(sweep_dir / "1"), "job 1 did not finish in time"
+            time.sleep(0.05)
+        assert latest.exists(), "job 1 wrote no checkpoint in time"
         proc.send_signal(signal.SIGINT)
-        _, first_err = proc.communicate(timeout=60)
+        _, first_err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, first_err[-3000:]
     assert "the sweep stops here" in first_err and "Traceback" not in first_err
-    assert _finished(sweep_dir / "0")
-    assert not (sweep_dir / "3").exists() and not (sweep_dir / "summary.json").exists()
-    finished_before = [n for n in (0, 1, 2) if _finished(sweep_dir / str(n))]
-    mtimes = {n: (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns for n in finished_before}
+    assert _finished(sweep_dir / "0") and not _finished(sweep_dir / "1"), first_err[-3000:]
+    assert not (sweep_dir / "2").exists() and not (sweep_dir / "summary.json").exists()
+    job0_written = (sweep_dir / "0" / "metrics.json").stat().st_mtime_ns
 
     again = subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ)
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    for n in finished_before:
-        assert f"distrain: job {n} (" in again.stderr and "skipped (finished)" in again.stderr
-        assert (sweep_dir / str(n) / "metrics.json").stat().st_mtime_ns == mtimes[n]
-    assert again.stderr.count("skipped (finished)") == len(finished_before), again.stderr[-3000:]
+    assert "distrain: job 0 (" in again.stderr and "skipped (finished)" in again.stderr
+    assert again.stderr.count("skipped (finished)") == 1, again.stderr[-3000:]
+    assert (sweep_dir / "0" / "metrics.json").stat().st_mtime_ns == job0_written
+    assert "job 1 (" in again.stderr and "resuming from its last checkpoint" in again.stderr
+    steps = EPOCHS * (1437 // 64)
+    resumed = json.loads((sweep_dir / "1" / "metrics.json").read_text())
+    assert resumed["steps"] == steps and resumed["epochs"] == EPOCHS
 
     rows = json.loads((sweep_dir / "summary.json").read_text())
     assert [r["job"] for r in rows] == [0, 1, 2, 3]
-    assert [r["status"] for r in rows] == [
-        "skipped (finished before)" if n in finished_before else "finished" for n in range(4)
-    ]
+    assert [r["status"] for r in rows] == ["skipped (finished before)"] + ["finished"] * 3
     for n, row in enumerate(rows):
         metrics = json.loads((sweep_dir / str(n) / "metrics.json").read_text())
         assert row["overrides"] == metrics["overrides"]
@@ -222,51 +226,3 @@ def test_optuna_search_runs_trials_and_summarises(ray_address: str, tmp_path: Pa
     assert f"best_value: {min(m['val_loss'] for m in losses)}" in best
     for row in rows:
         assert any(o.startswith("optimizer.lr=") for o in row["overrides"])
-
-
-@pytest.mark.slow
-def test_a_job_interrupted_mid_run_resumes_from_its_checkpoint(
-    ray_address: str, tmp_path: Path
-) -> None:
-    """Ctrl-C while job 1 trains (after its first checkpoint): the same command again skips job 0
-    and continues job 1 from its checkpoint to the same step count, in the same run dir."""
-    sweep_dir = tmp_path / "sweep"
-    command = [
-        *DISTRAIN,
-        "--multirun",
-        "optimizer.lr=0.05,0.1",
-        "trainer.epochs=20",
-        "trainer.checkpoint_every_n_steps=10",
-        "model.hidden_sizes=[32]",
-        # Rank 0 sleeps 10 ms a step, so job 1 is still training when the stop arrives, on any
-        # machine: the driver sees a checkpoint a few hundred ms after the workers pass it.
-        "trainer.debug_delay_rank=0",
-        "trainer.debug_delay_s=0.01",
-        "logger.progress=plain",
-        f"cluster.address={ray_address}",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    latest = sweep_dir / "1" / "checkpoints" / "latest"
-    try:
-        deadline = time.monotonic() + 240
-        while not latest.exists() and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
-        assert latest.exists(), "job 1 wrote no checkpoint in time"
-        proc.send_signal(signal.SIGINT)
-        _, first_err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, first_err[-3000:]
-    assert _finished(sweep_dir / "0") and not _finished(sweep_dir / "1"), first_err[-3000:]
-
-    again = run_cli(*command[3:], cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "job 0 (" in again.stderr and "skipped (finished)" in again.stderr
-    assert "job 1 (" in again.stderr and "resuming from its last checkpoint" in again.stderr
-    metrics = json.loads((sweep_dir / "1" / "metrics.json").read_text())
-    assert metrics["steps"] == 20 * (1437 // 64) and metrics["epochs"] == 20
-    rows = json.loads((sweep_dir / "summary.json").read_text())
-    assert [r["status"] for r in rows] == ["skipped (finished before)", "finished"]

@@ -42,3 +42,21 @@ def test_when_none_fits_the_smallest_allowed_count_is_named() -> None:
     # (this used to end in an AssertionError).
     with pytest.raises(ConfigError, match=r"^4 workers do not fit"):
         elastic.choose_world_size(4, 3, _fits_up_to(2, []), shrink=True)
+
+
+def test_growing_back_waits_briefly_for_the_released_probe_to_fit() -> None:
+    """Ray frees a removed placement group's resources asynchronously: the configured count
+    may fail a check made at once and fit a moment later."""
+    checks = []
+
+    def check_fits(world_size: int) -> None:
+        checks.append(world_size)
+        if len(checks) < 3:
+            raise ConfigError("not yet")
+
+    assert elastic.fits_within(check_fits, 2, seconds=5.0) and checks == [2, 2, 2]
+
+    def never_fits(world_size: int) -> None:
+        raise ConfigError("a node is gone")
+
+    assert not elastic.fits_within(never_fits, 2, seconds=0.3)
