@@ -175,7 +175,22 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(job: dict[str, Any]) -> None:
     """Check the values of a resolved job (plain dict); raise ConfigError naming the bad value."""
-    trainer, data, cluster, logger = job["trainer"], job["data"], job["cluster"], job["logger"]
+    _check_trainer(job["trainer"])
+    _check_cluster(job["cluster"])
+    _check_logger(job["logger"])
+    _check_sampling(job["logger"], job["trainer"])
+    _check_optimizer(job["optimizer"])
+    for group in ("model", "data", "optimizer", "loss", "aggregator"):
+        _require(
+            isinstance(job[group], dict) and "_target_" in job[group],
+            f"{group} has no _target_: every {group} config names the class or function to build "
+            f"(e.g. {group}=<one of conf/{group}/*.yaml>).",
+        )
+    _check_batching(job["data"])
+    _check_aggregator(job)
+
+
+def _check_trainer(trainer: dict[str, Any]) -> None:
     workers = trainer["workers"]
     _require(workers >= 1, f"trainer.workers={workers} is not allowed: it must be at least 1.")
     _require(trainer["epochs"] >= 1, f"trainer.epochs={trainer['epochs']} must be at least 1.")
@@ -222,12 +237,18 @@ def validate(job: dict[str, Any]) -> None:
         low is None or 1 <= low <= workers,
         f"trainer.min_workers={low} must be between 1 and trainer.workers={workers}, or null.",
     )
+
+
+def _check_cluster(cluster: dict[str, Any]) -> None:
+    for key in ("connect_timeout_s", "scale_up_timeout_s"):
+        _require(cluster[key] > 0, f"cluster.{key}={cluster[key]} must be > 0 seconds.")
+
+
+def _check_logger(logger: dict[str, Any]) -> None:
     _require(
         logger["log_every_n_steps"] >= 1,
         f"logger.log_every_n_steps={logger['log_every_n_steps']} must be at least 1.",
     )
-    for key in ("connect_timeout_s", "scale_up_timeout_s"):
-        _require(cluster[key] > 0, f"cluster.{key}={cluster[key]} must be > 0 seconds.")
     _require(
         logger["histogram_every_n_steps"] >= 0,
         f"logger.histogram_every_n_steps={logger['histogram_every_n_steps']} must be >= 0 "
@@ -243,20 +264,21 @@ def validate(job: dict[str, Any]) -> None:
         f"logger.straggler_patience={logger['straggler_patience']} must be at least 1 "
         "(logged intervals in a row).",
     )
-    _check_sampling(logger, trainer)
 
-    lr = job["optimizer"].get("lr")
+
+def _check_optimizer(optimizer: dict[str, Any]) -> None:
+    lr = optimizer.get("lr")
     _require(
         lr is None or (isinstance(lr, int | float) and lr > 0),
         f"optimizer.lr={lr} is not allowed: the learning rate must be a number > 0.",
     )
-    scaling = job["optimizer"].get("lr_scaling", "none")
+    scaling = optimizer.get("lr_scaling", "none")
     _require(
         scaling in LR_SCALINGS,
         f"optimizer.lr_scaling={scaling!r} is not one of {', '.join(LR_SCALINGS)} (linear: lr x "
         "data.batch_size / optimizer.reference_batch).",
     )
-    reference = job["optimizer"].get("reference_batch", 256)
+    reference = optimizer.get("reference_batch", 256)
     _require(
         isinstance(reference, int) and not isinstance(reference, bool) and reference >= 1,
         f"optimizer.reference_batch={reference} must be a whole number of samples >= 1.",
@@ -265,13 +287,9 @@ def validate(job: dict[str, Any]) -> None:
         scaling == "none" or lr is not None,
         "optimizer.lr_scaling=linear scales optimizer.lr, but this optimizer has no lr key.",
     )
-    for group in ("model", "data", "optimizer", "loss", "aggregator"):
-        _require(
-            isinstance(job[group], dict) and "_target_" in job[group],
-            f"{group} has no _target_: every {group} config names the class or function to build "
-            f"(e.g. {group}=<one of conf/{group}/*.yaml>).",
-        )
 
+
+def _check_batching(data: dict[str, Any]) -> None:
     batch_size = data.get("batch_size")
     _require(
         isinstance(batch_size, int) and batch_size >= 1,
@@ -295,7 +313,6 @@ def validate(job: dict[str, Any]) -> None:
         loader in ("auto", "memory", "dataloader"),
         f"data.loader={loader!r} is not one of auto, memory, dataloader.",
     )
-    _check_aggregator(job)
 
 
 def _check_sampling(logger: dict[str, Any], trainer: dict[str, Any]) -> None:
