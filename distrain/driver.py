@@ -44,7 +44,7 @@ from distrain.plan import StepPlan
 from distrain.recording import RunRecorder
 from distrain.rundir import RunDirectory, git_revision
 from distrain.saving import Checkpoints
-from distrain.watch import StopRequest, check_hang, first_line, rank_result
+from distrain.watch import StopAtBoundary, StopRequest, check_hang, first_line, rank_result
 
 log = logging.getLogger("distrain")
 POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
@@ -294,6 +294,12 @@ class Supervisor:
             for record in group.drain():
                 if record["kind"] not in ("checkpoint", "heartbeat"):
                     self.recorder.record(collector.add(record))
+        for epoch in collector.complete_without(failure.failed_ranks):
+            self.recorder.message(
+                f"epoch {epoch.epoch + 1}: rank(s) {epoch.missing_ranks} died before reporting "
+                "it; its figures are the other ranks' only"
+            )
+            self.recorder.record(epoch)
         self.failures.recovered(healed.record())
         count = len(self.failures)
         self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")
@@ -328,9 +334,8 @@ class Supervisor:
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
         self.checkpoints.begin_group()
-        stop_deadline: float | None = None
         probe = self._grow_probe(group)
-        growing = False
+        boundary = StopAtBoundary(group.sink, self.trainer.stop_timeout_s, self.recorder.message)
         with StopRequest() as stop:
             while pending:
                 done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
@@ -349,26 +354,19 @@ class Supervisor:
                     timeout_s=self.trainer.step_timeout_s,
                     stacks_dir=self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}",
                 )
-                if stop.requested and stop_deadline is None:
-                    self.recorder.message(
-                        "stopping: the workers write a checkpoint at the next boundary "
-                        f"(up to {self.trainer.stop_timeout_s:g} s; Ctrl-C again to stop now)"
-                    )
-                    group.sink.request_stop.remote()
-                    stop_deadline = time.monotonic() + self.trainer.stop_timeout_s
-                if stop_deadline is not None and time.monotonic() > stop_deadline:
+                if boundary.stop_waited_out(stop.requested):
                     break
-                if probe and not growing and not stop.requested and probe.ready():
-                    growing = True
-                    self.recorder.message(
-                        f"elastic: there is room for trainer.workers={self.plan.world_size} "
-                        "workers again; growing back at the next checkpoint boundary"
-                    )
-                    group.sink.request_stop.remote()
+                if probe and not boundary.growing and not stop.requested and probe.ready():
+                    boundary.grow_back(self.plan.world_size)
         self.stop_requested = self.stop_requested or stop.requested
         # the last checkpoint is on disk before the run ends
         self.checkpoints.settle(wait=True, nodes=self.current_nodes)
-        if growing and not stop.requested and results and all(r["stopped"] for r in results):
+        if (
+            boundary.growing
+            and not stop.requested
+            and results
+            and all(r["stopped"] for r in results)
+        ):
             return None
         if pending or any(r["stopped"] for r in results):  # stopped early, or gave up waiting
             latest = self.checkpoints.latest()

@@ -67,6 +67,9 @@ class EpochMetrics:
     tokens: int = 0
     mfu: float | None = None
     worker_tokens_per_s: list[float] | None = None  # by rank: its tokens / its training time
+    # Ranks that died after the epoch's last step but before reporting it (healed in place): the
+    # figures are the other ranks' (their training and validation shards) only.
+    missing_ranks: list[int] | None = None
 
     @property
     def samples_per_s(self) -> float:
@@ -118,6 +121,24 @@ class MetricsCollector:
             return None
         del self._pending[key]
         return self._step(ranks) if kind == "step" else self._epoch(ranks)
+
+    def complete_without(self, lost: frozenset[int]) -> list[EpochMetrics]:
+        """Epochs that only the `lost` ranks had not reported, completed from the others.
+
+        A rank that dies after an epoch's last step (its all-reduce done) but before sending
+        the epoch's record takes the record with it; the survivors, healed in place, go on from
+        that step, so nothing would ever complete the epoch and TensorBoard would miss its point.
+        """
+        done = []
+        for key in sorted(k for k in self._pending if k[0] == "epoch"):
+            ranks = self._pending[key]
+            missing = set(range(self.world_size)) - set(ranks)
+            if ranks and missing <= lost:
+                del self._pending[key]
+                metrics = self._epoch(ranks)
+                metrics.missing_ranks = sorted(missing)
+                done.append(metrics)
+        return done
 
     def _step(self, ranks: dict[int, dict[str, Any]]) -> StepMetrics:
         records = list(ranks.values())

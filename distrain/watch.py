@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,36 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class StopAtBoundary:
+    """Asks a running group, once, to stop at its next checkpoint boundary: on Ctrl-C/SIGTERM,
+    waiting at most `stop_timeout_s` for it, or to grow back to the configured worker count."""
+
+    def __init__(self, sink: Any, stop_timeout_s: float, message: Callable[[str], None]) -> None:
+        self.sink, self.stop_timeout_s, self.message = sink, stop_timeout_s, message
+        self.deadline_s: float | None = None  # a stop was asked for
+        self.growing = False
+
+    def stop_waited_out(self, requested: bool) -> bool:
+        """Ask for the stop once it is `requested`; True once it was waited for long enough."""
+        if requested and self.deadline_s is None:
+            self.message(
+                "stopping: the workers write a checkpoint at the next boundary "
+                f"(up to {self.stop_timeout_s:g} s; Ctrl-C again to stop now)"
+            )
+            self.sink.request_stop.remote()
+            self.deadline_s = time.monotonic() + self.stop_timeout_s
+        return self.deadline_s is not None and time.monotonic() > self.deadline_s
+
+    def grow_back(self, workers: int) -> None:
+        """The configured `workers` fit again: stop at the boundary to start them from there."""
+        self.growing = True
+        self.message(
+            f"elastic: there is room for trainer.workers={workers} workers again; growing back "
+            "at the next checkpoint boundary"
+        )
+        self.sink.request_stop.remote()
 
 
 def first_line(error: BaseException) -> str:

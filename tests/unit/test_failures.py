@@ -70,3 +70,38 @@ def test_a_failure_noticed_before_it_was_raised_counts_from_when_it_was_noticed(
     log.progressed(time.monotonic())
     entry = log.entries[0]
     assert entry["detection_s"] < 0.05 <= entry["recovery_s"]
+
+
+def _epoch_record(rank: int, epoch: int) -> dict:
+    return {
+        "kind": "epoch",
+        "rank": rank,
+        "epoch": epoch,
+        "step": 22 * (epoch + 1),
+        "train_loss_sum": 2.0 * (rank + 1),
+        "train_batches": 2,
+        "val_loss_sum": 3.0,
+        "val_correct": 6,
+        "val_count": 10,
+        "train_s": 1.0,
+        "samples": 64,
+    }
+
+
+def test_an_epoch_a_dead_rank_never_reported_is_completed_from_the_others():
+    """Rank 1 dies after epoch 0's last step but before sending its record: the survivors go on
+    from that step (healed), so only the others' figures can complete the epoch."""
+    from distrain.metrics import MetricsCollector
+
+    collector = MetricsCollector(3, "classification")
+    assert collector.add(_epoch_record(0, 0)) is None
+    assert collector.add(_epoch_record(2, 0)) is None
+    assert collector.add(_epoch_record(0, 1)) is None  # epoch 1: rank 2 has not reported yet
+    assert collector.complete_without(frozenset({0})) == []  # rank 0 reported: not its loss
+    [epoch] = collector.complete_without(frozenset({1}))
+    assert (epoch.epoch, epoch.missing_ranks) == (0, [1])
+    assert epoch.val_loss == pytest.approx(6.0 / 20) and epoch.val_accuracy == pytest.approx(0.6)
+    assert epoch.train_loss == pytest.approx((2.0 + 6.0) / 4) and collector.epochs == [epoch]
+    # Epoch 1 still waits for rank 2, which is alive and will send it.
+    assert collector.add(_epoch_record(1, 1)) is None
+    assert collector.add(_epoch_record(2, 1)).missing_ranks is None
