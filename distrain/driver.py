@@ -89,8 +89,9 @@ def train(
             autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
             gpus_per_worker=job.trainer.gpus_per_worker,
         )
-        supervisor = Supervisor(job, run_dir, splits, plan, device_type, overrides or [])
-        supervisor.slow_rank = slow_rank
+        supervisor = Supervisor(
+            job, run_dir, splits, plan, device_type, overrides or [], slow_rank=slow_rank
+        )
         result = supervisor.run(resume, started)
     metrics = {
         **result,
@@ -124,8 +125,10 @@ class Supervisor:
         plan: StepPlan,
         device_type: str,
         overrides: list[str],
+        slow_rank: simulate.SlowRank | None = None,  # DISTRAIN_SLOW_RANK (tests, demos)
     ) -> None:
         self.job, self.run_dir, self.device_type = job, run_dir, device_type
+        self.slow_rank = slow_rank
         self.splits, self.plan, self.overrides = splits, plan, overrides
         self.trainer = job.trainer
         self.task = splits.task
@@ -142,7 +145,6 @@ class Supervisor:
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
         self.growing_back = False  # the next group is the configured count again
-        self.slow_rank: simulate.SlowRank | None = None  # DISTRAIN_SLOW_RANK (tests, demos)
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
