@@ -197,10 +197,12 @@ def write_failure(
     (full, read-only) fails the run: a restart would not fix it."""
     error, step = result.error, result.step
     if isinstance(error, ShareTimeout):
+        noticed_s = time.monotonic()  # the probe below waits up to 10 s more on a cut-off node
         return GroupFailed(
             f"checkpoint of step {step}: the workers' shares did not arrive within "
             f"trainer.step_timeout_s={step_timeout_s:g} s (a node unreachable from the driver?)",
             unreachable_nodes=hangs.unreachable({n["node_id"] for n in nodes}),
+            noticed_s=noticed_s,
         )
     if isinstance(error, ShareLost):
         node = next((n for n in nodes if n["rank"] == error.rank), {})
