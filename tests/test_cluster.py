@@ -29,12 +29,17 @@ from tests.conftest import TWO_WORKER_JOB, run_cli
 from tests.test_cli import _processes_mentioning
 
 # Runs in the no-distrain venv: starts the two nodes, reports them, waits for stdin to close.
+# The second node gets a temp dir of its own, as a second host has its own disk: with a shared
+# one, its runtime-env agent deletes and unpacks again the working_dir the head's processes run
+# in, and a process whose working directory was deleted aborts on `import torch` ("Intel oneMKL
+# FATAL ERROR: Cannot load .../libtorch_cpu.so", reproduced with a plain chdir + rmdir). That
+# killed the Ray Client server in CI: the job's first `ray.put` of tensors imports torch there.
 HOST = """
 import json, sys
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 2, "include_dashboard": False, "ray_client_server_port": int(sys.argv[1])})
-cluster.add_node(num_cpus=2)
+cluster.add_node(num_cpus=2, temp_dir=sys.argv[2])
 cluster.wait_for_nodes()
 nodes = [n.node_id for n in [cluster.head_node, *cluster.worker_nodes]]
 print(json.dumps({"address": cluster.address, "nodes": nodes}), flush=True)
@@ -87,7 +92,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     ray_tmp = Path(tempfile.mkdtemp(prefix="dt2-", dir="/tmp"))
     client_port = _free_port()
     host = subprocess.Popen(
-        [str(python), "-c", HOST, str(client_port)],
+        [str(python), "-c", HOST, str(client_port), str(ray_tmp / "node2")],
         cwd=root,
         env=_clean_env(RAY_TMPDIR=str(ray_tmp)),
         stdin=subprocess.PIPE,
