@@ -438,7 +438,7 @@ class Supervisor:
             results,
             task=self.task,
             history=self.history,
-            failures=self.failures.entries,
+            failures=self.failures.to_json(),
             checkpoints=self.checkpoints.writer.stats(),
         )
         return {**summary, "grow_backs": self.grow_backs}

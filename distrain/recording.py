@@ -132,9 +132,5 @@ class RunRecorder:
             "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
             "restarts": len(failures),
             "checkpoints": checkpoints,
-            # Clock readings are internal: a failure with no progress after it keeps none.
-            "failures": [
-                {k: v for k, v in f.items() if k not in ("detected_s", "last_progress_s")}
-                for f in failures
-            ],
+            "failures": failures,
         }

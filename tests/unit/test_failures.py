@@ -47,14 +47,23 @@ def test_timings_run_from_the_last_progress_through_recovery_to_the_next_progres
     log.recovered({"from_step": 99})  # a later group (grow-back) is not this failure's recovery
     after = time.monotonic()
     log.progressed(after)
-    entry = log.entries[0]
+    entry = log.to_json()[0]
     assert entry["healed"] == {"from_step": 12}
     assert 0 <= entry["detection_s"] <= entry["downtime_s"]
     assert entry["downtime_s"] == pytest.approx(after - before)
     assert entry["recovery_s"] <= entry["downtime_s"]
     assert set(entry) == {"error", "detection_s", "recovery_s", "downtime_s", "healed"}
     log.progressed(after + 5.0)  # later progress leaves a closed failure alone
-    assert entry["downtime_s"] == pytest.approx(after - before)
+    assert log.to_json()[0]["downtime_s"] == pytest.approx(after - before)
+
+
+def test_a_failure_with_no_progress_after_it_reports_no_clock_readings():
+    """metrics.json gets durations only: a failure the run never got past has just its error."""
+    log = FailureLog(max_failures=3)
+    log.count(GroupFailed("rank 1 died"), here="n0", latest=None, resume_dir=Path("/r"))
+    assert log.to_json() == [{"error": "rank 1 died"}]
+    log.recovered()
+    assert set(log.to_json()[0]) == {"error", "recovery_s"}
 
 
 def test_a_failure_noticed_before_it_was_raised_counts_from_when_it_was_noticed():
@@ -68,7 +77,7 @@ def test_a_failure_noticed_before_it_was_raised_counts_from_when_it_was_noticed(
     log.count(failure, here="n0", latest=None, resume_dir=Path("/r"))
     log.recovered()
     log.progressed(time.monotonic())
-    entry = log.entries[0]
+    entry = log.to_json()[0]
     assert entry["detection_s"] < 0.05 <= entry["recovery_s"]
 
 
