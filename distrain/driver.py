@@ -283,7 +283,7 @@ class Supervisor:
                 group,
                 failure.failed_ranks,
                 timeout_s=min(self.trainer.step_timeout_s, self.trainer.setup_timeout_s),
-                assemble=self.checkpoints.writer.assemble,
+                assemble=self.checkpoints.assemble,
             )
         except GroupFailed as error:
             self.recorder.message(
@@ -439,6 +439,6 @@ class Supervisor:
             task=self.task,
             history=self.history,
             failures=self.failures.to_json(),
-            checkpoints=self.checkpoints.writer.stats(),
+            checkpoints=self.checkpoints.stats(),
         )
         return {**summary, "grow_backs": self.grow_backs}

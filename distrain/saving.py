@@ -34,7 +34,7 @@ class Checkpoints:
         """`resume_must_match`: the job's groups a resume checks; `message`: tells the user."""
         self.trainer, self.message = trainer, message
         self.store = checkpoint.CheckpointStore(directory, trainer.keep_checkpoints)
-        self.writer = CheckpointWriter(
+        self._writer = CheckpointWriter(
             self.store,
             job=resume_must_match,
             # Bounded: a share held on a node cut off from this one is not fetched until Ray
@@ -65,7 +65,7 @@ class Checkpoints:
     ) -> None:
         """A rank's checkpoint record; a step whose every share arrived is saved (an epoch's
         last step once its figures are in the history: `epoch_recorded`)."""
-        pending = self.writer.add(record, world_size)
+        pending = self._writer.add(record, world_size)
         if pending is None:
             return
         if record["epoch_end"]:
@@ -83,7 +83,7 @@ class Checkpoints:
     def _save(self, pending: Pending, history: list[EpochMetrics], sink: Any) -> None:
         """Queue a checkpoint for the background writer; with trainer.async_checkpoint=false,
         wait until it is written and let the workers (waiting for it) go on."""
-        self.writer.submit(pending, [dataclasses.asdict(e) for e in history])
+        self._writer.submit(pending, [dataclasses.asdict(e) for e in history])
         if not self.trainer.async_checkpoint:
             self.settle(wait=True)
             sink.saved.remote(pending.step)
@@ -97,7 +97,7 @@ class Checkpoints:
         `nodes`); once the group has `failed` anyway, a lost write only leaves the previous
         checkpoint as the latest.
         """
-        results = self.writer.wait() if wait else self.writer.finished()
+        results = self._writer.wait() if wait else self._writer.finished()
         for result in results:
             if result.saved is not None:
                 log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
@@ -111,9 +111,17 @@ class Checkpoints:
             return
         raise write_failure(failed_writes[0], nodes or [], self.trainer.step_timeout_s)
 
+    def assemble(self, records: list[dict[str, Any]], epoch_end: bool) -> dict[str, Any]:
+        """A checkpoint's metadata from its ranks' records (a heal's survivors send theirs)."""
+        return self._writer.assemble(records, epoch_end)
+
+    def stats(self) -> dict[str, Any]:
+        """The writes' counts and timings, for metrics.json."""
+        return self._writer.stats()
+
     def after_failure(self) -> None:
         """A write in progress completes, or fails with the group (its shares' owners died);
         shares of checkpoints the failed group can no longer complete are dropped."""
         self.settle(wait=True, failed=True)
-        self.writer.forget()
+        self._writer.forget()
         self._epoch_end = None
