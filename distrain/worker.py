@@ -103,7 +103,21 @@ class Worker:
         `checkpoint` is `[ObjectRef]` of a checkpoint payload to start from (in a list, so Ray
         hands over the reference rather than fetching it for every actor up front).
         """
-        job, trainer, data = self.job, self.job.trainer, self.job.data
+        aggregator = self._join(rendezvous)
+        if self.splits is None:
+            self.splits = build.build_splits(self.job.data) if shared is None else shared.open()
+        self.parts = self._build_parts(aggregator, self.splits)
+        if self.splits.task == "language_model":
+            self._language_model(self.splits)
+        self.position = Position()
+        if checkpoint:
+            self.position = training_state.restore(
+                self.parts, ray.get(checkpoint[0]), rank=self.rank, world_size=self.world_size
+            )
+
+    def _join(self, rendezvous: dict[str, Any]) -> GradientAggregator:
+        """The job's aggregator, connected to its peers."""
+        trainer = self.job.trainer
         aggregator: GradientAggregator = instantiate(self.job.aggregator, _convert_="all")
         aggregator.connect(
             rank=self.rank,
@@ -114,16 +128,21 @@ class Worker:
             # collective stuck on a dead peer still raises instead of waiting 30 minutes.
             timeout_s=2 * trainer.step_timeout_s,
         )
-        if self.splits is None:
-            self.splits = build.build_splits(data) if shared is None else shared.open()
-        splits = self.splits
-        plan = self.plan
-        batches = ShardBatches(
+        # While blocked on its peers the worker still reports, naming whom it waits for.
+        aggregator.on_wait = self._waiting
+        aggregator.wait_beat_s = heartbeat_s(trainer)
+        aggregator.precision = self.precision
+        return aggregator
+
+    def _batches(self, splits: Any) -> ShardBatches:
+        """This rank's share of every global batch, on its device."""
+        plan, data = self.plan, self.job.data
+        return ShardBatches(
             splits,
             global_batch=plan.global_batch,
             rank=self.rank,
             world_size=self.world_size,
-            seed=trainer.seed,
+            seed=self.job.trainer.seed,
             device=self.device,
             loader=data.get("loader", "auto"),
             num_workers=data.get("num_workers", 0),
@@ -133,14 +152,15 @@ class Worker:
             if splits.task == "language_model" and plan.accumulation_steps > 1
             else None,
         )
+
+    def _build_parts(self, aggregator: GradientAggregator, splits: Any) -> Parts:
+        """Model, loss, optimizer, scheduler and batches, wrapped and built by `aggregator`."""
+        job, trainer, plan = self.job, self.job.trainer, self.plan
+        batches = self._batches(splits)
         torch.manual_seed(trainer.seed)  # the same initial parameters on every rank
         model = build.build_model(job.model, splits).to(self.device)
         rank_seed = trainer.seed + 1 + self.rank  # distinct dropout/augmentation streams
         torch.manual_seed(step_seed(rank_seed, 0))
-        # While blocked on its peers the worker still reports, naming whom it waits for.
-        aggregator.on_wait = self._waiting
-        aggregator.wait_beat_s = heartbeat_s(trainer)
-        aggregator.precision = self.precision
         self.compiled = blocks.prepare(model, aggregator, trainer)
         # Wrapped before the optimizer is built: FSDP replaces the parameters with their shards.
         train_model = aggregator.wrap(model)
@@ -156,7 +176,7 @@ class Worker:
             steps_per_epoch=plan.steps_per_epoch,
             total_steps=plan.total_steps,
         )
-        self.parts = Parts(
+        return Parts(
             model=model,
             train_model=train_model,
             loss_fn=build.build_loss(job.loss, splits.task).to(self.device),
@@ -171,13 +191,6 @@ class Worker:
             num_outputs=splits.num_outputs,
             rank_seed=rank_seed,
         )
-        if splits.task == "language_model":
-            self._language_model(splits)
-        self.position = Position()
-        if checkpoint:
-            self.position = training_state.restore(
-                self.parts, ray.get(checkpoint[0]), rank=self.rank, world_size=self.world_size
-            )
 
     def _language_model(self, splits: Any) -> None:
         """Tokens/s and MFU figures for every rank; on rank 0 the sampler (logger.sample_*)."""
