@@ -210,23 +210,11 @@ class Supervisor:
             ref = ray.put({"meta": restore_from.meta, "shards": shards})
         deadline = time.monotonic() + self.trainer.setup_timeout_s
         while True:
-            group: WorkerGroup | None = None
             try:
-                plan = self._plan_group()
-                group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
-                group.start(
-                    self._resources(plan.world_size),
-                    ref,
-                    self.splits_ref,
-                    spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
-                )
+                group = self._try_start(ref)
             except WorkerError as error:
-                if group is not None:
-                    group.shutdown()
                 raise TrainingFailed(str(error)) from None
             except (ConfigError, GroupFailed) as error:
-                if group is not None:
-                    group.shutdown()
                 # The first start: nothing to recover, say what happened; a transport failure
                 # while forming the group (NCCL init, a port taken) is retried all the same.
                 if not self.failures and not isinstance(error, SetupTransportFailed):
@@ -240,19 +228,31 @@ class Supervisor:
                     ) from None
                 time.sleep(1.0)
                 continue
-            except BaseException:
-                if group is not None:
-                    group.shutdown()
-                raise
             self._write_workers(group)
             self.failures.recovered()
-            if plan.world_size < self.plan.world_size:
+            if group.plan.world_size < self.plan.world_size:
                 self.recorder.message(
-                    f"elastic: continuing on {plan.world_size} of {self.plan.world_size} workers "
-                    f"(trainer.min_workers={self.trainer.min_workers}), same global batch "
-                    f"{plan.global_batch}"
+                    f"elastic: continuing on {group.plan.world_size} of {self.plan.world_size} "
+                    f"workers (trainer.min_workers={self.trainer.min_workers}), same global "
+                    f"batch {group.plan.global_batch}"
                 )
             return group
+
+    def _try_start(self, checkpoint_ref: Any) -> WorkerGroup:
+        """One attempt: a group planned, placed and set up, or shut down again on any error."""
+        plan = self._plan_group()
+        group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
+        try:
+            group.start(
+                self._resources(plan.world_size),
+                checkpoint_ref,
+                self.splits_ref,
+                spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
+            )
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
 
     def _plan_group(self) -> StepPlan:
         """The configured worker count; after a failure, the most that fit (>= min_workers)."""
