@@ -153,9 +153,10 @@ def reference_loop(
     validation accuracy and the steps trained."""
     from distrain import build
     from distrain import device as devices
+    from distrain.config import DataConfig
     from distrain.sharding import epoch_permutation
 
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     x, y = (t.to(device) for t in splits.train.tensors)
     trainer = job["trainer"]
     total_steps = trainer["epochs"] * (len(x) // BATCH)

@@ -15,9 +15,9 @@ import torch
 from hydra.utils import get_object, instantiate
 from torch import nn
 
-from distrain.config import ConfigError
+from distrain.config import ConfigError, DataConfig, Loader
 from distrain.data import transforms
-from distrain.data.base import LOADER_KEYS, Splits
+from distrain.data.base import Splits
 from distrain.lm import PerTokenLoss
 
 log = logging.getLogger("distrain")
@@ -34,12 +34,13 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def build_splits(data: dict[str, Any]) -> Splits:
+def build_splits(data: DataConfig) -> Splits:
     """The builder's splits with `data.train_transforms` / `data.val_transforms` attached: per
     batch on the device when batched in memory, per sample in the DataLoader otherwise."""
-    train = transforms.build_pipeline(data.get("train_transforms"), "data.train_transforms")
-    val = transforms.build_pipeline(data.get("val_transforms"), "data.val_transforms")
-    builder_config = {k: v for k, v in data.items() if k not in LOADER_KEYS + transforms.KEYS}
+    source = data.source
+    train = transforms.build_pipeline(source.get("train_transforms"), "data.train_transforms")
+    val = transforms.build_pipeline(source.get("val_transforms"), "data.val_transforms")
+    builder_config = {k: v for k, v in source.items() if k not in transforms.KEYS}
     try:
         splits = instantiate(builder_config, _convert_="all")
     except Exception as error:  # Hydra wraps what the builder raised: a ConfigError is the news
@@ -48,10 +49,10 @@ def build_splits(data: dict[str, Any]) -> Splits:
         raise
     if not isinstance(splits, Splits):
         raise TypeError(
-            f"data._target_={data['_target_']} returned {type(splits).__name__}, "
+            f"data._target_={source['_target_']} returned {type(splits).__name__}, "
             "not distrain.data.base.Splits"
         )
-    per_batch = splits.in_memory and data.get("loader", "auto") != "dataloader"
+    per_batch = splits.in_memory and data.batching.loader != Loader.dataloader
     return transforms.attach(splits, train, val, per_batch=per_batch)
 
 

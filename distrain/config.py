@@ -5,11 +5,13 @@ into these dataclasses. Value checks (positive counts, an lr above zero) live in
 which the driver calls once before any actor starts; whether the batch splits over the workers
 is checked where it is computed, in distrain/plan.py.
 Groups a user swaps for their own code (model, data, optimizer, scheduler, loss, aggregator) are
-`_target_` dicts, left open so a user class can take any arguments.
+`_target_` dicts, left open so a user class can take any arguments; `typed()` then splits the
+data group into its typed batching (`BatchingConfig`) and the builder's source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -51,6 +53,12 @@ class Progress(str, Enum):
     rich = "rich"
     plain = "plain"
     none = "none"
+
+
+class Loader(str, Enum):
+    auto = "auto"  # memory when the builder returns in-memory tensors, else dataloader
+    memory = "memory"  # tensors on the device, batched by indexing a permutation
+    dataloader = "dataloader"  # torch's DataLoader, data.num_workers processes per worker
 
 
 PRECISIONS = ("32", "bf16", "16")
@@ -134,10 +142,55 @@ class LoggerConfig:
     sample_top_k: int | None = 40
 
 
+# The data group's batching keys but its main one (`batch_size`, which each conf/data/*.yaml
+# sets for its dataset), with their defaults: in the schema, so no data config repeats them
+# and they still take a plain `data.loader=...` override.
+BATCHING_DEFAULTS: dict[str, Any] = {"micro_batch_size": None, "loader": "auto", "num_workers": 0}
+BATCHING_KEYS = ("batch_size", *BATCHING_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How the data is batched (distrain/plan.py splits the global batch over the workers)."""
+
+    batch_size: int  # global: samples per optimizer step over all workers
+    micro_batch_size: int | None = None  # per worker, for gradient accumulation (None: none)
+    loader: Loader = Loader.auto
+    num_workers: int = 0  # DataLoader processes per worker (the dataloader path only)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data group, typed (`typed()`): its batching, and the source for `build.build_splits`
+    (`_target_` with its arguments, and the transforms)."""
+
+    batching: BatchingConfig
+    source: dict[str, Any]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> DataConfig:
+        """From the plain data group (checked by `validate`)."""
+        merged = {**BATCHING_DEFAULTS, **data}
+        batching = BatchingConfig(
+            batch_size=merged["batch_size"],
+            micro_batch_size=merged["micro_batch_size"],
+            loader=Loader(merged["loader"]),
+            num_workers=merged["num_workers"],
+        )
+        return cls(batching, {k: v for k, v in data.items() if k not in BATCHING_KEYS})
+
+    def plain(self) -> dict[str, Any]:
+        """The plain data group again, as the user wrote it."""
+        batching = dataclasses.asdict(self.batching) | {"loader": self.batching.loader.value}
+        return {**self.source, **batching}
+
+
 @dataclass
 class Config:
     model: Any = MISSING
-    data: Any = MISSING
+    # Composed as a plain dict (a user's builder takes any arguments); `typed()` makes it a
+    # DataConfig.
+    data: Any = field(default_factory=lambda: dict(BATCHING_DEFAULTS))
     optimizer: Any = MISSING
     scheduler: Any = None
     loss: Any = MISSING
@@ -150,16 +203,19 @@ class Config:
 
 def typed(job: dict[str, Any]) -> Config:
     """The resolved job as typed objects, once, at the top (`driver.train`): trainer, cluster and
-    logger become their dataclasses (choices as enums); the groups a user may swap for their own
-    code (model, data, optimizer, scheduler, loss, aggregator) stay `_target_` dicts for Hydra's
-    instantiate."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), job))
+    logger become their dataclasses (choices as enums), data a DataConfig; the groups a user may
+    swap for their own code (model, optimizer, scheduler, loss, aggregator, and the data's
+    source) stay `_target_` dicts for Hydra's instantiate."""
+    job_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), job))
+    job_config.data = DataConfig.of(job_config.data)
+    return job_config
 
 
 def plain(job: Config) -> dict[str, Any]:
-    """The typed job as plain values again (enums as names), for records: TensorBoard's config
-    text and HParams."""
-    return OmegaConf.to_container(OmegaConf.structured(job), enum_to_str=True)
+    """The typed job as plain values again (enums as names), for records (TensorBoard's config
+    text and HParams) and for the workers, which type it again."""
+    values = OmegaConf.structured(dataclasses.replace(job, data=None))
+    return OmegaConf.to_container(values, enum_to_str=True) | {"data": job.data.plain()}
 
 
 def register_configs() -> None:
@@ -309,10 +365,8 @@ def _check_batching(data: dict[str, Any]) -> None:
         f"data.num_workers={num_workers} must be a whole number >= 0 (DataLoader processes).",
     )
     loader = data.get("loader", "auto")
-    _require(
-        loader in ("auto", "memory", "dataloader"),
-        f"data.loader={loader!r} is not one of auto, memory, dataloader.",
-    )
+    allowed = [choice.value for choice in Loader]
+    _require(loader in allowed, f"data.loader={loader!r} is not one of {', '.join(allowed)}.")
 
 
 def _check_sampling(logger: dict[str, Any], trainer: dict[str, Any]) -> None:

@@ -58,17 +58,17 @@ def dry_build(job: config.Config) -> tuple[Splits, StepPlan]:
     splits: Splits = _explain("data", lambda: build.build_splits(job.data))
     model = _explain("model", lambda: build.build_model(job.model, splits))
     loss_fn = _explain("loss", lambda: build.build_loss(job.loss, splits.task))
-    data, trainer = job.data, job.trainer
+    batching, trainer = job.data.batching, job.trainer
     optimizer = _explain(
         "optimizer",
-        lambda: build.build_optimizer(job.optimizer, model, global_batch=data["batch_size"]),
+        lambda: build.build_optimizer(job.optimizer, model, global_batch=batching.batch_size),
     )
     _explain("aggregator", lambda: instantiate(job.aggregator, _convert_="all"))
     _explain("model", lambda: build.check_model_fits_data(model, splits, loss_fn))
     plan = plan_steps(
         len(splits.train),
-        global_batch=data["batch_size"],
-        micro_batch=data.get("micro_batch_size"),
+        global_batch=batching.batch_size,
+        micro_batch=batching.micro_batch_size,
         world_size=trainer.workers,
         epochs=trainer.epochs,
         max_steps=trainer.max_steps,

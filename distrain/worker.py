@@ -136,7 +136,7 @@ class Worker:
 
     def _batches(self, splits: Any) -> ShardBatches:
         """This rank's share of every global batch, on its device."""
-        plan, data = self.plan, self.job.data
+        plan, batching = self.plan, self.job.data.batching
         return ShardBatches(
             splits,
             global_batch=plan.global_batch,
@@ -144,8 +144,8 @@ class Worker:
             world_size=self.world_size,
             seed=self.job.trainer.seed,
             device=self.device,
-            loader=data.get("loader", "auto"),
-            num_workers=data.get("num_workers", 0),
+            loader=batching.loader,
+            num_workers=batching.num_workers,
             # Language models that accumulate evaluate micro-batch by micro-batch: (B, T, V)
             # logits are large.
             eval_batch_size=plan.micro_batch

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distrain import build, schedules
-from distrain.config import validate
+from distrain.config import DataConfig, validate
 from distrain.data.batches import ShardBatches
 from distrain.sharding import ShardSampler
 from tests.conftest import REPO, compose_job, run_cli
@@ -90,7 +90,7 @@ def test_every_data_and_model_config_is_covered() -> None:
 def test_data_config_loads_and_batches(name: str, root: Path) -> None:
     job = _compose(f"data={name}", *DATA[name], root=root)
     validate(job)
-    data = job["data"]
+    data = DataConfig.of(job["data"])
     splits = build.build_splits(data)
     batches = ShardBatches(
         splits,
@@ -99,8 +99,8 @@ def test_data_config_loads_and_batches(name: str, root: Path) -> None:
         world_size=2,
         seed=0,
         device=CPU,
-        loader=data["loader"],
-        num_workers=data["num_workers"],
+        loader=data.batching.loader,
+        num_workers=data.batching.num_workers,
     )
     # Image folders, a user's Dataset and token files are read lazily; the rest is in memory.
     assert batches.in_memory == (name not in READ_LAZILY)
@@ -125,7 +125,7 @@ CLASSIFIERS = sorted(m for m in MODELS if m != "gpt")
 
 def _one_step(job: dict, global_batch: int = 8) -> tuple[torch.nn.Module, torch.Tensor]:
     """What a worker builds from the config, then one optimizer step on its first batch."""
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     torch.manual_seed(0)
     model = build.build_model(job["model"], splits)
     loss_fn = build.build_loss(job["loss"], splits.task)
@@ -183,7 +183,7 @@ def test_loss_config_fits_its_task(name: str, root: Path) -> None:
 )
 def test_a_loss_that_does_not_fit_is_refused(overrides: list[str], message: str) -> None:
     job = compose_job(*overrides)
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     model = build.build_model(job["model"], splits)
     with pytest.raises(ValueError, match=message):
         build.check_model_fits_data(model, splits, build.build_loss(job["loss"]))
@@ -261,7 +261,7 @@ def test_experiment_runs_through_the_cli_with_two_workers(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # Every step of every epoch ran, and accuracy is a count over the whole validation split.
     job = _compose(f"experiment={experiment}", *EXPERIMENTS[experiment], root=root)
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
     assert (
         metrics["workers"] == 2 and metrics["steps"] == job["trainer"]["epochs"] * steps_per_epoch

@@ -22,6 +22,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distrain import build
+from distrain.config import DataConfig
 from distrain.timing import PHASES
 from tests.conftest import compose_job, run_cli, slowed
 
@@ -150,7 +151,7 @@ def test_every_tag_with_its_points_on_its_own_axis(monitored_run: dict[str, Any]
         assert 0 < phases <= scalar["time/step_s"][i] * 1.001
 
     job = compose_job(*RUN)
-    model = build.build_model(job["model"], build.build_splits(job["data"]))
+    model = build.build_model(job["model"], build.build_splits(DataConfig.of(job["data"])))
     names = [name for name, _ in model.named_parameters()]
     expected = {f"{kind}/{name}" for kind in ("weights", "grads") for name in names}
     assert set(events.Tags()["histograms"]) == expected
@@ -185,7 +186,7 @@ def test_the_slowed_worker_is_reported_as_the_straggler(monitored_run: dict[str,
 def test_top5_accuracy_is_the_true_figure(monitored_run: dict[str, Any]) -> None:
     """The final model's top-5 over the whole validation split, computed here with plain torch."""
     job = compose_job(*RUN)
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     model = build.build_model(job["model"], splits)
     model.load_state_dict(torch.load(monitored_run["dir"] / "model.pt", weights_only=True))
     x, y = splits.val.tensors

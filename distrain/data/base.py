@@ -17,9 +17,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-# Keys of `conf/data/*.yaml` that configure batching, not the dataset builder.
-LOADER_KEYS = ("batch_size", "micro_batch_size", "loader", "num_workers")
-
 # language_model: inputs (B, T) token ids, targets the same windows shifted by one token.
 TASKS = ("classification", "regression", "language_model")
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from distrain.config import Loader
 from distrain.data.base import Splits
 from distrain.device import CUDA, pinned
 from distrain.sharding import ShardSampler, eval_shard
@@ -38,11 +39,11 @@ class ShardBatches:
         world_size: int,
         seed: int,
         device: torch.device,
-        loader: str = "auto",
+        loader: Loader = Loader.auto,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
-        self.in_memory = splits.in_memory if loader == "auto" else loader == "memory"
+        self.in_memory = splits.in_memory if loader == Loader.auto else loader == Loader.memory
         if self.in_memory and not splits.in_memory:
             raise ValueError("data.loader=memory needs a dataset built from in-memory tensors")
         self.sampler = ShardSampler(len(splits.train), global_batch, rank, world_size, seed)

@@ -2,8 +2,17 @@
 
 import pytest
 
-from distrain.config import ConfigError, validate
-from tests.conftest import compose_job
+from distrain.config import (
+    BATCHING_DEFAULTS,
+    BATCHING_KEYS,
+    BatchingConfig,
+    ConfigError,
+    Loader,
+    plain,
+    typed,
+    validate,
+)
+from tests.conftest import CONF_DIR, compose_job
 
 
 def test_default_job_composes_and_is_valid() -> None:
@@ -12,6 +21,31 @@ def test_default_job_composes_and_is_valid() -> None:
     assert job["trainer"]["workers"] == 2
     assert job["data"]["_target_"] == "distrain.data.sklearn.digits"
     assert job["data"]["seed"] == job["trainer"]["seed"]  # interpolation resolved
+
+
+def test_the_data_group_types_its_batching_and_keeps_the_rest_for_the_builder() -> None:
+    job = compose_job("data=iris", "data.loader=memory", "data.micro_batch_size=4")
+    validate(job)
+    data = typed(job).data
+    assert data.batching == BatchingConfig(batch_size=16, micro_batch_size=4, loader=Loader.memory)
+    assert data.source["_target_"] == "distrain.data.sklearn.iris"
+    assert not set(BATCHING_KEYS) & set(data.source)  # the builder never sees them
+    assert plain(typed(job))["data"] == job["data"]  # what the workers receive and type again
+
+
+def test_batching_defaults_live_in_the_schema_and_still_take_overrides() -> None:
+    """No data config repeats them; `data.num_workers=2` still works without a `+`."""
+    for path in (CONF_DIR / "data").glob("*.yaml"):
+        lines = path.read_text().splitlines()
+        repeated = [
+            line
+            for line in lines
+            for k, v in BATCHING_DEFAULTS.items()
+            if line.split("#")[0].strip() == f"{k}: {'null' if v is None else v}"
+        ]
+        assert repeated == [], f"{path.name} repeats a schema default: {repeated}"
+    job = compose_job("data=iris", "data.num_workers=2")
+    assert typed(job).data.batching.num_workers == 2
 
 
 @pytest.mark.parametrize(

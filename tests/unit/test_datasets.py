@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from distrain.build import build_splits
+from distrain.config import DataConfig
 from distrain.data.image_folder import image_folder
 from distrain.data.synthetic import synthetic
 from distrain.data.tensors import tensors
@@ -167,7 +168,7 @@ def test_image_folder_reads_class_folders(tmp_path):
         "data.std=[0.5,0.5,0.5]",
         "data.seed=1",
     )
-    splits = build_splits(job["data"])
+    splits = build_splits(DataConfig.of(job["data"]))
     assert not splits.in_memory
     assert splits.input_shape == (3, 8, 8) and splits.num_outputs == 3
     assert len(splits.train) + len(splits.val) == 12 and len(splits.val) == 2  # round(12 * 0.2)

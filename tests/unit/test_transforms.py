@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from distrain import build, preflight
-from distrain.config import ConfigError, typed
+from distrain.config import ConfigError, DataConfig, typed
 from distrain.data.batches import ShardBatches
 from distrain.data.vision import RandomCropFlip, cifar10
 from distrain.sharding import ShardSampler
@@ -62,7 +62,7 @@ def _train(job: dict, splits, epochs: int = 2) -> dict[str, torch.Tensor]:
 
 def test_default_cifar_transforms_train_exactly_as_the_built_in_augmentation(cifar_root) -> None:
     job = _cifar_job(cifar_root)
-    configured = build.build_splits(job["data"])
+    configured = build.build_splits(DataConfig.of(job["data"]))
     # Before transforms were config, cifar10(augment=True, crop_padding=4) set exactly this.
     hard_wired = cifar10(root=str(cifar_root), check_integrity=False)
     hard_wired.train_transform = RandomCropFlip(padding=4, flip=True)
@@ -73,7 +73,7 @@ def test_default_cifar_transforms_train_exactly_as_the_built_in_augmentation(cif
         torch.testing.assert_close(ours[key], before[key], rtol=0, atol=0)
     # ... and the augmentation did something: without it the parameters differ.
     plain_job = _cifar_job(cifar_root, "data.train_transforms=[]")
-    plain = _train(plain_job, build.build_splits(plain_job["data"]))
+    plain = _train(plain_job, build.build_splits(DataConfig.of(plain_job["data"])))
     assert any(not torch.equal(ours[key], plain[key]) for key in ours)
 
 
@@ -87,7 +87,7 @@ def test_default_image_folder_transforms_equal_the_built_in_pipeline(tmp_path) -
             pixels = rng.integers(0, 256, size=(9 + 5 * i, 14 + 3 * i, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
     job = compose_job("data=image_folder", f"data.root={tmp_path}", "data.image_size=16")
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     assert splits.input_shape == (3, 16, 16)
     mean, std = job["data"]["mean"], job["data"]["std"]
     old = v1.Compose([v1.Resize((16, 16)), v1.ToTensor(), v1.Normalize(mean, std)])
@@ -105,7 +105,7 @@ def test_a_user_transform_runs_per_batch_on_in_memory_data() -> None:
         "data.train_transforms=[{_target_:tests.userdata.AddOffset,offset:100}]",
         "data.val_transforms=[{_target_:tests.userdata.AddOffset,offset:-5}]",
     )
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     assert splits.in_memory and splits.input_shape == (64,)
     batches = ShardBatches(splits, global_batch=8, rank=1, world_size=2, seed=0, device=CPU)
     raw_x = splits.train.tensors[0]
@@ -124,7 +124,7 @@ def test_a_user_transform_runs_per_sample_in_dataloader_workers() -> None:
         "+data.train.num_samples=32",
         "data.train_transforms=[{_target_:tests.userdata.AddOffset,offset:100}]",
     )
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     raw = splits.train.dataset  # the user's items before the transforms
     # num_workers=1: __getitem__, and so the transform, runs in a DataLoader worker process.
     batches = ShardBatches(
@@ -139,7 +139,7 @@ def test_a_user_transform_runs_per_sample_in_dataloader_workers() -> None:
 
 def test_cifar_crop_flip_per_sample_through_the_dataloader(cifar_root) -> None:
     job = _cifar_job(cifar_root, "data.loader=dataloader")
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     assert not splits.in_memory and splits.train_transform is None
     x, _ = splits.train[0]
     assert x.shape == (3, 32, 32) and splits.input_shape == (3, 32, 32)
@@ -184,13 +184,15 @@ def test_bad_transforms_are_one_config_error_at_the_dry_build(case: str) -> None
 def test_in_memory_transforms_must_keep_the_shape(cifar_root) -> None:
     crop = "data.train_transforms=[{_target_:torchvision.transforms.v2.CenterCrop,size:24}]"
     with pytest.raises(ConfigError, match=re.escape("from (3, 32, 32) to (3, 24, 24)")):
-        build.build_splits(_cifar_job(cifar_root, crop)["data"])
+        build.build_splits(DataConfig.of(_cifar_job(cifar_root, crop)["data"]))
     # Per sample (data.loader=dataloader) the crop makes the input shape: val must match it.
     with pytest.raises(ConfigError, match="training inputs have shape"):
-        build.build_splits(_cifar_job(cifar_root, crop, "data.loader=dataloader")["data"])
+        build.build_splits(
+            DataConfig.of(_cifar_job(cifar_root, crop, "data.loader=dataloader")["data"])
+        )
     both = crop.replace("train_transforms", "val_transforms")
     splits = build.build_splits(
-        _cifar_job(cifar_root, crop, both, "data.loader=dataloader")["data"]
+        DataConfig.of(_cifar_job(cifar_root, crop, both, "data.loader=dataloader")["data"])
     )
     assert splits.input_shape == (3, 24, 24) and splits.train[0][0].shape == (3, 24, 24)
 
@@ -209,4 +211,4 @@ def test_images_without_a_to_tensor_transform_are_refused(tmp_path) -> None:
     with pytest.raises(
         ConfigError, match=re.escape("is a PIL.Image.Image; the model needs a tensor")
     ):
-        build.build_splits(job["data"])
+        build.build_splits(DataConfig.of(job["data"]))

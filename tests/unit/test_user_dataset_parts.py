@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from distrain import build, preflight
-from distrain.config import ConfigError, typed
+from distrain.config import ConfigError, DataConfig, typed
 from distrain.data import dataset as user_data
 from distrain.data.batches import ShardBatches
 from distrain.data.dataset import user_dataset
@@ -32,7 +32,7 @@ def _job(*overrides: str) -> dict:
 def test_a_dataset_by_target_infers_task_classes_and_shape(caplog) -> None:
     job = _job("data.train._target_=tests.userdata.Clusters", "+data.train.num_samples=50")
     with caplog.at_level(logging.INFO, logger="distrain"):
-        splits = build.build_splits(job["data"])
+        splits = build.build_splits(DataConfig.of(job["data"]))
     assert splits.task == "classification" and splits.num_outputs == 3
     assert splits.input_shape == (8,) and not splits.in_memory
     assert len(splits.train) == 40 and len(splits.val) == 10  # round(50 * 0.2)
@@ -120,13 +120,13 @@ def test_separate_val_dataset_by_target() -> None:
         "data.train._target_=tests.userdata.Clusters",
         "data.val={_target_:tests.userdata.Clusters,num_samples:12,seed:1}",
     )
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     assert len(splits.train) == 256 and len(splits.val) == 12
 
 
 def test_batched_by_the_dataloader_with_the_same_sharding() -> None:
     job = _job("data.train._target_=tests.userdata.Clusters", "+data.train.num_samples=64")
-    splits = build.build_splits(job["data"])
+    splits = build.build_splits(DataConfig.of(job["data"]))
     batches = ShardBatches(
         splits, global_batch=8, rank=1, world_size=2, seed=0, device=CPU, num_workers=0
     )
