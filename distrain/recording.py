@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distrain import build, checkpoint
-from distrain.config import Config, LoggerConfig, plain
+from distrain.config import Config, LoggerConfig
 from distrain.data.base import Splits
 from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
@@ -51,7 +51,7 @@ class RunRecorder:
                 self.tensorboard.add_graph(model, splits.train[0][0][None])
         else:
             self.progress.message(f"resuming from {resume.path} (step {resume.step})")
-        self.tensorboard.start_session(hparams_of(plain(job), overrides))
+        self.tensorboard.start_session(hparams_of(job, overrides))
         self.progress.start(plan.total_steps, plan.epochs, plan.steps_per_epoch)
 
     def watch_group(self, group: WorkerGroup, logger: LoggerConfig) -> None:

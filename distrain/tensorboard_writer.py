@@ -17,6 +17,7 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from distrain.config import Config, plain
 from distrain.metrics import EpochMetrics, HistogramMetrics, SampleMetrics, StepMetrics
 from distrain.stragglers import Straggler
 from distrain.timing import PHASES
@@ -201,29 +202,31 @@ class TensorBoardWriter:
         self.writer.close()
 
 
-def hparams_of(job: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def hparams_of(job: Config, overrides: list[str]) -> dict[str, Any]:
     """The run's overrides (as resolved values) and key config values, as HParams columns."""
 
-    def target(group: str) -> str:
-        return str(job[group].get("_target_", "")).rsplit(".", 1)[-1]
+    def target(group: dict[str, Any]) -> str:
+        return str(group.get("_target_", "")).rsplit(".", 1)[-1]
 
     values: dict[str, Any] = {
-        "model": target("model"),
-        "data": target("data"),
-        "optimizer": target("optimizer"),
-        "optimizer.lr": job["optimizer"].get("lr"),
-        "data.batch_size": job["data"].get("batch_size"),
-        "trainer.workers": job["trainer"]["workers"],
-        "trainer.epochs": job["trainer"]["epochs"],
-        "trainer.precision": job["trainer"]["precision"],
-        "aggregator": target("aggregator"),
-        "aggregator.compression": job["aggregator"].get("compression"),
+        "model": target(job.model),
+        "data": target(job.data.source),
+        "optimizer": target(job.optimizer),
+        "optimizer.lr": job.optimizer.get("lr"),  # a user's optimizer may have none
+        "data.batch_size": job.data.batching.batch_size,
+        "trainer.workers": job.trainer.workers,
+        "trainer.epochs": job.trainer.epochs,
+        "trainer.precision": job.trainer.precision,
+        "aggregator": target(job.aggregator),
+        "aggregator.compression": job.aggregator.get("compression"),
     }
+    # An override names any key, a user's builder argument included: looked up by its name.
+    plain_job = plain(job)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith(("hydra.", "cluster.address")):
             continue  # where it ran, not what it trained
-        values[key] = _lookup(job, key, default=override.split("=", 1)[-1])
+        values[key] = _lookup(plain_job, key, default=override.split("=", 1)[-1])
     return {k: _hparam_value(v) for k, v in values.items() if v is not None}
 
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from distrain.aggregators.allreduce import AllReduce
+from distrain.config import typed
 from distrain.metrics import MetricsCollector, StepMetrics
 from distrain.progress import print_summary
 from distrain.stragglers import StragglerDetector
@@ -131,7 +132,7 @@ def test_step_clock_shifts_waiting_out_of_compute() -> None:
 def test_hparams_hold_overrides_and_key_values() -> None:
     overrides = ["optimizer=adam", "optimizer.lr=0.003", "model.hidden_sizes=[32,16]"]
     job = compose_job(*overrides)
-    values = hparams_of(job, [*overrides, "cluster.address=127.0.0.1:6379"])
+    values = hparams_of(typed(job), [*overrides, "cluster.address=127.0.0.1:6379"])
     assert values["optimizer"] == "Adam"
     assert values["optimizer.lr"] == pytest.approx(0.003)
     assert values["model.hidden_sizes"] == "[32, 16]"  # lists become text
