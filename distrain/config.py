@@ -399,4 +399,4 @@ def _check_aggregator(job: dict[str, Any]) -> None:
         return
     check = getattr(aggregator_cls, "check_job", None)
     if check is not None:
-        check(job)
+        check(typed(job))  # the last check: every value it types is checked already

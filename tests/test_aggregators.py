@@ -177,6 +177,8 @@ def _check(*overrides: str) -> None:
         ([PS, "aggregator.mode=async", "trainer.precision=16"], "trainer.precision=16"),
         (["aggregator.compression=int4"], "aggregator.compression='int4' is not one of"),
         (["aggregator.transport=tcp"], "aggregator.transport='tcp' is not one of auto, backend"),
+        (["aggregator=fsdp", "trainer.shard_optimizer=true"], "is redundant with aggregator=fsdp"),
+        (["aggregator=fsdp", "trainer.precision=16"], "not supported by aggregator=fsdp"),
     ],
 )
 def test_aggregator_mistakes_are_config_errors(overrides: list[str], message: str) -> None:

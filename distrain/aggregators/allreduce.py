@@ -32,7 +32,7 @@ from distrain.aggregators import comm_hooks, shm_allreduce
 from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.comm_timing import CommTimer
 from distrain.aggregators.shm_allreduce import ShmAllReduce
-from distrain.config import ConfigError
+from distrain.config import Config, ConfigError
 from distrain.device import dist_backend, process_group_device, timing_event
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class AllReduce(GradientAggregator):
         self.world_size = 1
 
     @classmethod
-    def check_job(cls, job: dict[str, Any]) -> None:
+    def check_job(cls, job: Config) -> None:
         """Every job setting works with all-reduce, trainer.shard_optimizer included."""
 
     @classmethod

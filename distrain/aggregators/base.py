@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from distrain.blocks import find_blocks
-from distrain.config import ConfigError
+from distrain.config import Config, ConfigError
 from distrain.device import peak_memory
 
 FIRST_STEPS = 8  # steps whose end times are kept for `first_step_extra_s`
@@ -46,16 +46,17 @@ class GradientAggregator(ABC):
     precision: str = "32"  # trainer.precision, set by the worker before `wrap`
 
     @classmethod
-    def check_job(cls, job: dict[str, Any]) -> None:
+    def check_job(cls, job: Config) -> None:
         """Driver side, before anything starts: reject settings this strategy cannot honour.
 
-        Called by `config.validate`; raises ConfigError. The default accepts everything except
-        `trainer.shard_optimizer`, which only a strategy that overrides `build_optimizer` supports.
+        Called by `config.validate` with the typed job; raises ConfigError. The default accepts
+        everything except `trainer.shard_optimizer`, which only a strategy that overrides
+        `build_optimizer` supports.
         """
-        if job["trainer"].get("shard_optimizer"):
+        if job.trainer.shard_optimizer:
             raise ConfigError(
                 f"trainer.shard_optimizer=true is not supported by "
-                f"aggregator._target_={job['aggregator']['_target_']}: optimizer-state sharding "
+                f"aggregator._target_={job.aggregator['_target_']}: optimizer-state sharding "
                 "(ZeRO stage 1) needs aggregator=allreduce; set trainer.shard_optimizer=false."
             )
 

@@ -42,7 +42,7 @@ from torch.distributed.fsdp import (
 
 from distrain.aggregators.base import GradientAggregator
 from distrain.blocks import find_blocks
-from distrain.config import ConfigError
+from distrain.config import Config, ConfigError
 from distrain.device import dist_backend
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -64,15 +64,15 @@ class FSDP(GradientAggregator):
         self.steps = 0
 
     @classmethod
-    def check_job(cls, job: dict[str, Any]) -> None:
-        trainer = job["trainer"]
-        if trainer.get("shard_optimizer"):
+    def check_job(cls, job: Config) -> None:
+        trainer = job.trainer
+        if trainer.shard_optimizer:
             raise ConfigError(
                 "trainer.shard_optimizer=true is redundant with aggregator=fsdp, which already "
                 "shards the optimizer state (with the parameters and gradients); set "
                 "trainer.shard_optimizer=false."
             )
-        if trainer["precision"] == "16":
+        if trainer.precision == "16":
             raise ConfigError(
                 "trainer.precision=16 is not supported by aggregator=fsdp (its gradient scaler "
                 "would need sharded gradients); use trainer.precision=bf16 (bf16 compute, fp32 "

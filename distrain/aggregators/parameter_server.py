@@ -35,7 +35,7 @@ from distrain.aggregators.ps_servers import (
     num_chunks,
     write_chunks,
 )
-from distrain.config import ConfigError
+from distrain.config import Config, ConfigError
 from distrain.device import copy_event, pinned
 
 MODES = ("sync", "async")
@@ -84,10 +84,10 @@ class ParameterServer(GradientAggregator):
         self.steps = 0  # counted by GradientAggregator.synchronize
 
     @classmethod
-    def check_job(cls, job: dict[str, Any]) -> None:
+    def check_job(cls, job: Config) -> None:
         super().check_job(job)  # trainer.shard_optimizer: servers hold no optimizer to shard
-        mode = job["aggregator"].get("mode", "sync")
-        if mode == "async" and job["trainer"]["precision"] == "16":
+        mode = job.aggregator.get("mode", "sync")
+        if mode == "async" and job.trainer.precision == "16":
             raise ConfigError(
                 "trainer.precision=16 cannot be used with aggregator=parameter_server "
                 "aggregator.mode=async: the servers would apply loss-scaled fp16 gradients. "
