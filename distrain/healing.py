@@ -191,12 +191,15 @@ def heal(
 
 
 def _is_worker_process(pid: int) -> bool:
-    """Whether `pid` is still a Ray worker process (its title names the actor's class), not a
-    process that reused the number of one that is gone."""
+    """Whether `pid` is still a Worker actor's process, not a process that reused the number of
+    one that is gone: Ray titles it `ray::Worker`, or `ray::Worker.<method>` while it runs one."""
     try:
-        return b"Worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    words = cmdline.split(b"\0", 1)[0].split()
+    title = words[0] if words else b""
+    return title == b"ray::Worker" or title.startswith(b"ray::Worker.")
 
 
 class _Phases:
