@@ -190,6 +190,14 @@ def device_rng_state(device: torch.device) -> torch.Tensor | None:
     return torch.cuda.get_rng_state(device) if device.type == CUDA else None
 
 
+def seed_rank_rng(device: torch.device, seed: int) -> None:
+    """Seed this rank's random streams: the CPU's and its own GPU's. (`torch.manual_seed` also
+    seeds every other visible GPU, the node's other ranks' included, on every step.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == CUDA:
+        torch.cuda.manual_seed(seed)  # the current device, set to this rank's by worker_device
+
+
 def restore_device_rng(device: torch.device, state: torch.Tensor | None, seed: int) -> None:
     """Continue the device's generator from `state`; a checkpoint without one (written on CPU)
     seeds it from `seed`, the rule a CPU stream restarted on a new worker count follows."""

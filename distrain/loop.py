@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
 from distrain.evaluation import evaluate
@@ -314,7 +315,7 @@ def _train_epoch(
         loss, finite = train_step(parts, x, y, clock, inspect, skip_non_finite=skip)
         pos.step, pos.step_in_epoch, steps = step, pos.step_in_epoch + 1, steps + 1
         if parts.rank_seed is not None:  # the next step's stream, a function of (rank, step)
-            torch.manual_seed(step_seed(parts.rank_seed, step))
+            devices.seed_rank_rng(device, step_seed(parts.rank_seed, step))
         interval.add(loss, finite)
         if finite:
             epoch_loss += loss

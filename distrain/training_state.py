@@ -86,7 +86,7 @@ def restore(parts: Parts, source: dict[str, Any], *, rank: int, world_size: int)
         state = reader.full(cuda) if cuda in reader.index else None
         devices.restore_device_rng(parts.batches.device, state, seed)
     else:
-        torch.manual_seed(seed)  # every device's generator
+        devices.seed_rank_rng(parts.batches.device, seed)
     # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
     position = meta["position"]
     if rank != 0:

@@ -160,7 +160,7 @@ class Worker:
         torch.manual_seed(trainer.seed)  # the same initial parameters on every rank
         model = build.build_model(job.model, splits).to(self.device)
         rank_seed = trainer.seed + 1 + self.rank  # distinct dropout/augmentation streams
-        torch.manual_seed(step_seed(rank_seed, 0))
+        devices.seed_rank_rng(self.device, step_seed(rank_seed, 0))
         self.compiled = blocks.prepare(model, aggregator, trainer)
         # Wrapped before the optimizer is built: FSDP replaces the parameters with their shards.
         train_model = aggregator.wrap(model)
