@@ -24,10 +24,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from distrain import driver, sweep
+# Only what composing and checking a job needs is imported here: the driver (torch, Ray: ~2 s)
+# once the job is checked, so a mistake in it is named in well under a second.
+from distrain import config
 from distrain.config import register_configs
 from distrain.errors import ConfigError, Interrupted, TrainingFailed
-from distrain.progress import print_summary
 from distrain.rundir import RunDirectory
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -67,7 +68,10 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return _run_sweep_job(cfg, run_dir)
     try:
-        metrics = driver.train(resolve(cfg), run_dir, overrides=list(hydra_cfg.overrides.task))
+        job = _checked(resolve(cfg))
+        from distrain import driver
+
+        metrics = driver.run(job, run_dir, overrides=list(hydra_cfg.overrides.task))
     except (ConfigError, TrainingFailed) as error:
         print(f"distrain: {_kind(error)}: {error}", file=sys.stderr)
         sys.exit(_exit_code(error))
@@ -75,6 +79,12 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         _interrupted(stop, cfg.logger.progress)
     _finish(metrics, cfg.logger.progress)
     return metrics
+
+
+def _checked(job: dict[str, Any]) -> config.Config:
+    """The plain job checked (a mistake raises ConfigError) and typed, as `driver.train` does."""
+    config.validate(job)
+    return config.typed(job)
 
 
 def _interrupted(stop: KeyboardInterrupt, progress_mode: str) -> None:
@@ -104,6 +114,8 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
     overrides = list(hydra_cfg.overrides.task)
     label = f"job {hydra_cfg.job.num} ({' '.join(overrides) or 'no overrides'})"
     failed = run_dir.path / "failed.json"
+    from distrain import driver, sweep
+
     try:
         job = resolve(cfg)
         action, earlier = sweep.plan(run_dir.path, overrides)
@@ -115,7 +127,7 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
             job["resume"] = str(run_dir.path)
             print(f"distrain: {label}: resuming from its last checkpoint", file=sys.stderr)
         # One Ray for all the jobs, started (after the job's checks) by the first and kept.
-        metrics = driver.train(job, run_dir, overrides=overrides, keep_cluster=True)
+        metrics = driver.run(_checked(job), run_dir, overrides=overrides, keep_cluster=True)
     except KeyboardInterrupt as stop:
         print(f"distrain: interrupted in {label}; the sweep stops here", file=sys.stderr)
         _interrupted(stop, cfg.logger.progress)
@@ -135,6 +147,8 @@ def _run_sweep_job(cfg: DictConfig, run_dir: RunDirectory) -> dict[str, Any] | N
 
 def _finish(metrics: dict[str, Any], progress_mode: str) -> None:
     """The run's summary table (metrics.json is already written, by the driver)."""
+    from distrain.progress import print_summary
+
     print_summary(metrics, progress_mode)
 
 

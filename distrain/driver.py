@@ -64,14 +64,27 @@ def train(
     *,
     keep_cluster: bool = False,
 ) -> dict[str, Any]:
-    """Run one job end to end; returns the metrics also written to metrics.json.
+    """Run one job end to end from its plain values (a script's entry: `cli.compose_job`, then
+    this); returns the metrics also written to metrics.json.
 
     `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
     `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
     """
-    started = time.perf_counter()
     config.validate(plain_job)
-    job = config.typed(plain_job)  # typed once; below here no part reads the job by string keys
+    # Typed once; below here no part reads the job by string keys.
+    return run(config.typed(plain_job), run_dir, overrides, keep_cluster=keep_cluster)
+
+
+def run(
+    job: config.Config,
+    run_dir: RunDirectory,
+    overrides: list[str] | None = None,
+    *,
+    keep_cluster: bool = False,
+) -> dict[str, Any]:
+    """Run one checked and typed job (`train` checks and types it; so does the CLI, before it
+    imports this module)."""
+    started = time.perf_counter()
     slow_rank = simulate.slow_rank_from_env(job.trainer.workers)  # a straggler made on purpose
     torch.manual_seed(job.trainer.seed)
     # An embedded Ray starts while the job is checked. A cluster is joined only after the

@@ -22,7 +22,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distrain import cluster
 from distrain.config import ConfigError
 
 SKIP, RESUME, RUN = "skip", "resume", "run"
@@ -172,6 +171,10 @@ class SweepSummary(Callback):
             )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # Imported here: Hydra builds this callback for a single run too, which must not pay
+        # for importing Ray before its job is checked.
+        from distrain import cluster
+
         cluster.release()  # the Ray the jobs shared
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         rows = [job_row(n, o, d, self.started) for n, o, d in sorted(self.jobs or [])]

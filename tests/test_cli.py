@@ -106,6 +106,24 @@ def test_bad_input_fails_fast_with_one_clear_message(case: str, tmp_path: Path) 
     assert time.monotonic() - started < 60
 
 
+def test_a_config_mistake_is_named_before_torch_and_ray_are_imported(tmp_path: Path) -> None:
+    """The CLI checks the job before it imports the driver: a mistake costs a fraction of a
+    second, not the ~2 s of importing torch and Ray."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['distrain', 'trainer.workers=0', 'hydra.run.dir=.']\n"
+        "try:\n"
+        "    runpy.run_module('distrain', run_name='__main__')\n"
+        "except SystemExit as exit_:\n"
+        "    print(exit_.code, 'torch' in sys.modules, 'ray' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [DISTRAIN[0], "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
+    assert "trainer.workers=0 is not allowed" in result.stderr
+
+
 def test_more_workers_than_the_cluster_holds(ray_address: str, tmp_path: Path) -> None:
     result = run_cli(
         f"cluster.address={ray_address}",
