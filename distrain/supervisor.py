@@ -1,0 +1,388 @@
+"""The supervisor: start a worker group, watch it, heal or restart it, record what it reports.
+
+It takes no part in training steps: workers run the loop (SPMD) and report to a sink that it
+drains a few times a second into TensorBoard, the terminal, checkpoints and metrics.json.
+When a worker dies or hangs, the supervisor heals the group in place (the others keep their
+processes and state; a spare or a new worker takes the failed rank) or, where that does not
+apply (a lost node, sharded state), tears it down and starts a new one from the last checkpoint,
+on fewer workers if the cluster shrank and `trainer.min_workers` allows it; up to
+`trainer.max_failures` times.
+
+This module keeps the restart loop; its parts live beside it: `preflight` (checks before any
+actor), `healing` (a failed rank replaced in place), `elastic` (a smaller group after a failure),
+`watch` (a rank's result or failure classified, silent ranks, Ctrl-C), `failures` (the count
+and the timings of failures), `saving` (checkpoint records to writes, the restart point) and
+`recording` (TensorBoard, the terminal, the summary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import ray
+import torch
+
+from distrain import checkpoint, cluster, config, elastic, healing, preflight, simulate
+from distrain.data.base import SharedSplits, Splits
+from distrain.device import worker_gpus
+from distrain.errors import (
+    ConfigError,
+    GroupFailed,
+    Interrupted,
+    SetupTransportFailed,
+    TrainingFailed,
+    WorkerError,
+)
+from distrain.failures import FailureLog
+from distrain.group import WorkerGroup
+from distrain.metrics import EpochMetrics, MetricsCollector
+from distrain.plan import StepPlan
+from distrain.recording import RunRecorder
+from distrain.rundir import RunDirectory
+from distrain.saving import Checkpoints
+from distrain.watch import StopAtBoundary, StopRequest, check_hang, first_line, rank_result
+
+log = logging.getLogger("distrain")
+POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
+# In-memory data up to this size goes to the workers from the driver's dry build, through the
+# object store (`SharedSplits`): a worker then imports no dataset code and reads no file, and a
+# node holds one copy, which its workers map. Larger data stays out of the object store (Ray's
+# default share of memory is 30 %); each worker builds it, as it does data read item by item.
+SHIP_SPLITS_MAX_BYTES = 512 * 2**20
+GROW_SETTLE_S = 10.0  # growing back: how long the configured count may take to fit again
+
+
+class Supervisor:
+    """Runs worker groups until training completes, restarting after infrastructure failures."""
+
+    def __init__(
+        self,
+        job: config.Config,
+        run_dir: RunDirectory,
+        splits: Splits,
+        plan: StepPlan,
+        device_type: str,
+        overrides: list[str],
+        slow_rank: simulate.SlowRank | None = None,  # DISTRAIN_SLOW_RANK (tests, demos)
+    ) -> None:
+        self.job, self.run_dir, self.device_type = job, run_dir, device_type
+        self.slow_rank = slow_rank
+        self.splits, self.plan, self.overrides = splits, plan, overrides
+        self.trainer = job.trainer
+        self.task = splits.task
+        self.recorder = RunRecorder(run_dir, job.logger.progress)
+        self.history: list[EpochMetrics] = []
+        self.failures = FailureLog(self.trainer.max_failures)
+        self.checkpoints = Checkpoints(
+            run_dir.checkpoints,
+            self.trainer,
+            {group: getattr(job, group) for group in preflight.RESUME_MUST_MATCH},
+            self.recorder.message,
+        )
+        self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
+        self.current_nodes: list[dict[str, Any]] = []
+        self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
+        self.growing_back = False  # the next group is the configured count again
+
+    def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
+        """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
+        restore_from = resume  # the checkpoint the next group starts from
+        if resume is not None:
+            self.checkpoints.resumed_from(resume)
+            self.history = [EpochMetrics(**e) for e in resume.meta.get("history", [])]
+        small = self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
+        shared = SharedSplits.of(self.splits) if small else None
+        self.splits_ref = ray.put(shared) if shared is not None else None
+        self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
+        healed: WorkerGroup | None = None
+        try:
+            while True:
+                if healed is None:  # a new group: its figures start afresh, after the history
+                    group = self._start_group(restore_from)
+                    collector = MetricsCollector(group.world_size, self.task, self.history)
+                else:  # the same ranks: steps a failed rank had reported still complete
+                    group, healed = healed, None
+                try:
+                    results = self._watch(group, collector)
+                    if results is None:  # stopped at a checkpoint boundary to grow back
+                        restore_from = self._grow_back(group)
+                        continue
+                    result = self._finish(group, results)
+                    self.recorder.finish(result, wall_s=time.perf_counter() - started)
+                    return result
+                except GroupFailed as failure:
+                    self.failures.count(
+                        failure,
+                        here=ray.get_runtime_context().get_node_id(),
+                        latest=self.checkpoints.latest(),
+                        resume_dir=self.run_dir.path,
+                    )
+                    self.checkpoints.after_failure()
+                    healed = self._heal(group, failure, collector)
+                    if healed is None:
+                        restore_from = self._recover(failure)
+                finally:
+                    group.shutdown()  # a healed group has taken everything but what failed
+        finally:
+            self.recorder.close()
+
+    def _resources(self, world_size: int) -> cluster.WorkerResources:
+        """What a group of `world_size` workers needs from the cluster."""
+        return cluster.WorkerResources(
+            world_size,
+            self.trainer.cpus_per_worker,
+            worker_gpus(self.device_type, self.trainer.gpus_per_worker),
+            excluded_nodes=self.failures.excluded_nodes,
+        )
+
+    def _start_group(self, restore_from: checkpoint.Checkpoint | None) -> WorkerGroup:
+        """Start a worker group; after a failure, keep trying for trainer.setup_timeout_s.
+
+        Right after a node is lost Ray still counts it (and its freed CPUs) for a while, until
+        its heartbeats are missed: placing the group can fail a few times before the cluster's
+        view settles, and that is not a configuration error.
+        """
+        ref = None
+        if restore_from is not None:  # each shard in the object store once; a worker takes its rows
+            shards = [ray.put(read()) for read in restore_from.shards]
+            ref = ray.put({"meta": restore_from.meta, "shards": shards})
+        deadline = time.monotonic() + self.trainer.setup_timeout_s
+        while True:
+            try:
+                group = self._try_start(ref)
+            except WorkerError as error:
+                raise TrainingFailed(str(error)) from None
+            except (ConfigError, GroupFailed) as error:
+                # The first start: nothing to recover, say what happened; a transport failure
+                # while forming the group (NCCL init, a port taken) is retried all the same.
+                if not self.failures and not isinstance(error, SetupTransportFailed):
+                    if isinstance(error, GroupFailed):
+                        raise TrainingFailed(str(error)) from None
+                    raise
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(
+                        f"could not start a new worker group within trainer.setup_timeout_s="
+                        f"{self.trainer.setup_timeout_s:g} s after a failure: {error}"
+                    ) from None
+                time.sleep(1.0)
+                continue
+            self._write_workers(group)
+            self.failures.recovered()
+            if group.plan.world_size < self.plan.world_size:
+                self.recorder.message(
+                    f"elastic: continuing on {group.plan.world_size} of {self.plan.world_size} "
+                    f"workers (trainer.min_workers={self.trainer.min_workers}), same global "
+                    f"batch {group.plan.global_batch}"
+                )
+            return group
+
+    def _try_start(self, checkpoint_ref: Any) -> WorkerGroup:
+        """One attempt: a group planned, placed and set up, or shut down again on any error."""
+        plan = self._plan_group()
+        group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
+        try:
+            group.start(
+                self._resources(plan.world_size),
+                checkpoint_ref,
+                self.splits_ref,
+                spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
+            )
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
+    def _plan_group(self) -> StepPlan:
+        """The configured worker count; after a failure, the most that fit (>= min_workers)."""
+        placement = self.job.cluster.placement.value
+
+        def check_fits(world_size: int) -> None:
+            cluster.check_resources(self._resources(world_size), placement)
+
+        growing_back, self.growing_back = self.growing_back, False
+        if growing_back and elastic.fits_within(check_fits, self.trainer.workers, GROW_SETTLE_S):
+            return self.plan
+        world_size = elastic.choose_world_size(
+            self.trainer.workers, self.trainer.min_workers, check_fits, shrink=bool(self.failures)
+        )
+        return self.plan.on(world_size)
+
+    def _heal(
+        self, group: WorkerGroup, failure: GroupFailed, collector: MetricsCollector
+    ) -> WorkerGroup | None:
+        """The group with its failed ranks replaced and its survivors kept (None: restart from
+        the last checkpoint instead; distrain/healing.py says when)."""
+        reason = healing.why_not(self.job, group, failure)
+        if reason is not None:
+            log.info("not healing in place (%s): restarting from the last checkpoint", reason)
+            return None
+        try:
+            healed = healing.heal(
+                group,
+                failure.failed_ranks,
+                timeout_s=min(self.trainer.step_timeout_s, self.trainer.setup_timeout_s),
+                assemble=self.checkpoints.assemble,
+            )
+        except GroupFailed as error:
+            self.recorder.message(
+                f"healing failed ({first_line(error)}); restarting from the last checkpoint"
+            )
+            return None
+        # What the workers reported before the failure and the driver had not drained yet
+        # (an epoch's figures, logged steps; the survivors flushed theirs when they stood down).
+        with contextlib.suppress(GroupFailed):
+            for record in group.drain():
+                if record["kind"] not in ("checkpoint", "heartbeat"):
+                    self.recorder.record(collector.add(record))
+        for epoch in collector.complete_without(failure.failed_ranks):
+            self.recorder.message(
+                f"epoch {epoch.epoch + 1}: rank(s) {epoch.missing_ranks} died before reporting "
+                "it; its figures are the other ranks' only"
+            )
+            self.recorder.record(epoch)
+        self.failures.recovered(healed.record())
+        count = len(self.failures)
+        self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")
+        self.recorder.restarted(count, healed.from_step, failure, how="healed")
+        self._write_workers(healed.group)
+        return healed.group
+
+    def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
+        """The checkpoint a new group starts from after `failure` (None: the start)."""
+        restarts, limit = len(self.failures), self.trainer.max_failures
+        restore_from = self.checkpoints.restart_point()
+        step = restore_from.step if restore_from else 0
+        self.recorder.message(
+            f"restart {restarts}/{limit}: {failure}; resuming from "
+            + (f"the checkpoint of step {step}" if restore_from else "the start")
+        )
+        self.recorder.restarted(restarts, step, failure)
+        self.history = [e for e in self.history if e.step <= step]
+        return restore_from
+
+    def _watch(
+        self, group: WorkerGroup, collector: MetricsCollector
+    ) -> list[dict[str, Any]] | None:
+        """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group.
+
+        None: the group stopped at a checkpoint boundary because the configured worker count
+        fits again (elastic runs that lost workers); the supervisor then grows it back.
+        """
+        self.recorder.watch_group(group, self.job.logger)
+        self.current_nodes = group.nodes
+        refs = group.fit()
+        pending, results = list(refs), []
+        last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
+        self.checkpoints.begin_group()
+        probe = self._grow_probe(group)
+        boundary = StopAtBoundary(group.sink, self.trainer.stop_timeout_s, self.recorder.message)
+        with StopRequest() as stop:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+                for ref in done:
+                    results.append(rank_result(ref, refs[ref], group))
+                for record in group.drain():
+                    last_seen_s[record["rank"]] = time.monotonic()
+                    self._take(record, group, collector)
+                self.checkpoints.settle(wait=False, nodes=self.current_nodes)
+                if group.spares and group.spares_became_ready():
+                    self._write_workers(group)
+                check_hang(
+                    {refs[r] for r in pending},
+                    last_seen_s,
+                    group,
+                    timeout_s=self.trainer.step_timeout_s,
+                    stacks_dir=self.run_dir.path / "hangs" / f"failure-{len(self.failures) + 1}",
+                )
+                if boundary.stop_waited_out(stop.requested):
+                    break
+                if probe and not boundary.growing and not stop.requested and probe.ready():
+                    boundary.grow_back(self.plan.world_size)
+        self.stop_requested = self.stop_requested or stop.requested
+        # the last checkpoint is on disk before the run ends
+        self.checkpoints.settle(wait=True, nodes=self.current_nodes)
+        growing = boundary.growing and not stop.requested
+        return self._outcome(results, gave_up=bool(pending), growing=growing)
+
+    def _outcome(
+        self, results: list[dict[str, Any]], *, gave_up: bool, growing: bool
+    ) -> list[dict[str, Any]] | None:
+        """Every rank's result; None if the group stopped together to grow back; Interrupted if
+        it stopped early (Ctrl-C, SIGTERM) or the wait for its ranks to stop was given up."""
+        if growing and results and all(r["stopped"] for r in results):
+            return None
+        if gave_up or any(r["stopped"] for r in results):
+            latest = self.checkpoints.latest()
+            raise Interrupted(
+                f"stopped at step {self.checkpoints.last_step}; "
+                + (
+                    f"checkpoint {latest}. Continue with: distrain resume={self.run_dir.path}"
+                    if latest
+                    else "no checkpoint was written."
+                )
+            )
+        return results
+
+    def _write_workers(self, group: WorkerGroup) -> None:
+        """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
+        spares = {"spares": group.spares_ready_s} if self.trainer.spare_workers else {}
+        self.run_dir.write_json(
+            self.run_dir.path / "workers.json", {"workers": group.describe(), **spares}
+        )
+
+    def _grow_probe(self, group: WorkerGroup) -> elastic.GrowProbe | None:
+        """For a group smaller than configured: what says the missing workers fit again. The
+        group owns it, so its shutdown releases it."""
+        missing = self.plan.world_size - group.world_size
+        if missing <= 0:
+            return None
+        group.grow_probe = elastic.GrowProbe(
+            self._resources(missing),
+            self.job.cluster.placement.value,
+            running_nodes=[node["node_id"] for node in group.nodes],
+        )
+        return group.grow_probe
+
+    def _grow_back(self, group: WorkerGroup) -> checkpoint.Checkpoint:
+        """The checkpoint the stopped group wrote, to start the configured count from."""
+        restore_from = self.checkpoints.restart_point()
+        assert restore_from is not None  # a stop always writes one
+        self.grow_backs.append({"step": restore_from.step, "from_workers": group.world_size})
+        self.growing_back = True
+        self.recorder.message(
+            f"elastic: growing back from {group.world_size} to {self.plan.world_size} workers, "
+            f"from the checkpoint of step {restore_from.step}"
+        )
+        return restore_from
+
+    def _take(
+        self, record: dict[str, Any], group: WorkerGroup, collector: MetricsCollector
+    ) -> None:
+        """One record from a rank: progress, a checkpoint share, or figures to record."""
+        kind = record["kind"]
+        if kind in ("step", "epoch"):
+            self.failures.progressed(time.monotonic())
+        if kind == "checkpoint":
+            self.checkpoints.add(record, group.world_size, self.history, group.sink)
+        elif kind != "heartbeat":
+            metrics = collector.add(record)
+            if isinstance(metrics, EpochMetrics):
+                self.checkpoints.epoch_recorded(self.history, group.sink)
+            self.recorder.record(metrics)
+
+    def _finish(self, group: WorkerGroup, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """model.pt from rank 0, and the run's figures."""
+        rank0 = next(r for r in results if r["rank"] == 0)
+        torch.save(rank0["state_dict"], self.run_dir.model_path)
+        summary = self.recorder.summary(
+            group,
+            results,
+            task=self.task,
+            history=self.history,
+            failures=self.failures.to_json(),
+            checkpoints=self.checkpoints.stats(),
+        )
+        return {**summary, "grow_backs": self.grow_backs}
