@@ -157,12 +157,53 @@ def _init(cluster: ClusterConfig) -> None:
     # with a checkpoint) must stay, so a scheduler's SIGTERM during start-up still stops cleanly.
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(**kwargs)
-    except ConnectionError as error:
-        raise ConfigError(f"could not join the Ray cluster at {address!r}: {error}") from None
+        _join(kwargs, address)
     finally:
         if threading.current_thread() is threading.main_thread() and callable(sigterm):
             signal.signal(signal.SIGTERM, sigterm)
+
+
+# How Ray Client's head reports that the server process it starts for each connection died
+# before serving it. On this project's CI machine that happens to about 1 connection in 10 (gRPC's
+# event engine in the new process: a segfault, or "epoll_wait error: Bad file descriptor"), and
+# once it died importing torch in a deleted working directory. Nothing is wrong with the cluster
+# or the job then, and a new connection gets a new server process.
+CLIENT_SERVER_DIED = (
+    "Starting Ray client server failed",  # it exited before it was serving
+    "in start_specific_server",  # it exited while the head was checking on it (ZombieProcess)
+    "Proxy failed to Connect to backend",  # it never answered
+)
+CLIENT_RECONNECTS = 2
+
+
+def client_server_died(address: str | None, error: BaseException) -> bool:
+    """Whether `error`, from joining `address`, says Ray Client's per-connection server died."""
+    text = str(error)
+    return bool(address and address.startswith("ray://")) and any(
+        phrase in text for phrase in CLIENT_SERVER_DIED
+    )
+
+
+def _join(kwargs: dict[str, Any], address: str | None) -> None:
+    """`ray.init(**kwargs)`; a Ray Client connection whose server died is made again."""
+    for attempt in range(CLIENT_RECONNECTS + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except ConnectionError as error:
+            if attempt < CLIENT_RECONNECTS and client_server_died(address, error):
+                reason = str(error).strip().splitlines()[-1].rstrip(".")
+                log.warning(
+                    "Ray Client at %s: the server the head started for this connection died "
+                    "(%s); connecting again (%d of %d)",
+                    address,
+                    reason,
+                    attempt + 1,
+                    CLIENT_RECONNECTS,
+                )
+                ray.shutdown()
+                continue
+            raise ConfigError(f"could not join the Ray cluster at {address!r}: {error}") from None
 
 
 @contextlib.contextmanager
