@@ -26,8 +26,13 @@ def test_an_address_no_interface_holds() -> None:
 def test_bind_collectives_prefers_the_setting_then_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # bind_collectives writes os.environ itself; set each variable through monkeypatch first, so
+    # that its value before the test (most often: unset) is what teardown restores. A plain
+    # delenv of an unset variable records nothing, and "lo" then leaked into every later test's
+    # subprocesses (the two-host run bound gloo to loopback when it ran after this test).
     for var in network.SOCKET_IFNAME_VARS:
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     assert network.bind_collectives(None, "127.0.0.1") == "lo"
     assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")  # the cluster's own choice is kept
@@ -37,3 +42,9 @@ def test_bind_collectives_prefers_the_setting_then_the_environment(
     assert network.bind_collectives("eth7", "127.0.0.1") == "eth7"  # cluster.socket_ifname wins
     assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "eth7"
     assert network.bind_collectives(None, "203.0.113.77") is None
+
+
+def test_the_environment_is_restored_after_the_binding_test() -> None:
+    """Runs after the test above (file order): nothing it set is left in this process."""
+    assert os.environ.get("GLOO_SOCKET_IFNAME") != "lo"
+    assert os.environ.get("NCCL_SOCKET_IFNAME") not in ("lo", "ib0", "eth7")
