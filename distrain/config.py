@@ -17,7 +17,6 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_object
 from omegaconf import MISSING, OmegaConf
 
 from distrain.errors import ConfigError  # defined with the other errors; imported from here
@@ -243,7 +242,6 @@ def validate(job: dict[str, Any]) -> None:
             f"(e.g. {group}=<one of conf/{group}/*.yaml>).",
         )
     _check_batching(job["data"])
-    _check_aggregator(job)
 
 
 def _check_trainer(trainer: dict[str, Any]) -> None:
@@ -386,17 +384,3 @@ def _check_sampling(logger: dict[str, Any], trainer: dict[str, Any]) -> None:
     _require(top_k is None or top_k >= 1, f"logger.sample_top_k={top_k} must be >= 1, or null.")
     peak = trainer["peak_tflops"]
     _require(peak is None or peak > 0, f"trainer.peak_tflops={peak} must be > 0, or null.")
-
-
-def _check_aggregator(job: dict[str, Any]) -> None:
-    """Settings elsewhere in the job that the chosen aggregator cannot honour (its `check_job`).
-
-    A `_target_` that does not import is left to the driver's dry build, which says why.
-    """
-    try:
-        aggregator_cls = get_object(job["aggregator"]["_target_"])
-    except Exception:
-        return
-    check = getattr(aggregator_cls, "check_job", None)
-    if check is not None:
-        check(typed(job))  # the last check: every value it types is checked already

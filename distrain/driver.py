@@ -4,22 +4,28 @@
 checks and types it itself, before importing this module): the dry build and the resume
 checkpoint (`preflight`), Ray (`cluster`), the device type, then the `Supervisor`
 (distrain/supervisor.py), which runs worker groups until training completes, and metrics.json.
+
+This module imports neither torch nor the parts that do (preflight, device, supervisor) at its
+top: for an embedded Ray, `run` starts Ray on the main thread at once while a second thread
+imports them and runs the dry build. Importing torch is a second or more of this process's
+CPU, and starting Ray is seconds of other processes starting, so the two overlap.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
-from distrain import cluster, config, preflight, simulate
-from distrain.device import choose_device_type
+from distrain import cluster, config, simulate
 from distrain.errors import Interrupted
 from distrain.rundir import RunDirectory, git_revision
-from distrain.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from distrain.preflight import Checked
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # whose git revision goes with the results
 
@@ -53,12 +59,15 @@ def run(
     imports this module)."""
     started = time.perf_counter()
     slow_rank = simulate.slow_rank_from_env(job.trainer.workers)  # a straggler made on purpose
-    torch.manual_seed(job.trainer.seed)
     # An embedded Ray starts while the job is checked. A cluster is joined only after the
     # checks: a mistake in the data or model is reported before any connection is tried.
-    checks = preflight.start_checks(job, background=job.cluster.address is None)
+    checks = start_checks(job, background=job.cluster.address is None)
     with cluster.connect(job.cluster, keep=keep_cluster):
         checked = checks.result()  # a mistake raises here; Ray is shut down on the way out
+        # Imported by the checks (with torch) by now: these lines cost no import time.
+        from distrain.device import choose_device_type
+        from distrain.supervisor import Supervisor
+
         splits, plan, resume = checked.splits, checked.plan, checked.resume
         auto = job.trainer.device == "auto"
         limits = cluster.autoscaler_limits() if auto else None
@@ -92,3 +101,28 @@ def run(
             metrics,
         )
     return metrics
+
+
+def _check(job: config.Config) -> Checked:
+    """torch and the job's code imported, the seed set, then `preflight.check`."""
+    import torch
+
+    from distrain import preflight
+
+    torch.manual_seed(job.trainer.seed)
+    return preflight.check(job)
+
+
+def start_checks(job: config.Config, *, background: bool) -> Future[Checked]:
+    """`_check`, now (a mistake raises here) or on a thread while the main thread starts an
+    embedded Ray (ray.init must run on the main thread: Ray ties its daemons' lives to the
+    thread that started them). Nothing else starts until the result is taken, so a mistake
+    still ends the run before any actor."""
+    if not background:
+        done: Future[Checked] = Future()
+        done.set_result(_check(job))
+        return done
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-preflight")
+    future = executor.submit(_check, job)
+    executor.shutdown(wait=False)  # the thread ends with the check
+    return future

@@ -7,7 +7,6 @@ traceback from every worker a minute later.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,25 +30,26 @@ class Checked:
 
 
 def check(job: config.Config) -> Checked:
-    """The dry build, then the resume checkpoint checked against the job."""
+    """The aggregator's own check, the dry build, then the resume checkpoint checked."""
+    check_aggregator(job)
     splits, plan = dry_build(job)
     return Checked(splits, plan, load_resume(job))
 
 
-def start_checks(job: config.Config, *, background: bool) -> Future[Checked]:
-    """`check`, now (a mistake raises here) or on a thread while the main thread starts an
-    embedded Ray (ray.init must run on the main thread: Ray ties its daemons' lives to the
-    thread that started them). Starting Ray is seconds of other processes starting; the dry
-    build is this process's imports and CPU, so the two overlap. Nothing else starts until the
-    result is taken, so a mistake still ends the run before any actor."""
-    if not background:
-        done: Future[Checked] = Future()
-        done.set_result(check(job))
-        return done
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-preflight")
-    future = executor.submit(check, job)
-    executor.shutdown(wait=False)  # the thread ends with the check
-    return future
+def check_aggregator(job: config.Config) -> None:
+    """Settings elsewhere in the job that the chosen aggregator cannot honour (its `check_job`).
+
+    Here, not in `config.validate`: the aggregator's class imports torch, which the CLI's
+    value checks do without. A `_target_` that does not import is left to the dry build, which
+    says why.
+    """
+    try:
+        aggregator_cls = get_object(job.aggregator["_target_"])
+    except Exception:
+        return
+    check_job = getattr(aggregator_cls, "check_job", None)
+    if check_job is not None:
+        check_job(job)
 
 
 def dry_build(job: config.Config) -> tuple[Splits, StepPlan]:

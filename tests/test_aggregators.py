@@ -162,9 +162,11 @@ def test_async_parameter_server_converges_within_the_staleness_bound(
 
 
 def _check(*overrides: str) -> None:
+    """The driver's checks before any actor: the values, then the aggregator's own check and
+    the dry build."""
     job = compose_job(*overrides)
     config.validate(job)
-    preflight.dry_build(config.typed(job))
+    preflight.check(config.typed(job))
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ class GradientAggregator(ABC):
     def check_job(cls, job: Config) -> None:
         """Driver side, before anything starts: reject settings this strategy cannot honour.
 
-        Called by `config.validate` with the typed job; raises ConfigError. The default accepts
+        Called by `preflight.check` with the typed job; raises ConfigError. The default accepts
         everything except `trainer.shard_optimizer`, which only a strategy that overrides
         `build_optimizer` supports.
         """

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from distrain import preflight
 from distrain.blocks import checkpoint_activations, compile_modules, find_blocks
-from distrain.config import ConfigError, validate
+from distrain.config import ConfigError, typed, validate
 from distrain.models.mlp import MLP
 from distrain.models.resnet import resnet18
 from tests.conftest import compose_job
@@ -82,8 +83,10 @@ def test_checkpointed_blocks_keep_names_and_gradients() -> None:
     ],
 )
 def test_bad_settings_are_named(overrides: list[str], message: str) -> None:
+    job = compose_job(*overrides)
+    validate(job)  # the values are fine; the FSDP aggregator's own check refuses them
     with pytest.raises(ConfigError, match=message):
-        validate(compose_job(*overrides))
+        preflight.check_aggregator(typed(job))
 
 
 def test_a_compile_failure_names_the_module_and_the_way_out(
