@@ -1,3 +1,3 @@
-from distrain.cli import main
+from distrain.cli import entry
 
-main()
+entry()

@@ -7,10 +7,13 @@ run exits 1; Ctrl-C exits 130. In a --multirun sweep a failed job is recorded an
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -282,3 +285,28 @@ def main() -> None:
         sys.exit(EXIT_CODES[KeyboardInterrupt][1])
     if _job_exits.failed_sweep_jobs:
         sys.exit(EXIT_CODES[TrainingFailed][1])
+
+
+def entry() -> None:
+    """The `distrain` command (and `python -m distrain`): `main`, then a quick exit.
+
+    Once `main` is done (outputs written, Ray shut down, the exit code known) the interpreter's
+    own teardown would spend about a second freeing the modules torch and Ray loaded; nothing in
+    it is ours. So the exit handlers run (a sweep's kept Ray is released by one, logging is
+    flushed by another) and the process then ends with `os._exit`. An unexpected exception
+    still leaves the normal way, with its traceback. Tests call `main`, which returns.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=sys.stderr)
+    for thread in threading.enumerate():  # as the interpreter would: wait for non-daemon threads
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # CPython's own exit handlers, run as at a normal exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

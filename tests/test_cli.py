@@ -109,11 +109,12 @@ def test_bad_input_fails_fast_with_one_clear_message(case: str, tmp_path: Path) 
 def test_a_config_mistake_is_named_before_torch_and_ray_are_imported(tmp_path: Path) -> None:
     """The CLI checks the job before it imports the driver: a mistake costs a fraction of a
     second, not the ~2 s of importing torch and Ray."""
-    code = (
-        "import runpy, sys\n"
+    code = (  # `main`: the command's own entry ends the process before anything can look
+        "import sys\n"
         "sys.argv = ['distrain', 'trainer.workers=0', 'hydra.run.dir=.']\n"
+        "from distrain.cli import main\n"
         "try:\n"
-        "    runpy.run_module('distrain', run_name='__main__')\n"
+        "    main()\n"
         "except SystemExit as exit_:\n"
         "    print(exit_.code, 'torch' in sys.modules, 'ray' in sys.modules)\n"
     )
@@ -121,6 +122,26 @@ def test_a_config_mistake_is_named_before_torch_and_ray_are_imported(tmp_path: P
         [DISTRAIN[0], "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
+    assert "trainer.workers=0 is not allowed" in result.stderr
+
+
+def test_the_command_exits_with_its_code_after_the_exit_handlers(tmp_path: Path) -> None:
+    """`distrain` ends with os._exit (skipping the interpreter's teardown), but only after the
+    exit handlers ran (a sweep's kept Ray is released by one) and with the job's exit code;
+    output written without a newline is not lost."""
+    code = (
+        "import atexit, sys\n"
+        "from distrain import cli\n"
+        "atexit.register(lambda: print('handler ran', end=''))\n"
+        "sys.argv = ['distrain', 'trainer.workers=0', 'hydra.run.dir=.']\n"
+        "cli.entry()\n"
+        "print('not reached')\n"
+    )
+    result = subprocess.run(
+        [DISTRAIN[0], "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "handler ran"
     assert "trainer.workers=0 is not allowed" in result.stderr
 
 
