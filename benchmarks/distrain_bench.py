@@ -29,10 +29,7 @@ from typing import Any
 # workers inherit the driver's sys.path for the `_target_`s in benchmarks/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from benchmarks.distrain_workloads import job_overrides
-from benchmarks.workloads import WORKLOADS, make_workload
+from benchmarks.workload_specs import SPECS, WORKLOADS, job_overrides
 from distrain import driver
 from distrain.cli import compose_job
 from distrain.rundir import RunDirectory
@@ -55,6 +52,9 @@ def steady_samples_per_s(
     An interval ends at a record and starts at the previous record or at its epoch's start
     (the loop restarts its interval clock every epoch).
     """
+    # Imported here, after the run: this process imports nothing heavy before the job starts.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     rates = events.Scalars("throughput/samples_per_s")
@@ -87,11 +87,11 @@ def main() -> None:
     )
     args = p.parse_args()
     t0 = args.t0 or time.time()
-    workload = make_workload(args.workload, args.seed)
-    batch = args.batch_per_worker or workload.batch_per_worker
+    spec = SPECS[args.workload]
+    batch = args.batch_per_worker or spec.batch_per_worker
     global_batch = batch * args.workers
     steps = args.warmup_steps + args.measure_steps
-    steps_per_epoch = len(workload.x_train) // global_batch
+    steps_per_epoch = spec.train_samples // global_batch
     job = compose_job(
         *STRATEGIES[args.strategy],
         f"trainer.workers={args.workers}",

@@ -7,8 +7,6 @@ training sample (the peers have no validation split) and validation reads the fi
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -29,22 +27,3 @@ def splits(name: str, seed: int = 0, val_samples: int = 256) -> Splits:
 
 def model(name: str, seed: int = 0) -> nn.Module:
     return make_workload(name, seed).model_fn()
-
-
-def job_overrides(name: str, seed: int = 0) -> dict[str, Any]:
-    """The job groups that make a distrain run train workload `name` like the peers do."""
-    workload = make_workload(name, seed)
-    return {
-        "data": {
-            "_target_": f"{__name__}.splits",
-            "name": name,
-            "seed": seed,
-            "batch_size": workload.batch_per_worker,  # times the workers, by the caller
-            "micro_batch_size": None,
-            "loader": "memory",
-            "num_workers": 0,
-        },
-        "model": {"_target_": f"{__name__}.model", "name": name, "seed": seed},
-        # The peers' optimizer: plain SGD at the workload's lr.
-        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": workload.lr},
-    }

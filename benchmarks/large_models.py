@@ -57,9 +57,8 @@ TARGETS = (  # (what, row, reference row, key, bound, higher is better)
 def one(workload: str, strategy: str, workers: int) -> dict[str, Any]:
     """One run in this (fresh) process; its figures."""
     from benchmarks.distrain_bench import steady_samples_per_s
-    from benchmarks.distrain_workloads import job_overrides
     from benchmarks.lm_bench import LM, lm_overrides, token_dir
-    from benchmarks.workloads import make_workload
+    from benchmarks.workload_specs import SPECS, job_overrides
     from distrain import driver
     from distrain.cli import compose_job
     from distrain.rundir import RunDirectory
@@ -77,9 +76,9 @@ def one(workload: str, strategy: str, workers: int) -> dict[str, Any]:
         global_batch, per_sample = LM.batch_per_worker * workers, LM.block_size
         steps_per_epoch = (os.path.getsize(data / "train.bin") - 1) // per_sample // global_batch
     else:
-        spec = make_workload(workload, 0)
+        spec = SPECS[workload]
         global_batch, per_sample = spec.batch_per_worker * workers, 1
-        steps_per_epoch = len(spec.x_train) // global_batch
+        steps_per_epoch = spec.train_samples // global_batch
         epochs = -(-steps // steps_per_epoch)
         job = compose_job(
             *common,

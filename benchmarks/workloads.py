@@ -6,13 +6,14 @@ Each workload is pure torch + scikit-learn and fully determined by its seed, so 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-WORKLOADS = ("digits_mlp", "mlp6m", "cnn", "resnet18")
+from benchmarks.workload_specs import SPECS, WORKLOADS
 
 
 @dataclass(frozen=True)
@@ -90,24 +91,26 @@ def _resnet18() -> nn.Module:
 def make_workload(name: str, seed: int = 0) -> Workload:
     """Build workload `name`; data and initial weights depend only on `seed`."""
     gen = torch.Generator().manual_seed(seed)
+    if name not in SPECS:
+        raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+    spec = SPECS[name]
     if name == "digits_mlp":
         x, y = _digits()
-        build, lr, batch = (lambda: _mlp(64, 256, 256, 10)), 0.05, 32
+        build = partial(_mlp, 64, 256, 256, 10)
     elif name == "mlp6m":
-        x, y = _teacher_data(8192, gen)
-        build, lr, batch = (lambda: _mlp(784, 2048, 2048, 10)), 0.01, 128
+        x, y = _teacher_data(spec.train_samples, gen)
+        build = partial(_mlp, 784, 2048, 2048, 10)
     elif name == "cnn":
-        x, y = _template_images(4096, gen)
-        build, lr, batch = _cnn, 0.01, 64
-    elif name == "resnet18":  # GPU-sized: gpu_check.py runs it, make bench does not
-        x, y = _template_rgb(4096, gen)
-        build, lr, batch = _resnet18, 0.05, 128
-    else:
-        raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+        x, y = _template_images(spec.train_samples, gen)
+        build = _cnn
+    else:  # resnet18, GPU-sized: gpu_check.py runs it, make bench does not
+        x, y = _template_rgb(spec.train_samples, gen)
+        build = _resnet18
+    assert len(x) == spec.train_samples, (name, len(x))
 
     def model_fn() -> nn.Module:
         # Reseed so every process and every baseline starts from identical weights.
         torch.manual_seed(seed)
         return build()
 
-    return Workload(name, model_fn, x, y, lr, batch)
+    return Workload(name, model_fn, x, y, spec.lr, spec.batch_per_worker)
