@@ -25,6 +25,7 @@ import ray
 from distrain import hangs
 from distrain.checkpoint import CheckpointStore, Saved
 from distrain.errors import GroupFailed, TrainingFailed
+from distrain.records import CheckpointRecord
 from distrain.shards import from_wire
 from distrain.watch import first_line
 
@@ -68,7 +69,7 @@ class CheckpointWriter:
     store: CheckpointStore
     job: dict[str, Any]  # the groups a resume must match (preflight.RESUME_MUST_MATCH)
     fetch_timeout_s: float
-    _arrived: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    _arrived: dict[int, dict[int, CheckpointRecord]] = field(default_factory=dict)
     # Checkpoints to write, oldest first; the first is being written while the thread runs.
     _queue: deque[tuple[dict[str, Any], list[Any], WriteResult]] = field(default_factory=deque)
     _results: list[WriteResult] = field(default_factory=list)
@@ -77,21 +78,19 @@ class CheckpointWriter:
     write_s: list[float] = field(default_factory=list)
     size_bytes: int = 0
 
-    def add(self, record: dict[str, Any], world_size: int) -> Pending | None:
+    def add(self, record: CheckpointRecord, world_size: int) -> Pending | None:
         """One rank's checkpoint record; the assembled checkpoint once all ranks sent theirs."""
-        ranks = self._arrived.setdefault(record["step"], {})
-        ranks[record["rank"]] = record
+        ranks = self._arrived.setdefault(record.step, {})
+        ranks[record.rank] = record
         if len(ranks) < world_size:
             return None
-        del self._arrived[record["step"]]
+        del self._arrived[record.step]
         records = [ranks[rank] for rank in range(world_size)]
-        return Pending(
-            self.assemble(records, record["epoch_end"]), [r["share"][0] for r in records]
-        )
+        return Pending(self.assemble(records, record.epoch_end), [r.share[0] for r in records])
 
-    def assemble(self, records: list[dict[str, Any]], epoch_end: bool) -> dict[str, Any]:
+    def assemble(self, records: list[CheckpointRecord], epoch_end: bool) -> dict[str, Any]:
         """A checkpoint's metadata from its ranks' records, in rank order."""
-        headers = [r["header"] for r in records]
+        headers = [r.header for r in records]
         position = dict(headers[0]["position"])
         position["epoch_loss_sum"] = sum(h["position"]["epoch_loss_sum"] for h in headers)
         position["epoch_batches"] = sum(h["position"]["epoch_batches"] for h in headers)

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from distrain.data.batches import Batch
+from distrain.records import ValidationSums
 
 if TYPE_CHECKING:  # loop.py imports this module
     from distrain.loop import Parts
 
 
 @torch.no_grad()
-def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
+def evaluate(parts: Parts, batches: Iterable[Batch]) -> ValidationSums:
     """Sums over this worker's validation shard; the driver adds the workers' sums together."""
     parts.model.eval()
     device = parts.batches.device
@@ -43,9 +44,11 @@ def evaluate(parts: Parts, batches: Iterable[Batch]) -> dict[str, float]:
                 correct_top5 += (out.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
         count += n
     parts.model.train()
-    sums = {"val_loss_sum": loss_sum.item(), "val_correct": int(correct), "val_count": count}
-    if per_token and parts.bytes_per_token:
-        sums["val_bytes"] = count * parts.bytes_per_token
-    if parts.task == "classification" and parts.num_outputs > 5:
-        sums["val_correct_top5"] = int(correct_top5)
-    return sums
+    top5 = parts.task == "classification" and parts.num_outputs > 5
+    return ValidationSums(
+        loss_sum=loss_sum.item(),
+        correct=int(correct),
+        count=count,
+        correct_top5=int(correct_top5) if top5 else None,
+        bytes=count * parts.bytes_per_token if per_token and parts.bytes_per_token else None,
+    )

@@ -31,6 +31,7 @@ from distrain.aggregators.base import GradientAggregator
 from distrain.config import Config, plain
 from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
 from distrain.plan import StepPlan
+from distrain.records import Record
 from distrain.reporting import MetricsSink
 from distrain.simulate import SlowRank
 from distrain.worker import Worker
@@ -312,7 +313,7 @@ class WorkerGroup:
         """Rank, node, pid and actor name of every worker: written to the run dir's workers.json."""
         return [{**node, "actor": name} for node, name in zip(self.nodes, self.names)]
 
-    def drain(self) -> list[dict[str, Any]]:
+    def drain(self) -> list[Record]:
         # Bounded like a step: a sink that stops answering (its actor died with the driver's
         # node still up, a Ray client cut off from its server) is not waited on for the minute
         # Ray takes to declare a node dead.

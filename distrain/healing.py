@@ -173,7 +173,7 @@ def heal(
         meta = assemble([record], False)
         clock.lap("state_captured_s")
         healed = group.replace(
-            set(failed), ray.put({"meta": meta, "shards": record["share"], "wire": True})
+            set(failed), ray.put({"meta": meta, "shards": record.share, "wire": True})
         )
     except GroupFailed:
         raise

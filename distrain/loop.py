@@ -22,9 +22,18 @@ from distrain.data.batches import ShardBatches
 from distrain.evaluation import evaluate
 from distrain.histograms import model_histograms
 from distrain.plan import StepPlan
+from distrain.records import (
+    EpochRecord,
+    Heartbeat,
+    HistogramRecord,
+    Record,
+    SampleRecord,
+    StepRecord,
+    Throughput,
+)
 from distrain.timing import StepClock, make_clock
 
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[[Record], None]
 
 
 @dataclass
@@ -140,16 +149,12 @@ def grad_norm(parts: Parts) -> float:
     return norm / parts.scaler.get_scale() if parts.scaler.is_enabled() else norm
 
 
-def _throughput(parts: Parts, samples: int) -> dict[str, float]:
+def _throughput(parts: Parts, samples: int) -> Throughput | None:
     """Tokens and model FLOPs of `samples` trained samples, and the peak (language models)."""
     if not parts.tokens_per_sample:
-        return {}
+        return None
     tokens = samples * parts.tokens_per_sample
-    return {
-        "tokens": tokens,
-        "flops": tokens * parts.flops_per_token,
-        "peak_flops_per_s": parts.peak_flops_per_s,
-    }
+    return Throughput(tokens, tokens * parts.flops_per_token, parts.peak_flops_per_s)
 
 
 def _inspector(
@@ -274,7 +279,7 @@ def fit(
         if parts.sample is not None:  # a language model: a few lines from a prompt
             lines = parts.sample()  # None on the ranks that only take part (FSDP)
             if lines is not None:
-                outbox.send({"kind": "sample", "step": pos.step, "epoch": epoch, "text": lines})
+                outbox.send(SampleRecord(step=pos.step, epoch=epoch, text=lines))
         if pos.step_in_epoch == plan.steps_per_epoch:  # not when max_steps ended it early
             pos.next_epoch()
         # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
@@ -323,10 +328,10 @@ def _train_epoch(
         else:  # only under nan_policy=skip_step
             pos.skipped_steps += 1
         if histograms_now:
-            outbox.send({"kind": "histograms", "step": step, "histograms": inspected["histograms"]})
+            outbox.send(HistogramRecord(step=step, histograms=inspected["histograms"]))
         if log_now:
             record = interval.close(parts, pos, inspected["grad_norm"], clock)
-            _stop_if_non_finite(parts, cadence, record["loss"], pos)
+            _stop_if_non_finite(parts, cadence, record.loss, pos)
             outbox.send(record)
         else:
             outbox.beat(step)
@@ -344,23 +349,22 @@ def _train_epoch(
     return steps, False
 
 
-def _evaluate_epoch(parts: Parts, pos: Position, steps: int, train_s: float) -> dict[str, Any]:
-    """The "epoch" record: this rank's training sums and its validation shard's."""
+def _evaluate_epoch(parts: Parts, pos: Position, steps: int, train_s: float) -> EpochRecord:
+    """This rank's epoch: its training sums and its validation shard's."""
     started_s = time.perf_counter()
-    sums = evaluate(parts, parts.batches.val_batches())
+    validation = evaluate(parts, parts.batches.val_batches())
     samples = steps * parts.batches.local_batch  # trained in this session
-    return {
-        "kind": "epoch",
-        "epoch": pos.epoch,
-        "step": pos.step,
-        "train_loss_sum": pos.epoch_loss_sum,
-        "train_batches": pos.epoch_batches,
-        "samples": samples,
-        "train_s": train_s,
-        "eval_s": time.perf_counter() - started_s,
-        **_throughput(parts, samples),
-        **sums,
-    }
+    return EpochRecord(
+        epoch=pos.epoch,
+        step=pos.step,
+        train_loss_sum=pos.epoch_loss_sum,
+        train_batches=pos.epoch_batches,
+        samples=samples,
+        train_s=train_s,
+        eval_s=time.perf_counter() - started_s,
+        validation=validation,
+        throughput=_throughput(parts, samples),
+    )
 
 
 class _Outbox:
@@ -370,13 +374,13 @@ class _Outbox:
         self.report, self.heartbeat_s = report, heartbeat_s
         self.last_sent_s = time.monotonic()
 
-    def send(self, record: dict[str, Any]) -> None:
+    def send(self, record: Record) -> None:
         self.report(record)
         self.last_sent_s = time.monotonic()
 
     def beat(self, step: int) -> None:
         if time.monotonic() - self.last_sent_s > self.heartbeat_s:
-            self.send({"kind": "heartbeat", "step": step})
+            self.send(Heartbeat(step=step))
 
 
 class _Interval:
@@ -393,27 +397,24 @@ class _Interval:
             self.loss += loss
             self.finite_steps += 1
 
-    def close(
-        self, parts: Parts, pos: Position, grad_norm: float, clock: StepClock
-    ) -> dict[str, Any]:
-        """The interval's "step" record (reads the loss: a device sync); starts the next one."""
+    def close(self, parts: Parts, pos: Position, grad_norm: float, clock: StepClock) -> StepRecord:
+        """The interval's record (reads the loss: a device sync); starts the next one."""
         mean_loss = (self.loss / max(self.finite_steps, 1)).item()
         now_s = time.perf_counter()  # after the .item() above synchronized the device
         samples = self.steps * parts.batches.local_batch
-        record = {
-            "kind": "step",
-            "step": pos.step,
-            "epoch": pos.epoch,
-            "loss": mean_loss,
-            "lr": parts.optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "samples": samples,
-            "steps": self.steps,
-            "interval_s": now_s - self.started_s,
-            "skipped_steps": pos.skipped_steps,
-            **_throughput(parts, samples),
-            **clock.pop(),
-        }
+        record = StepRecord(
+            step=pos.step,
+            epoch=pos.epoch,
+            loss=mean_loss,
+            lr=parts.optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            samples=samples,
+            steps=self.steps,
+            interval_s=now_s - self.started_s,
+            skipped_steps=pos.skipped_steps,
+            phases_s=clock.pop(),
+            throughput=_throughput(parts, samples),
+        )
         self.loss.zero_()
         self.steps = self.finite_steps = 0
         self.started_s = now_s

@@ -12,6 +12,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from distrain.records import (
+    EpochRecord,
+    HistogramRecord,
+    Record,
+    SampleRecord,
+    StepRecord,
+    Throughput,
+)
 from distrain.timing import PHASES
 
 # What a worker spends of a step on its own (not waiting for the others): comparing it across
@@ -41,7 +49,7 @@ class StepMetrics:
     step_s: float  # wall time per step over the interval (the slowest rank's)
     phases_s: dict[str, float]  # seconds per step in each phase, mean over the workers
     workers: dict[int, WorkerFigures]
-    per_rank: dict[int, dict[str, Any]] = field(repr=False)
+    per_rank: dict[int, StepRecord] = field(repr=False)
     tokens_per_s: float | None = None  # language models: all workers' tokens / wall time
     mfu: float | None = None  # all workers' model FLOP/s over the sum of their peaks
 
@@ -102,25 +110,29 @@ class MetricsCollector:
     def __init__(self, world_size: int, task: str, epochs: list[EpochMetrics] | None = None):
         self.world_size = world_size
         self.task = task
-        self._pending: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
+        # (kind, step or epoch) -> the records of the ranks that have reported it
+        self._pending: dict[tuple[type, int], dict[int, Any]] = defaultdict(dict)
         # Shared with the supervisor, so the history survives restarts of the worker group.
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
 
     def add(
-        self, record: dict[str, Any]
+        self, record: Record
     ) -> StepMetrics | EpochMetrics | HistogramMetrics | SampleMetrics | None:
-        kind = record["kind"]
-        if kind == "histograms":  # rank 0 only
-            return HistogramMetrics(step=record["step"], histograms=record["histograms"])
-        if kind == "sample":  # rank 0 only
-            return SampleMetrics(step=record["step"], text=record["text"])
-        key = (kind, record["step"] if kind == "step" else record["epoch"])
+        """A rank's figures; the global ones once every rank has reported them (None before,
+        and for records that carry no figures)."""
+        if isinstance(record, HistogramRecord):  # rank 0 only
+            return HistogramMetrics(step=record.step, histograms=record.histograms)
+        if isinstance(record, SampleRecord):  # rank 0 only
+            return SampleMetrics(step=record.step, text=record.text)
+        if not isinstance(record, StepRecord | EpochRecord):
+            return None
+        key = (type(record), record.step if isinstance(record, StepRecord) else record.epoch)
         ranks = self._pending[key]
-        ranks[record["rank"]] = record
+        ranks[record.rank] = record
         if len(ranks) < self.world_size:
             return None
         del self._pending[key]
-        return self._step(ranks) if kind == "step" else self._epoch(ranks)
+        return self._step(ranks) if isinstance(record, StepRecord) else self._epoch(ranks)
 
     def complete_without(self, lost: frozenset[int]) -> list[EpochMetrics]:
         """Epochs that only the `lost` ranks had not reported, completed from the others.
@@ -130,7 +142,7 @@ class MetricsCollector:
         that step, so nothing would ever complete the epoch and TensorBoard would miss its point.
         """
         done = []
-        for key in sorted(k for k in self._pending if k[0] == "epoch"):
+        for key in sorted((k for k in self._pending if k[0] is EpochRecord), key=lambda k: k[1]):
             ranks = self._pending[key]
             missing = set(range(self.world_size)) - set(ranks)
             if ranks and missing <= lost:
@@ -140,55 +152,61 @@ class MetricsCollector:
                 done.append(metrics)
         return done
 
-    def _step(self, ranks: dict[int, dict[str, Any]]) -> StepMetrics:
+    def _step(self, ranks: dict[int, StepRecord]) -> StepMetrics:
         records = list(ranks.values())
-        interval_s = max(r["interval_s"] for r in records)
+        first = records[0]
+        interval_s = max(r.interval_s for r in records)
         workers = {rank: _worker_figures(r) for rank, r in sorted(ranks.items())}
         metrics = StepMetrics(
-            step=records[0]["step"],
-            epoch=records[0]["epoch"],
-            loss=sum(r["loss"] for r in records) / len(records),
-            lr=records[0]["lr"],
-            grad_norm=records[0]["grad_norm"],
-            samples_per_s=sum(r["samples"] for r in records) / max(interval_s, 1e-9),
-            step_s=interval_s / records[0]["steps"],
+            step=first.step,
+            epoch=first.epoch,
+            loss=sum(r.loss for r in records) / len(records),
+            lr=first.lr,
+            grad_norm=first.grad_norm,
+            samples_per_s=sum(r.samples for r in records) / max(interval_s, 1e-9),
+            step_s=interval_s / first.steps,
             phases_s={
                 p: sum(w.phases_s[p] for w in workers.values()) / len(workers) for p in PHASES
             },
             workers=workers,
             per_rank=ranks,
         )
-        if "tokens" in records[0]:
-            metrics.tokens_per_s = sum(r["tokens"] for r in records) / max(interval_s, 1e-9)
-            metrics.mfu = _mfu(records, interval_s)
+        throughputs = [r.throughput for r in records if r.throughput is not None]
+        if throughputs:
+            metrics.tokens_per_s = sum(t.tokens for t in throughputs) / max(interval_s, 1e-9)
+            metrics.mfu = _mfu(throughputs, interval_s)
         return metrics
 
-    def _epoch(self, ranks: dict[int, dict[str, Any]]) -> EpochMetrics:
+    def _epoch(self, ranks: dict[int, EpochRecord]) -> EpochMetrics:
         records = list(ranks.values())
-        total = {key: sum(r[key] for r in records) for key in records[0] if key != "kind"}
-        count = max(total["val_count"], 1)
+        sums = [r.validation for r in records]
+        count = max(sum(v.count for v in sums), 1)
+        loss_sum = sum(v.loss_sum for v in sums)
         classification = self.task == "classification"
+        top5 = [v.correct_top5 for v in sums if v.correct_top5 is not None]
         metrics = EpochMetrics(
-            epoch=records[0]["epoch"],
-            step=records[0]["step"],
-            train_loss=total["train_loss_sum"] / max(total["train_batches"], 1),
-            val_loss=total["val_loss_sum"] / count,
-            val_accuracy=total["val_correct"] / count if classification else None,
-            val_top5_accuracy=(
-                total["val_correct_top5"] / count if "val_correct_top5" in total else None
-            ),
-            train_s=max(r["train_s"] for r in records),
-            eval_s=max(r.get("eval_s", 0.0) for r in records),
-            samples=total["samples"],
+            epoch=records[0].epoch,
+            step=records[0].step,
+            train_loss=sum(r.train_loss_sum for r in records)
+            / max(sum(r.train_batches for r in records), 1),
+            val_loss=loss_sum / count,
+            val_accuracy=sum(v.correct for v in sums) / count if classification else None,
+            val_top5_accuracy=sum(top5) / count if top5 else None,
+            train_s=max(r.train_s for r in records),
+            eval_s=max(r.eval_s for r in records),
+            samples=sum(r.samples for r in records),
         )
-        if "tokens" in total:
-            metrics.tokens = total["tokens"]
-            metrics.mfu = _mfu(records, metrics.train_s)
+        throughputs = [r.throughput for r in records if r.throughput is not None]
+        if throughputs:
+            metrics.tokens = sum(t.tokens for t in throughputs)
+            metrics.mfu = _mfu(throughputs, metrics.train_s)
             metrics.worker_tokens_per_s = [
-                ranks[r]["tokens"] / max(ranks[r]["train_s"], 1e-9) for r in sorted(ranks)
+                (r.throughput.tokens if r.throughput else 0) / max(r.train_s, 1e-9)
+                for _, r in sorted(ranks.items())
             ]
-        if "val_bytes" in total:  # nats per token x tokens = nats; / ln 2 = bits
-            metrics.val_bits_per_byte = total["val_loss_sum"] / math.log(2) / total["val_bytes"]
+        val_bytes = [v.bytes for v in sums if v.bytes is not None]
+        if val_bytes:  # nats per token x tokens = nats; / ln 2 = bits
+            metrics.val_bits_per_byte = loss_sum / math.log(2) / sum(val_bytes)
         self.epochs.append(metrics)
         return metrics
 
@@ -224,25 +242,26 @@ class MetricsCollector:
         return summary
 
 
-def _mfu(records: list[dict[str, Any]], seconds: float) -> float | None:
+def _mfu(throughputs: list[Throughput], seconds: float) -> float | None:
     """Model FLOP/s of all workers over the sum of their peaks; None when a peak is unknown."""
-    peaks = [r.get("peak_flops_per_s", 0.0) for r in records]
+    peaks = [t.peak_flops_per_s for t in throughputs]
     if not all(peaks):
         return None
-    return sum(r["flops"] for r in records) / max(seconds, 1e-9) / sum(peaks)
+    return sum(t.flops for t in throughputs) / max(seconds, 1e-9) / sum(peaks)
 
 
-def _worker_figures(record: dict[str, Any]) -> WorkerFigures:
-    steps = max(record["steps"], 1)
-    phases_s = {p: record[p] / steps for p in PHASES}
+def _worker_figures(record: StepRecord) -> WorkerFigures:
+    steps = max(record.steps, 1)
+    phases_s = {p: record.phases_s[p] / steps for p in PHASES}
     busy_s = sum(phases_s[p] for p in BUSY_PHASES)
     figures = WorkerFigures(
         busy_s=busy_s,
-        samples_per_s=record["samples"] / steps / max(busy_s, 1e-9),
+        samples_per_s=record.samples / steps / max(busy_s, 1e-9),
         phases_s=phases_s,
     )
-    if "tokens" in record:
-        figures.tokens_per_s = record["tokens"] / steps / max(busy_s, 1e-9)
-        if record.get("peak_flops_per_s"):
-            figures.mfu = record["flops"] / steps / max(busy_s, 1e-9) / record["peak_flops_per_s"]
+    throughput = record.throughput
+    if throughput is not None:
+        figures.tokens_per_s = throughput.tokens / steps / max(busy_s, 1e-9)
+        if throughput.peak_flops_per_s:
+            figures.mfu = throughput.flops / steps / max(busy_s, 1e-9) / throughput.peak_flops_per_s
     return figures

@@ -13,29 +13,30 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import ray
+
+from distrain.records import Record
 
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
     def __init__(self, checkpoint_min_interval_s: float = 0.0) -> None:
-        self._records: list[dict[str, Any]] = []
+        self._records: list[Record] = []
         self._stop_requested = False
         self._decisions: dict[int, tuple[bool, bool]] = {}
         self._checkpoint_min_interval_s = checkpoint_min_interval_s
         self._last_checkpoint_s = -math.inf
         self._saved_step = -1
 
-    def push(self, record: dict[str, Any]) -> None:
+    def push(self, record: Record) -> None:
         self._records.append(record)
 
-    def push_many(self, records: list[dict[str, Any]]) -> None:
+    def push_many(self, records: list[Record]) -> None:
         for record in records:
             self.push(record)
 
-    def drain(self) -> list[dict[str, Any]]:
+    def drain(self) -> list[Record]:
         records, self._records = self._records, []
         return records
 

@@ -18,6 +18,7 @@ from distrain import checkpoint
 from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
 from distrain.config import TrainerConfig
 from distrain.metrics import EpochMetrics
+from distrain.records import CheckpointRecord
 from distrain.watch import first_line
 
 log = logging.getLogger("distrain")
@@ -61,14 +62,14 @@ class Checkpoints:
         self._epoch_end = None
 
     def add(
-        self, record: dict[str, Any], world_size: int, history: list[EpochMetrics], sink: Any
+        self, record: CheckpointRecord, world_size: int, history: list[EpochMetrics], sink: Any
     ) -> None:
         """A rank's checkpoint record; a step whose every share arrived is saved (an epoch's
         last step once its figures are in the history: `epoch_recorded`)."""
         pending = self._writer.add(record, world_size)
         if pending is None:
             return
-        if record["epoch_end"]:
+        if record.epoch_end:
             self._epoch_end = pending
         else:
             self._save(pending, history, sink)
@@ -111,7 +112,7 @@ class Checkpoints:
             return
         raise write_failure(failed_writes[0], nodes or [], self.trainer.step_timeout_s)
 
-    def assemble(self, records: list[dict[str, Any]], epoch_end: bool) -> dict[str, Any]:
+    def assemble(self, records: list[CheckpointRecord], epoch_end: bool) -> dict[str, Any]:
         """A checkpoint's metadata from its ranks' records (a heal's survivors send theirs)."""
         return self._writer.assemble(records, epoch_end)
 

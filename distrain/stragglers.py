@@ -85,7 +85,7 @@ class StragglerDetector:
             self._above.clear()
             return None
         others_s = statistics.median(v for r, v in busy.items() if r != slowest)
-        steps = metrics.per_rank[slowest]["steps"]
+        steps = metrics.per_rank[slowest].steps
         excess_s = (busy[slowest] - others_s) * steps
         self._excess_s = excess_s + (self._excess_s if slowest in self._above else 0.0)
         self._above = {slowest: self._above.get(slowest, 0) + 1}

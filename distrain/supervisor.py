@@ -41,6 +41,7 @@ from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, MetricsCollector
 from distrain.plan import StepPlan
 from distrain.recording import RunRecorder
+from distrain.records import CheckpointRecord, EpochRecord, Heartbeat, Record, StepRecord
 from distrain.rundir import RunDirectory
 from distrain.saving import Checkpoints
 from distrain.watch import StopAtBoundary, StopRequest, check_hang, first_line, rank_result
@@ -235,8 +236,7 @@ class Supervisor:
         # (an epoch's figures, logged steps; the survivors flushed theirs when they stood down).
         with contextlib.suppress(GroupFailed):
             for record in group.drain():
-                if record["kind"] not in ("checkpoint", "heartbeat"):
-                    self.recorder.record(collector.add(record))
+                self.recorder.record(collector.add(record))
         for epoch in collector.complete_without(failure.failed_ranks):
             self.recorder.message(
                 f"epoch {epoch.epoch + 1}: rank(s) {epoch.missing_ranks} died before reporting "
@@ -285,7 +285,7 @@ class Supervisor:
                 for ref in done:
                     results.append(rank_result(ref, refs[ref], group))
                 for record in group.drain():
-                    last_seen_s[record["rank"]] = time.monotonic()
+                    last_seen_s[record.rank] = time.monotonic()
                     self._take(record, group, collector)
                 self.checkpoints.settle(wait=False, nodes=self.current_nodes)
                 if group.spares and group.spares_became_ready():
@@ -358,16 +358,13 @@ class Supervisor:
         )
         return restore_from
 
-    def _take(
-        self, record: dict[str, Any], group: WorkerGroup, collector: MetricsCollector
-    ) -> None:
+    def _take(self, record: Record, group: WorkerGroup, collector: MetricsCollector) -> None:
         """One record from a rank: progress, a checkpoint share, or figures to record."""
-        kind = record["kind"]
-        if kind in ("step", "epoch"):
+        if isinstance(record, StepRecord | EpochRecord):
             self.failures.progressed(time.monotonic())
-        if kind == "checkpoint":
+        if isinstance(record, CheckpointRecord):
             self.checkpoints.add(record, group.world_size, self.history, group.sink)
-        elif kind != "heartbeat":
+        elif not isinstance(record, Heartbeat):
             metrics = collector.add(record)
             if isinstance(metrics, EpochMetrics):
                 self.checkpoints.epoch_recorded(self.history, group.sink)

@@ -87,7 +87,7 @@ class TensorBoardWriter:
             values[f"workers/rank{rank}/step_s"] = worker.busy_s
             for phase in PHASES:
                 values[f"workers/rank{rank}/{phase}"] = worker.phases_s[phase]
-        skipped = max(r.get("skipped_steps", 0) for r in metrics.per_rank.values())
+        skipped = max(r.skipped_steps for r in metrics.per_rank.values())
         if skipped:
             values["faults/skipped_steps"] = skipped
         self._add_scalars(values, metrics.step)

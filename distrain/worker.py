@@ -20,6 +20,7 @@ from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
 from distrain.loop import Cadence, Parts, Position, fit, step_seed
 from distrain.plan import StepPlan
+from distrain.records import CheckpointRecord, EpochRecord, Heartbeat, Record
 from distrain.simulate import SlowRank
 
 log = logging.getLogger("distrain.worker")
@@ -240,8 +241,7 @@ class Worker:
             )
             # The copy the step waits for (into the object store); the write is the driver's.
             share = ray.put(shards.to_wire(tensors))
-            record = {"kind": "checkpoint", "step": position.step, "epoch_end": epoch_end}
-            self._report({**record, "header": header, "share": [share]})
+            self._report(CheckpointRecord(position.step, epoch_end, header, [share]))
             self._checkpoint_blocking_s += time.perf_counter() - started
             if not self.job.trainer.async_checkpoint:
                 # Synchronous: wait until the checkpoint is on disk. At an epoch end the driver
@@ -261,7 +261,7 @@ class Worker:
 
     def fit(self) -> dict[str, Any]:
         trainer, logger = self.job.trainer, self.job.logger
-        self._outbox: list[dict[str, Any]] = []
+        self._outbox: list[Record] = []
         self._checkpoint_blocking_s, self._unsaved_step = 0.0, -1
         self._next_report_s = time.monotonic()
         self.parts.aggregator.fit_started_s = time.perf_counter()
@@ -322,7 +322,7 @@ class Worker:
             "epoch_batches": self.position.epoch_batches,
         }
 
-    def snapshot(self, epoch_loss_sum: float, epoch_batches: int) -> dict[str, Any]:
+    def snapshot(self, epoch_loss_sum: float, epoch_batches: int) -> CheckpointRecord:
         """This replica's whole training state at its last completed step, as the checkpoint
         record of a world of one: the header inline, the tensors in the object store. The
         epoch's loss so far is the survivors' (the failed ranks' shares are gone)."""
@@ -335,7 +335,9 @@ class Worker:
         )
         header, tensors = training_state.capture(self.parts, position, rank=0, world_size=1)
         share = ray.put(shards.to_wire(tensors))
-        return {"rank": 0, "step": position.step, "header": header, "share": [share]}
+        return CheckpointRecord(
+            position.step, epoch_end=False, header=header, share=[share], rank=0
+        )
 
     def rejoin(
         self,
@@ -362,26 +364,24 @@ class Worker:
         return self.node()
 
     def _waiting(self, ranks: list[int]) -> None:
-        self._report({"kind": "heartbeat", "waiting_for": ranks})
+        self._report(Heartbeat(waiting_for=ranks))
 
-    def _report(self, record: dict[str, Any] | None) -> None:
+    def _report(self, record: Record | None) -> None:
         """Queue a record; send the queue if it is due. `None` sends what is queued.
 
         Batched (at most every REPORT_EVERY_S) so that logging every step costs one actor call
         per quarter second, not one per record; epochs and checkpoints go at once.
         """
         if record is not None:
-            self._outbox.append({**record, "rank": self.rank})
+            record.rank = self.rank
+            self._outbox.append(record)
         now = time.monotonic()
-        due = (
-            record is None
-            or record["kind"] in ("epoch", "checkpoint")
-            or now >= self._next_report_s
-        )
+        due = record is None or isinstance(record, EpochRecord | CheckpointRecord)
+        due = due or now >= self._next_report_s
         if due and self._outbox:
             self.sink.push_many.remote(self._outbox)
             self._outbox, self._next_report_s = [], now + REPORT_EVERY_S
-        if record is not None and record["kind"] == "epoch" and self._unsaved_step >= 0:
+        if isinstance(record, EpochRecord) and self._unsaved_step >= 0:
             self._wait_saved()  # the epoch-end checkpoint, synchronous
 
 

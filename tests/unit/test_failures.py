@@ -9,6 +9,7 @@ import pytest
 
 from distrain.errors import GroupFailed, TrainingFailed
 from distrain.failures import FailureLog
+from distrain.records import EpochRecord, ValidationSums
 
 
 def test_a_failure_past_the_limit_ends_the_run_naming_the_checkpoint_to_resume(tmp_path):
@@ -81,20 +82,18 @@ def test_a_failure_noticed_before_it_was_raised_counts_from_when_it_was_noticed(
     assert entry["detection_s"] < 0.05 <= entry["recovery_s"]
 
 
-def _epoch_record(rank: int, epoch: int) -> dict:
-    return {
-        "kind": "epoch",
-        "rank": rank,
-        "epoch": epoch,
-        "step": 22 * (epoch + 1),
-        "train_loss_sum": 2.0 * (rank + 1),
-        "train_batches": 2,
-        "val_loss_sum": 3.0,
-        "val_correct": 6,
-        "val_count": 10,
-        "train_s": 1.0,
-        "samples": 64,
-    }
+def _epoch_record(rank: int, epoch: int) -> EpochRecord:
+    return EpochRecord(
+        rank=rank,
+        epoch=epoch,
+        step=22 * (epoch + 1),
+        train_loss_sum=2.0 * (rank + 1),
+        train_batches=2,
+        samples=64,
+        train_s=1.0,
+        eval_s=0.0,
+        validation=ValidationSums(loss_sum=3.0, correct=6, count=10),
+    )
 
 
 def test_an_epoch_a_dead_rank_never_reported_is_completed_from_the_others():

@@ -21,6 +21,7 @@ from distrain.group import is_transport_failure
 from distrain.histograms import BINS, model_histograms
 from distrain.loop import grad_norm
 from distrain.metrics import MetricsCollector
+from distrain.records import StepRecord
 from distrain.sharding import ShardSampler
 from distrain.stragglers import StragglerDetector
 from distrain.timing import EventClock, SinceEvent, StepClock, make_clock
@@ -329,20 +330,19 @@ def test_busy_time_finds_the_slow_gpu() -> None:
                 _gpu_step(
                     clock, data_ms=1, compute_ms=compute_ms, wait_ms=50 - compute_ms, optimizer_ms=2
                 )
-            record = {
-                "kind": "step",
-                "rank": rank,
-                "step": 4 * (interval + 1),
-                "epoch": 0,
-                "loss": 1.0,
-                "lr": 0.1,
-                "grad_norm": 1.0,
-                "samples": 32,
-                "steps": 4,
-                "interval_s": 0.212,
-                "skipped_steps": 0,
-                **clock.pop(),
-            }
+            record = StepRecord(
+                rank=rank,
+                step=4 * (interval + 1),
+                epoch=0,
+                loss=1.0,
+                lr=0.1,
+                grad_norm=1.0,
+                samples=32,
+                steps=4,
+                interval_s=0.212,
+                skipped_steps=0,
+                phases_s=clock.pop(),
+            )
             metrics = collector.add(record)
         found = detector.update(metrics) or found
     assert found is not None and found.rank == 2

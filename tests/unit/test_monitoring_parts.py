@@ -18,31 +18,34 @@ from distrain.aggregators.allreduce import AllReduce
 from distrain.config import typed
 from distrain.metrics import MetricsCollector, StepMetrics
 from distrain.progress import print_summary
+from distrain.records import StepRecord
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import hparams_of
 from distrain.timing import PHASES, StepClock
 from tests.conftest import compose_job
 
 
-def step_record(rank: int, step: int, busy_s: float, wait_s: float = 0.0) -> dict:
-    """A worker's "step" record for a 10-step interval with `busy_s` of compute per step."""
+def step_record(rank: int, step: int, busy_s: float, wait_s: float = 0.0) -> StepRecord:
+    """A worker's record of a 10-step interval with `busy_s` of compute per step."""
     steps = 10
-    return {
-        "kind": "step",
-        "rank": rank,
-        "step": step,
-        "epoch": 0,
-        "loss": 1.0,
-        "lr": 0.1,
-        "grad_norm": 2.0,
-        "samples": 32 * steps,
-        "steps": steps,
-        "interval_s": (busy_s + wait_s) * steps,
-        "data_s": 0.1 * busy_s * steps,
-        "forward_backward_s": 0.8 * busy_s * steps,
-        "aggregation_wait_s": wait_s * steps,
-        "optimizer_s": 0.1 * busy_s * steps,
-    }
+    return StepRecord(
+        rank=rank,
+        step=step,
+        epoch=0,
+        loss=1.0,
+        lr=0.1,
+        grad_norm=2.0,
+        samples=32 * steps,
+        steps=steps,
+        interval_s=(busy_s + wait_s) * steps,
+        skipped_steps=0,
+        phases_s={
+            "data_s": 0.1 * busy_s * steps,
+            "forward_backward_s": 0.8 * busy_s * steps,
+            "aggregation_wait_s": wait_s * steps,
+            "optimizer_s": 0.1 * busy_s * steps,
+        },
+    )
 
 
 def interval(step: int, busy_by_rank: dict[int, float]) -> StepMetrics:

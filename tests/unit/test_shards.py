@@ -8,6 +8,7 @@ from torch import nn
 
 from distrain import shards
 from distrain.checkpoint_writer import CheckpointWriter
+from distrain.records import CheckpointRecord
 
 
 def _trained(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -43,7 +44,7 @@ def _write(model: nn.Module, optimizer: torch.optim.Optimizer, world_size: int) 
             "lead": {"optimizer": settings, "scheduler": None, "scaler": None},
         }
         records.append(
-            {"rank": rank, "step": 2, "epoch_end": False, "header": header, "share": [None]}
+            CheckpointRecord(step=2, epoch_end=False, header=header, share=[None], rank=rank)
         )
         tensors.append(share.tensors)
     writer = CheckpointWriter(store=None, job={}, fetch_timeout_s=1.0)  # type: ignore[arg-type]

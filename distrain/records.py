@@ -1,0 +1,114 @@
+"""What a worker reports to the driver: one typed record per kind.
+
+The loop and the worker make them; they travel worker → `MetricsSink` actor → supervisor (pickled
+by Ray, in batches); the supervisor hands step and epoch records to `MetricsCollector`, which
+turns every rank's record of one step or epoch into the global figures, checkpoint records to
+`Checkpoints`, and counts every record as a sign of life. `rank` is set by the worker as it
+queues a record (`Worker._report`). Workers report sums and counts, not means, so that the
+driver's totals are exact over any number of workers and uneven shards.
+
+This module imports no torch: the sink and the supervisor's tests read it without.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NO_RANK = -1  # a record not yet queued by its worker
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """A language model's tokens and model FLOPs in the samples a record covers."""
+
+    tokens: int
+    flops: float
+    peak_flops_per_s: float  # the worker's device peak; 0.0: unknown (no MFU then)
+
+
+@dataclass
+class StepRecord:
+    """One rank's logging interval: the steps since its previous StepRecord."""
+
+    step: int  # the interval's last step
+    epoch: int
+    loss: float  # mean over the interval's steps whose loss was finite
+    lr: float
+    grad_norm: float  # of the averaged gradient, at the interval's last step
+    samples: int  # trained by this rank in the interval
+    steps: int
+    interval_s: float  # the interval's wall time on this rank
+    skipped_steps: int  # non-finite steps skipped so far (trainer.nan_policy=skip_step)
+    phases_s: dict[str, float]  # seconds in each phase of distrain/timing.py, summed
+    throughput: Throughput | None = None
+    rank: int = NO_RANK
+
+
+@dataclass(frozen=True)
+class ValidationSums:
+    """One rank's validation shard, summed (distrain/evaluation.py)."""
+
+    loss_sum: float  # per sample, or per token for a language model
+    correct: int  # top-1 (classification; 0 otherwise)
+    count: int  # samples, or tokens for a language model
+    correct_top5: int | None = None  # classification with more than 5 classes
+    bytes: float | None = None  # a language model whose bytes per token are known
+
+
+@dataclass
+class EpochRecord:
+    """One rank's epoch: its training sums and its validation shard's."""
+
+    epoch: int
+    step: int
+    train_loss_sum: float
+    train_batches: int  # whose loss was finite
+    samples: int  # trained by this rank in this session of the epoch
+    train_s: float
+    eval_s: float
+    validation: ValidationSums
+    throughput: Throughput | None = None
+    rank: int = NO_RANK
+
+
+@dataclass
+class CheckpointRecord:
+    """One rank's share of a checkpoint: its header and its tensors in the object store."""
+
+    step: int
+    epoch_end: bool  # written once the epoch's figures are in (`Checkpoints.epoch_recorded`)
+    header: dict[str, Any]  # distrain/training_state.py's header of this rank's share
+    share: list[Any]  # [ObjectRef of the wire-format tensors]
+    rank: int = NO_RANK
+
+
+@dataclass
+class Heartbeat:
+    """A rank is alive: between logged steps, or waiting for peers that have not arrived."""
+
+    step: int | None = None
+    waiting_for: list[int] | None = None  # ranks a collective waits for (shared memory)
+    rank: int = NO_RANK
+
+
+@dataclass
+class SampleRecord:
+    """Rank 0's continuations of the fixed prompt at an epoch's end (language models)."""
+
+    step: int
+    epoch: int
+    text: list[str]
+    rank: int = NO_RANK
+
+
+@dataclass
+class HistogramRecord:
+    """Rank 0's weight and gradient histograms at a step (logger.histogram_every_n_steps)."""
+
+    step: int
+    histograms: dict[str, dict[str, Any]]  # tag -> fields of distrain/histograms.py
+    rank: int = NO_RANK
+
+
+Record = StepRecord | EpochRecord | CheckpointRecord | Heartbeat | SampleRecord | HistogramRecord
