@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from distrain import cluster, config, simulate
+from distrain import cluster, config, reservation, simulate
 from distrain.errors import Interrupted
 from distrain.rundir import RunDirectory, git_revision
 
@@ -70,7 +70,7 @@ def run(
 
         splits, plan, resume = checked.splits, checked.plan, checked.resume
         auto = job.trainer.device == "auto"
-        limits = cluster.autoscaler_limits() if auto else None
+        limits = reservation.autoscaler_limits() if auto else None
         device_type = choose_device_type(
             job.trainer.device,
             ray.cluster_resources().get("GPU", 0.0),

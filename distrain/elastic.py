@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from distrain import cluster
+from distrain import reservation
 from distrain.config import ConfigError
 
 
@@ -71,16 +71,16 @@ class GrowProbe:
     """
 
     def __init__(
-        self, missing: cluster.WorkerResources, placement: str, running_nodes: Iterable[str]
+        self, missing: reservation.WorkerResources, placement: str, running_nodes: Iterable[str]
     ) -> None:
         self.group = None
         avoid = set(running_nodes) if placement == "STRICT_SPREAD" else set()
         avoid |= missing.excluded_nodes
-        if placement == "STRICT_PACK" or (avoid and not cluster.takes_label_selectors()):
+        if placement == "STRICT_PACK" or (avoid and not reservation.takes_label_selectors()):
             return
         options = {}
         if avoid:
-            selector = {cluster.NODE_ID_LABEL: f"!in({','.join(sorted(avoid))})"}
+            selector = {reservation.NODE_ID_LABEL: f"!in({','.join(sorted(avoid))})"}
             options["bundle_label_selector"] = [selector] * missing.workers
         self.group = placement_group(
             [missing.bundle()] * missing.workers, strategy=placement, **options

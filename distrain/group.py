@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from distrain import cluster
+from distrain import cluster, reservation
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import Config, plain
@@ -99,7 +99,7 @@ class WorkerGroup:
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
         self.grow_probe: Any = None  # elastic.GrowProbe of a group smaller than configured
-        self.need: cluster.WorkerResources | None = None
+        self.need: reservation.WorkerResources | None = None
         self.splits_ref: Any = None
         self.bundles: list[int | None] = []  # each rank's bundle (None: a spare placed outside)
         self.spares: list[Spare] = []  # trainer.spare_workers
@@ -110,7 +110,7 @@ class WorkerGroup:
 
     def start(
         self,
-        need: cluster.WorkerResources,
+        need: reservation.WorkerResources,
         checkpoint_ref: Any | None,
         splits_ref: Any | None = None,
         spares: int = 0,
@@ -122,7 +122,7 @@ class WorkerGroup:
         """
         trainer = self.job.trainer
         self.need, self.splits_ref = need, splits_ref
-        self.placement_group = cluster.place(need, self.job.cluster)
+        self.placement_group = reservation.place(need, self.job.cluster)
         started = time.perf_counter()
         self.sink = self._start_sink()
         made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]

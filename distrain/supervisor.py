@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, cluster, config, elastic, healing, preflight, simulate
+from distrain import checkpoint, config, elastic, healing, preflight, reservation, simulate
 from distrain.data.base import SharedSplits, Splits
 from distrain.device import worker_gpus
 from distrain.errors import (
@@ -130,9 +130,9 @@ class Supervisor:
         finally:
             self.recorder.close()
 
-    def _resources(self, world_size: int) -> cluster.WorkerResources:
+    def _resources(self, world_size: int) -> reservation.WorkerResources:
         """What a group of `world_size` workers needs from the cluster."""
-        return cluster.WorkerResources(
+        return reservation.WorkerResources(
             world_size,
             self.trainer.cpus_per_worker,
             worker_gpus(self.device_type, self.trainer.gpus_per_worker),
@@ -201,7 +201,7 @@ class Supervisor:
         placement = self.job.cluster.placement.value
 
         def check_fits(world_size: int) -> None:
-            cluster.check_resources(self._resources(world_size), placement)
+            reservation.check_resources(self._resources(world_size), placement)
 
         growing_back, self.growing_back = self.growing_back, False
         if growing_back and elastic.fits_within(check_fits, self.trainer.workers, GROW_SETTLE_S):
