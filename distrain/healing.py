@@ -162,11 +162,11 @@ def heal(
         states = ray.get(
             [group.workers[rank].stand_down.remote() for rank in survivors], timeout=timeout_s
         )
-        source = max(states, key=lambda state: (state["step"], -state["rank"]))
+        source = max(states, key=lambda state: (state.step, -state.rank))
         record = ray.get(
-            group.workers[source["rank"]].snapshot.remote(
-                sum(state["epoch_loss_sum"] for state in states),
-                sum(state["epoch_batches"] for state in states),
+            group.workers[source.rank].snapshot.remote(
+                sum(state.epoch_loss_sum for state in states),
+                sum(state.epoch_batches for state in states),
             ),
             timeout=timeout_s,
         )
@@ -181,8 +181,8 @@ def heal(
         raise GroupFailed(f"{type(error).__name__}: {error}") from None
     return Healed(
         group=healed,
-        from_step=source["step"],
-        source_rank=source["rank"],
+        from_step=source.step,
+        source_rank=source.rank,
         survivors=survivors,
         from_spares=healed.taken_from_spares,
         replaced=sorted(failed),

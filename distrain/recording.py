@@ -18,6 +18,7 @@ from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
 from distrain.plan import StepPlan
 from distrain.progress import make_progress
+from distrain.records import RankResult
 from distrain.rundir import RunDirectory
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
@@ -110,7 +111,7 @@ class RunRecorder:
     def summary(
         self,
         group: WorkerGroup,
-        results: list[dict[str, Any]],
+        results: list[RankResult],
         *,
         task: str,
         history: list[EpochMetrics],
@@ -118,18 +119,18 @@ class RunRecorder:
         checkpoints: dict[str, Any],
     ) -> dict[str, Any]:
         """The run's figures for metrics.json, from every rank's `fit` result."""
-        rank0 = next(r for r in results if r["rank"] == 0)
+        rank0 = next(r for r in results if r.rank == 0)
         figures = MetricsCollector(group.world_size, task, history).summary()
         return {
             **figures,
-            "steps": rank0["steps"],
+            "steps": rank0.steps,
             "workers": group.world_size,
             "nodes": [n["node_id"] for n in group.nodes],
             "startup_s": group.startup_s,
-            "skipped_steps": rank0["skipped_steps"],
+            "skipped_steps": rank0.skipped_steps,
             "stragglers": self.stragglers,
             # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).
-            "aggregator": [r["aggregator"] for r in sorted(results, key=lambda r: r["rank"])],
+            "aggregator": [r.aggregator for r in sorted(results, key=lambda r: r.rank)],
             "restarts": len(failures),
             "checkpoints": checkpoints,
             "failures": failures,

@@ -5,7 +5,9 @@ by Ray, in batches); the supervisor hands step and epoch records to `MetricsColl
 turns every rank's record of one step or epoch into the global figures, checkpoint records to
 `Checkpoints`, and counts every record as a sign of life. `rank` is set by the worker as it
 queues a record (`Worker._report`). Workers report sums and counts, not means, so that the
-driver's totals are exact over any number of workers and uneven shards.
+driver's totals are exact over any number of workers and uneven shards. The answers of two
+worker calls live here too: `RankResult` (`Worker.fit`) and `StandDown` (a survivor's position
+when healing).
 
 This module imports no torch: the sink and the supervisor's tests read it without.
 """
@@ -109,6 +111,28 @@ class HistogramRecord:
     step: int
     histograms: dict[str, dict[str, Any]]  # tag -> fields of distrain/histograms.py
     rank: int = NO_RANK
+
+
+@dataclass
+class RankResult:
+    """What a rank's `fit` returns: it finished its steps, or stopped at a boundary."""
+
+    rank: int
+    steps: int  # the last completed step
+    stopped: bool  # at a boundary (Ctrl-C, SIGTERM, growing back), before the last step
+    skipped_steps: int
+    aggregator: dict[str, Any]  # the strategy's counters (bytes sent, staleness, ...)
+    state_dict: dict[str, Any] | None = None  # rank 0: the final model, on the CPU
+
+
+@dataclass(frozen=True)
+class StandDown:
+    """A survivor after a peer failed (distrain/healing.py): where it stands."""
+
+    rank: int
+    step: int  # its last completed step
+    epoch_loss_sum: float  # its share of the epoch's loss so far
+    epoch_batches: int
 
 
 Record = StepRecord | EpochRecord | CheckpointRecord | Heartbeat | SampleRecord | HistogramRecord

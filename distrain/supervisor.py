@@ -41,7 +41,14 @@ from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, MetricsCollector
 from distrain.plan import StepPlan
 from distrain.recording import RunRecorder
-from distrain.records import CheckpointRecord, EpochRecord, Heartbeat, Record, StepRecord
+from distrain.records import (
+    CheckpointRecord,
+    EpochRecord,
+    Heartbeat,
+    RankResult,
+    Record,
+    StepRecord,
+)
 from distrain.rundir import RunDirectory
 from distrain.saving import Checkpoints
 from distrain.watch import StopAtBoundary, StopRequest, check_hang, first_line, rank_result
@@ -263,9 +270,7 @@ class Supervisor:
         self.history = [e for e in self.history if e.step <= step]
         return restore_from
 
-    def _watch(
-        self, group: WorkerGroup, collector: MetricsCollector
-    ) -> list[dict[str, Any]] | None:
+    def _watch(self, group: WorkerGroup, collector: MetricsCollector) -> list[RankResult] | None:
         """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group.
 
         None: the group stopped at a checkpoint boundary because the configured worker count
@@ -308,13 +313,13 @@ class Supervisor:
         return self._outcome(results, gave_up=bool(pending), growing=growing)
 
     def _outcome(
-        self, results: list[dict[str, Any]], *, gave_up: bool, growing: bool
-    ) -> list[dict[str, Any]] | None:
+        self, results: list[RankResult], *, gave_up: bool, growing: bool
+    ) -> list[RankResult] | None:
         """Every rank's result; None if the group stopped together to grow back; Interrupted if
         it stopped early (Ctrl-C, SIGTERM) or the wait for its ranks to stop was given up."""
-        if growing and results and all(r["stopped"] for r in results):
+        if growing and results and all(r.stopped for r in results):
             return None
-        if gave_up or any(r["stopped"] for r in results):
+        if gave_up or any(r.stopped for r in results):
             latest = self.checkpoints.latest()
             raise Interrupted(
                 f"stopped at step {self.checkpoints.last_step}; "
@@ -370,10 +375,10 @@ class Supervisor:
                 self.checkpoints.epoch_recorded(self.history, group.sink)
             self.recorder.record(metrics)
 
-    def _finish(self, group: WorkerGroup, results: list[dict[str, Any]]) -> dict[str, Any]:
+    def _finish(self, group: WorkerGroup, results: list[RankResult]) -> dict[str, Any]:
         """model.pt from rank 0, and the run's figures."""
-        rank0 = next(r for r in results if r["rank"] == 0)
-        torch.save(rank0["state_dict"], self.run_dir.model_path)
+        rank0 = next(r for r in results if r.rank == 0)
+        torch.save(rank0.state_dict, self.run_dir.model_path)
         summary = self.recorder.summary(
             group,
             results,

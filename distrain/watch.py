@@ -21,9 +21,10 @@ from distrain import hangs
 from distrain.errors import ConfigError, GroupFailed, TrainingFailed
 from distrain.group import WorkerGroup, is_transport_failure
 from distrain.loop import NonFiniteError
+from distrain.records import RankResult
 
 
-def rank_result(ref: ray.ObjectRef, rank: int, group: WorkerGroup) -> dict[str, Any]:
+def rank_result(ref: ray.ObjectRef, rank: int, group: WorkerGroup) -> RankResult:
     """What `rank`'s `fit` returned, or its failure classified (restart or not)."""
     try:
         return ray.get(ref)

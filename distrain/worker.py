@@ -20,7 +20,14 @@ from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
 from distrain.loop import Cadence, Parts, Position, fit, step_seed
 from distrain.plan import StepPlan
-from distrain.records import CheckpointRecord, EpochRecord, Heartbeat, Record
+from distrain.records import (
+    CheckpointRecord,
+    EpochRecord,
+    Heartbeat,
+    RankResult,
+    Record,
+    StandDown,
+)
 from distrain.simulate import SlowRank
 
 log = logging.getLogger("distrain.worker")
@@ -259,7 +266,7 @@ class Worker:
         self._unsaved_step = -1
         self._checkpoint_blocking_s += time.perf_counter() - started
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> RankResult:
         trainer, logger = self.job.trainer, self.job.logger
         self._outbox: list[Record] = []
         self._checkpoint_blocking_s, self._unsaved_step = 0.0, -1
@@ -285,27 +292,26 @@ class Worker:
         position = self.position
         self._report(None)
         ray.get(self.sink.flush.remote())  # every record of this rank is in the sink now
-        result: dict[str, Any] = {
-            "rank": self.rank,
-            "steps": position.step,
-            "stopped": stopped,
-            "skipped_steps": position.skipped_steps,
-        }
         model_state = self.parts.aggregator.model_state_dict(self.parts.model)  # all ranks
-        if self.rank == 0:
-            result["state_dict"] = _to_cpu(model_state)
         self.parts.aggregator.close()
-        result["aggregator"] = self.parts.aggregator.stats()
+        stats = self.parts.aggregator.stats()
         # Seconds the steps waited for checkpoints: the capture to host memory, and with
         # trainer.async_checkpoint=false the write too.
-        result["aggregator"]["checkpoint_blocking_s"] = self._checkpoint_blocking_s
+        stats["checkpoint_blocking_s"] = self._checkpoint_blocking_s
         if self.compiled:  # torch.compile ran during the first step
-            result["aggregator"]["compile_s"] = result["aggregator"]["first_step_extra_s"]
-        return result
+            stats["compile_s"] = stats["first_step_extra_s"]
+        return RankResult(
+            rank=self.rank,
+            steps=position.step,
+            stopped=stopped,
+            skipped_steps=position.skipped_steps,
+            aggregator=stats,
+            state_dict=_to_cpu(model_state) if self.rank == 0 else None,
+        )
 
     # Healing (distrain/healing.py): the survivors of a failed step keep their processes.
 
-    def stand_down(self) -> dict[str, Any]:
+    def stand_down(self) -> StandDown:
         """After a peer failed: leave the broken process group (and shared-memory segment) and
         say where this rank stands: its last completed step and its share of the epoch's loss."""
         self.position.settle()
@@ -315,12 +321,8 @@ class Worker:
         parts = getattr(self, "parts", None)
         if parts is not None:
             parts.aggregator.close()
-        return {
-            "rank": self.rank,
-            "step": self.position.step,
-            "epoch_loss_sum": self.position.epoch_loss_sum,
-            "epoch_batches": self.position.epoch_batches,
-        }
+        position = self.position
+        return StandDown(self.rank, position.step, position.epoch_loss_sum, position.epoch_batches)
 
     def snapshot(self, epoch_loss_sum: float, epoch_batches: int) -> CheckpointRecord:
         """This replica's whole training state at its last completed step, as the checkpoint
