@@ -106,6 +106,13 @@ def test_bad_input_fails_fast_with_one_clear_message(case: str, tmp_path: Path) 
     assert time.monotonic() - started < 60
 
 
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`code` run by this environment's Python in a new process, output captured."""
+    return subprocess.run(
+        [DISTRAIN[0], "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_a_config_mistake_is_named_before_torch_and_ray_are_imported(tmp_path: Path) -> None:
     """The CLI checks the job before it imports the driver: a mistake costs a fraction of a
     second, not the ~2 s of importing torch and Ray."""
@@ -118,9 +125,7 @@ def test_a_config_mistake_is_named_before_torch_and_ray_are_imported(tmp_path: P
         "except SystemExit as exit_:\n"
         "    print(exit_.code, 'torch' in sys.modules, 'ray' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [DISTRAIN[0], "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    result = _python(code, tmp_path)
     assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
     assert "trainer.workers=0 is not allowed" in result.stderr
 
@@ -137,9 +142,7 @@ def test_the_command_exits_with_its_code_after_the_exit_handlers(tmp_path: Path)
         "cli.entry()\n"
         "print('not reached')\n"
     )
-    result = subprocess.run(
-        [DISTRAIN[0], "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    result = _python(code, tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stdout == "handler ran"
     assert "trainer.workers=0 is not allowed" in result.stderr
