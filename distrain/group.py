@@ -114,15 +114,18 @@ class WorkerGroup:
         checkpoint_ref: Any | None,
         splits_ref: Any | None = None,
         spares: int = 0,
+        *,
+        scale_up: bool = False,
     ) -> None:
         """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s.
 
         `splits_ref`: the driver's in-memory data in the object store (None: workers build it).
         `spares`: warm spares to start once the group is set up (they warm up in the background).
+        `scale_up`: the checked verdict that `need` fits only once the autoscaler adds nodes.
         """
         trainer = self.job.trainer
         self.need, self.splits_ref = need, splits_ref
-        self.placement_group = reservation.place(need, self.job.cluster)
+        self.placement_group = reservation.place(need, self.job.cluster, scale_up=scale_up)
         started = time.perf_counter()
         self.sink = self._start_sink()
         made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]

@@ -164,10 +164,11 @@ def reserve(
     return group
 
 
-def place(need: WorkerResources, cluster: ClusterConfig) -> PlacementGroup:
-    """Check the cluster can hold the workers, then reserve them: the driver's one call."""
+def place(need: WorkerResources, cluster: ClusterConfig, *, scale_up: bool) -> PlacementGroup:
+    """Reserve the workers, `check_resources` having said they fit (`scale_up`: only once the
+    autoscaler has added nodes), with the wait that verdict calls for."""
     placement = cluster.placement.value
-    if not check_resources(need, placement):
+    if not scale_up:
         # Enough is free in total, so only other jobs' reservations or the placement strategy
         # can stand in the way; that shows within seconds.
         return reserve(

@@ -189,7 +189,7 @@ class Supervisor:
 
     def _try_start(self, checkpoint_ref: Any) -> WorkerGroup:
         """One attempt: a group planned, placed and set up, or shut down again on any error."""
-        plan = self._plan_group()
+        plan, scale_up = self._plan_group()
         group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
         try:
             group.start(
@@ -197,26 +197,31 @@ class Supervisor:
                 checkpoint_ref,
                 self.splits_ref,
                 spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
+                scale_up=scale_up,
             )
         except BaseException:
             group.shutdown()
             raise
         return group
 
-    def _plan_group(self) -> StepPlan:
-        """The configured worker count; after a failure, the most that fit (>= min_workers)."""
+    def _plan_group(self) -> tuple[StepPlan, bool]:
+        """The configured worker count (after a failure, the most that fit, >= min_workers),
+        and whether they fit only once the autoscaler has added nodes: the cluster is checked
+        here, once per group start, and `WorkerGroup.start` reserves on that verdict."""
         placement = self.job.cluster.placement.value
+        scale_up: dict[int, bool] = {}  # by world size: the last check's verdict
 
         def check_fits(world_size: int) -> None:
-            reservation.check_resources(self._resources(world_size), placement)
+            need = self._resources(world_size)
+            scale_up[world_size] = reservation.check_resources(need, placement)
 
         growing_back, self.growing_back = self.growing_back, False
         if growing_back and elastic.fits_within(check_fits, self.trainer.workers, GROW_SETTLE_S):
-            return self.plan
+            return self.plan, scale_up[self.trainer.workers]
         world_size = elastic.choose_world_size(
             self.trainer.workers, self.trainer.min_workers, check_fits, shrink=bool(self.failures)
         )
-        return self.plan.on(world_size)
+        return self.plan.on(world_size), scale_up[world_size]
 
     def _heal(
         self, group: WorkerGroup, failure: GroupFailed, collector: MetricsCollector
