@@ -3,11 +3,11 @@
 The loop and the worker make them; they travel worker → `MetricsSink` actor → supervisor (pickled
 by Ray, in batches); the supervisor hands step and epoch records to `MetricsCollector`, which
 turns every rank's record of one step or epoch into the global figures, checkpoint records to
-`Checkpoints`, and counts every record as a sign of life. `rank` is set by the worker as it
-queues a record (`Worker._report`). Workers report sums and counts, not means, so that the
-driver's totals are exact over any number of workers and uneven shards. The answers of two
-worker calls live here too: `RankResult` (`Worker.fit`) and `StandDown` (a survivor's position
-when healing).
+`Checkpoints`, and counts every record as a sign of life. Records are frozen; `rank` is stamped
+by the worker as it queues one (`Worker._report`), so the loop need not know its rank. Workers
+report sums and counts, not means, so that the driver's totals are exact over any number of
+workers and uneven shards. The answers of two worker calls live here too: `RankResult`
+(`Worker.fit`) and `StandDown` (a survivor's position when healing).
 
 This module imports no torch: the sink and the supervisor's tests read it without.
 """
@@ -29,7 +29,7 @@ class Throughput:
     peak_flops_per_s: float  # the worker's device peak; 0.0: unknown (no MFU then)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepRecord:
     """One rank's logging interval: the steps since its previous StepRecord."""
 
@@ -58,7 +58,7 @@ class ValidationSums:
     bytes: float | None = None  # a language model whose bytes per token are known
 
 
-@dataclass
+@dataclass(frozen=True)
 class EpochRecord:
     """One rank's epoch: its training sums and its validation shard's."""
 
@@ -74,7 +74,7 @@ class EpochRecord:
     rank: int = NO_RANK
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointRecord:
     """One rank's share of a checkpoint: its header and its tensors in the object store."""
 
@@ -85,7 +85,7 @@ class CheckpointRecord:
     rank: int = NO_RANK
 
 
-@dataclass
+@dataclass(frozen=True)
 class Heartbeat:
     """A rank is alive: between logged steps, or waiting for peers that have not arrived."""
 
@@ -94,7 +94,7 @@ class Heartbeat:
     rank: int = NO_RANK
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleRecord:
     """Rank 0's continuations of the fixed prompt at an epoch's end (language models)."""
 
@@ -104,7 +104,7 @@ class SampleRecord:
     rank: int = NO_RANK
 
 
-@dataclass
+@dataclass(frozen=True)
 class HistogramRecord:
     """Rank 0's weight and gradient histograms at a step (logger.histogram_every_n_steps)."""
 

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -375,8 +376,7 @@ class Worker:
         per quarter second, not one per record; epochs and checkpoints go at once.
         """
         if record is not None:
-            record.rank = self.rank
-            self._outbox.append(record)
+            self._outbox.append(replace(record, rank=self.rank))
         now = time.monotonic()
         due = record is None or isinstance(record, EpochRecord | CheckpointRecord)
         due = due or now >= self._next_report_s
