@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from distrain.records import (
     EpochRecord,
@@ -25,6 +25,8 @@ from distrain.timing import PHASES
 # What a worker spends of a step on its own (not waiting for the others): comparing it across
 # workers shows a straggler, since in synchronous training every worker's wall time is the same.
 BUSY_PHASES = ("data_s", "forward_backward_s", "optimizer_s")
+
+R = TypeVar("R", StepRecord, EpochRecord)  # the records that every rank reports
 
 
 @dataclass
@@ -110,8 +112,9 @@ class MetricsCollector:
     def __init__(self, world_size: int, task: str, epochs: list[EpochMetrics] | None = None):
         self.world_size = world_size
         self.task = task
-        # (kind, step or epoch) -> the records of the ranks that have reported it
-        self._pending: dict[tuple[type, int], dict[int, Any]] = defaultdict(dict)
+        # step -> the ranks that have reported it; epoch -> likewise
+        self._steps: dict[int, dict[int, StepRecord]] = defaultdict(dict)
+        self._epochs: dict[int, dict[int, EpochRecord]] = defaultdict(dict)
         # Shared with the supervisor, so the history survives restarts of the worker group.
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
 
@@ -124,15 +127,23 @@ class MetricsCollector:
             return HistogramMetrics(step=record.step, histograms=record.histograms)
         if isinstance(record, SampleRecord):  # rank 0 only
             return SampleMetrics(step=record.step, text=record.text)
-        if not isinstance(record, StepRecord | EpochRecord):
-            return None
-        key = (type(record), record.step if isinstance(record, StepRecord) else record.epoch)
-        ranks = self._pending[key]
+        if isinstance(record, StepRecord):
+            ranks = self._complete(self._steps, record.step, record)
+            return None if ranks is None else self._step(ranks)
+        if isinstance(record, EpochRecord):
+            ranks = self._complete(self._epochs, record.epoch, record)
+            return None if ranks is None else self._epoch(ranks)
+        return None
+
+    def _complete(
+        self, pending: dict[int, dict[int, R]], key: int, record: R
+    ) -> dict[int, R] | None:
+        """`record` added to `pending[key]`; every rank's records of `key` once all are in."""
+        ranks = pending[key]
         ranks[record.rank] = record
         if len(ranks) < self.world_size:
             return None
-        del self._pending[key]
-        return self._step(ranks) if isinstance(record, StepRecord) else self._epoch(ranks)
+        return pending.pop(key)
 
     def complete_without(self, lost: frozenset[int]) -> list[EpochMetrics]:
         """Epochs that only the `lost` ranks had not reported, completed from the others.
@@ -142,11 +153,11 @@ class MetricsCollector:
         that step, so nothing would ever complete the epoch and TensorBoard would miss its point.
         """
         done = []
-        for key in sorted((k for k in self._pending if k[0] is EpochRecord), key=lambda k: k[1]):
-            ranks = self._pending[key]
+        for epoch in sorted(self._epochs):
+            ranks = self._epochs[epoch]
             missing = set(range(self.world_size)) - set(ranks)
             if ranks and missing <= lost:
-                del self._pending[key]
+                del self._epochs[epoch]
                 metrics = self._epoch(ranks)
                 metrics.missing_ranks = sorted(missing)
                 done.append(metrics)

@@ -44,7 +44,6 @@ from distrain.recording import RunRecorder
 from distrain.records import (
     CheckpointRecord,
     EpochRecord,
-    Heartbeat,
     RankResult,
     Record,
     StepRecord,
@@ -374,11 +373,11 @@ class Supervisor:
             self.failures.progressed(time.monotonic())
         if isinstance(record, CheckpointRecord):
             self.checkpoints.add(record, group.world_size, self.history, group.sink)
-        elif not isinstance(record, Heartbeat):
-            metrics = collector.add(record)
-            if isinstance(metrics, EpochMetrics):
-                self.checkpoints.epoch_recorded(self.history, group.sink)
-            self.recorder.record(metrics)
+            return
+        metrics = collector.add(record)  # None for a heartbeat, or a step not all ranks reported
+        if isinstance(metrics, EpochMetrics):
+            self.checkpoints.epoch_recorded(self.history, group.sink)
+        self.recorder.record(metrics)
 
     def _finish(self, group: WorkerGroup, results: list[RankResult]) -> dict[str, Any]:
         """model.pt from rank 0, and the run's figures."""
