@@ -300,9 +300,7 @@ def entry() -> None:
         main()
         code = 0
     except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
-        if isinstance(exit_.code, str):
-            print(exit_.code, file=sys.stderr)
+        code = exit_status(exit_.code)
     for thread in threading.enumerate():  # as the interpreter would: wait for non-daemon threads
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
@@ -310,3 +308,14 @@ def entry() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def exit_status(code: object) -> int:
+    """The process's exit status for `SystemExit(code)`, as Python's own exit makes it: None is 0,
+    an int is itself, anything else is printed to stderr and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from distrain import cli
 from tests.conftest import DISTRAIN, run_cli
 
 
@@ -146,6 +147,16 @@ def test_the_command_exits_with_its_code_after_the_exit_handlers(tmp_path: Path)
     assert result.returncode == 2, result.stderr
     assert result.stdout == "handler ran"
     assert "trainer.workers=0 is not allowed" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "printed"), [(None, 0, ""), (3, 3, ""), ("bad", 1, "bad")]
+)
+def test_exit_status_is_what_python_makes_of_system_exit(
+    code: object, status: int, printed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.exit_status(code) == status
+    assert capsys.readouterr().err.strip() == printed
 
 
 def test_more_workers_than_the_cluster_holds(ray_address: str, tmp_path: Path) -> None:
