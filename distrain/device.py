@@ -209,6 +209,17 @@ def restore_device_rng(device: torch.device, state: torch.Tensor | None, seed: i
         torch.cuda.manual_seed(seed)
 
 
+def to_cpu(value: Any) -> Any:
+    """Tensors (nested in dicts/lists) on the CPU: a checkpoint must load where there is no GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
 def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` in page-locked memory when it feeds a GPU (async copies need it), else as is."""
     return tensor.pin_memory() if device.type == CUDA else tensor

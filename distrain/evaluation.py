@@ -7,15 +7,12 @@ driver divides the total by the total count.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 
 from distrain.data.batches import Batch
 from distrain.records import ValidationSums
-
-if TYPE_CHECKING:  # loop.py imports this module
-    from distrain.loop import Parts
+from distrain.step import Parts
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ commit that costs nothing (Horovod Elastic copies its state at every commit inst
 ranks are killed and replaced, by a warm spare (`trainer.spare_workers`) or a new actor in their
 bundle, and every rank rebuilds its parts around a new process group from the most advanced
 survivor's state, handed over through Ray's object store: no checkpoint is read. Each rank's
-random stream restarts after every step from a seed of (rank, step) (`loop.step_seed`), so a
+random stream restarts after every step from a seed of (rank, step) (`step.step_seed`), so a
 replacement draws what the failed rank would have drawn, and the run ends bitwise equal to an
 uninterrupted one.
 

@@ -16,7 +16,8 @@ import torch
 
 from distrain import device as devices
 from distrain import shards
-from distrain.loop import Parts, Position, step_seed
+from distrain.loop import Position
+from distrain.step import Parts, step_seed
 
 Header = dict[str, Any]
 

@@ -19,7 +19,7 @@ from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
 from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
-from distrain.loop import Cadence, Parts, Position, fit, step_seed
+from distrain.loop import Cadence, Position, fit
 from distrain.plan import StepPlan
 from distrain.records import (
     CheckpointRecord,
@@ -30,6 +30,7 @@ from distrain.records import (
     StandDown,
 )
 from distrain.simulate import SlowRank
+from distrain.step import Parts, step_seed
 
 log = logging.getLogger("distrain.worker")
 # Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
@@ -307,7 +308,7 @@ class Worker:
             stopped=stopped,
             skipped_steps=position.skipped_steps,
             aggregator=stats,
-            state_dict=_to_cpu(model_state) if self.rank == 0 else None,
+            state_dict=devices.to_cpu(model_state) if self.rank == 0 else None,
         )
 
     # Healing (distrain/healing.py): the survivors of a failed step keep their processes.
@@ -390,14 +391,3 @@ class Worker:
 def heartbeat_s(trainer: TrainerConfig) -> float:
     """Report at least this often, so the driver can tell a slow step from a hung worker."""
     return min(5.0, trainer.step_timeout_s / 5)
-
-
-def _to_cpu(value: Any) -> Any:
-    """Tensors (nested in dicts/lists) on the CPU: a checkpoint must load where there is no GPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_cpu(v) for v in value)
-    return value

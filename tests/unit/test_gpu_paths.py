@@ -19,10 +19,10 @@ from distrain.data.base import Splits
 from distrain.data.batches import ShardBatches
 from distrain.group import is_transport_failure
 from distrain.histograms import BINS, model_histograms
-from distrain.loop import grad_norm
 from distrain.metrics import MetricsCollector
 from distrain.records import StepRecord
 from distrain.sharding import ShardSampler
+from distrain.step import grad_norm
 from distrain.stragglers import StragglerDetector
 from distrain.timing import EventClock, SinceEvent, StepClock, make_clock
 

@@ -48,7 +48,7 @@ def test_the_innermost_distrain_frame_is_named() -> None:
         'Thread 7 (idle): "MainThread"\n'
         "    wait (torch/distributed/distributed_c10d.py:4000)\n"
         "    synchronize (distrain/aggregators/allreduce.py:150)\n"
-        "    train_step (distrain/loop.py:80)\n"
+        "    train_step (distrain/step.py:99)\n"
     )
     assert hangs.stuck_frame(stack) == (
         "wait (torch/distributed/distributed_c10d.py:4000), "
