@@ -56,8 +56,13 @@ def _epoch_line(metrics: EpochMetrics, epochs: int) -> str:
         line += f"  {metrics.tokens_per_s:,.0f} tokens/s"
         if metrics.mfu is not None:
             line += f"  MFU {metrics.mfu:.1%}"
-        return line + f"  {metrics.train_s:.1f} s"
-    return line + f"  {metrics.samples_per_s:,.0f} samples/s  {metrics.train_s:.1f} s"
+        return line + f"  train {_duration(metrics.train_s)}"
+    return line + f"  {metrics.samples_per_s:,.0f} samples/s  train {_duration(metrics.train_s)}"
+
+
+def _duration(seconds: float) -> str:
+    """An epoch's training time: a toy job's epochs take milliseconds, not "0.0 s"."""
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
 
 
 def _clock(seconds: float) -> str:

@@ -16,8 +16,8 @@ from torch import nn
 
 from distrain.aggregators.allreduce import AllReduce
 from distrain.config import typed
-from distrain.metrics import MetricsCollector, StepMetrics
-from distrain.progress import print_summary
+from distrain.metrics import EpochMetrics, MetricsCollector, StepMetrics
+from distrain.progress import PlainProgress, print_summary
 from distrain.records import StepRecord
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import hparams_of
@@ -165,6 +165,27 @@ def test_plain_summary_names_results_and_the_tensorboard_command(capsys) -> None
     assert "rank 1 on 10.0.0.2, 2.50x at step 30" in err
     assert "tensorboard --logdir /runs/a" in err
     assert "\x1b[" not in err  # no control characters off a terminal
+
+
+@pytest.mark.parametrize(("train_s", "shown"), [(0.031, "train 31 ms"), (12.34, "train 12.3 s")])
+def test_plain_epoch_line_gives_the_epoch_time_in_a_readable_unit(
+    train_s: float, shown: str, capsys
+) -> None:
+    progress = PlainProgress()
+    progress.start(total_steps=44, epochs=2, steps_per_epoch=22)
+    epoch = EpochMetrics(
+        epoch=0,
+        step=22,
+        train_loss=1.0,
+        val_loss=0.5,
+        val_accuracy=0.9,
+        train_s=train_s,
+        samples=1408,
+    )
+    progress.epoch(epoch)
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("epoch 1/2  step 22  train_loss 1.0000  val_loss 0.5000")
+    assert f"samples/s  {shown}  eta " in line
 
 
 def _free_port() -> int:
