@@ -12,6 +12,7 @@ data group into its typed batching (`BatchingConfig`) and the builder's source.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -93,6 +94,10 @@ class TrainerConfig:
     # place without a start-up (and is itself replaced in the background).
     spare_workers: int = 0
     nan_policy: NanPolicy = NanPolicy.stop  # what a NaN/inf loss or gradient does
+    # Gradient clipping: the averaged gradient is scaled down, before the optimizer step, so its
+    # global L2 norm (over every parameter of the model, on every worker) is at most this.
+    # None: no clipping. The logged `optim/grad_norm` is the norm before clipping.
+    max_grad_norm: float | None = None
     stop_timeout_s: float = 60.0  # Ctrl-C: how long to wait for the workers' final checkpoint
     shard_optimizer: bool = False  # ZeRO stage 1: each worker keeps 1/W of the optimizer state
     # CUDA only: TF32 matmuls/convolutions under precision=32 (None: on for compute capability
@@ -283,6 +288,12 @@ def _check_trainer(trainer: dict[str, Any]) -> None:
     _require(
         trainer["max_failures"] >= 0,
         f"trainer.max_failures={trainer['max_failures']} must be >= 0.",
+    )
+    clip = trainer["max_grad_norm"]
+    _require(
+        clip is None or (clip > 0 and math.isfinite(clip)),
+        f"trainer.max_grad_norm={clip} must be a finite number > 0 (the largest L2 norm the "
+        "averaged gradient keeps), or null (no clipping).",
     )
     spares = trainer.get("spare_workers", 0)
     _require(spares >= 0, f"trainer.spare_workers={spares} must be >= 0 (0: no spare).")

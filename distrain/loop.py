@@ -121,8 +121,8 @@ def _stop_if_non_finite(parts: Parts, cadence: Cadence, loss_sum: float, pos: Po
         return
     raise NonFiniteError(
         f"by step {pos.step} (epoch {pos.epoch + 1}): the loss or the averaged gradient is NaN or "
-        "inf. Lower optimizer.lr, check the data for NaN/inf, or set trainer.nan_policy=skip_step "
-        "to skip such steps."
+        "inf. Lower optimizer.lr, clip the gradient (e.g. trainer.max_grad_norm=1.0), check the "
+        "data for NaN/inf, or set trainer.nan_policy=skip_step to skip such steps."
     )
 
 

@@ -35,6 +35,7 @@ class Parts:
     autocast: Callable[[], AbstractContextManager]
     scaler: torch.amp.GradScaler
     micro_batch_size: int
+    max_grad_norm: float | None  # trainer.max_grad_norm: clip the averaged gradient (None: no)
     task: str  # classification | regression | language_model
     num_outputs: int = 0  # classes of a classification task (top-5 accuracy when > 5)
     # Language models: tokens per sample (the window), FLOPs per token and this worker's peak
@@ -108,6 +109,8 @@ def train_step(
     # step on a GPU and ~20 % of a small CPU step. Under nan_policy=stop `fit` checks the loss
     # and the parameters at log steps and boundaries instead.
     finite = not skip_non_finite or scaler.is_enabled() or grads_are_finite(parts.model)
+    if finite and parts.max_grad_norm is not None:
+        clip_gradients(parts.model, parts.max_grad_norm, scaler, optimizer)
     if finite and scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
@@ -119,6 +122,24 @@ def train_step(
     clock.lap("optimizer_s")
     assert total_loss is not None  # a batch has at least one micro-batch
     return total_loss, finite
+
+
+def clip_gradients(
+    model: nn.Module,
+    max_norm: float,
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Scale the averaged gradients down so their global L2 norm is at most `max_norm`.
+
+    After aggregation every rank holds the same averaged gradient, so every rank clips by the same
+    factor and the replicas stay equal. FSDP2's gradients are DTensor shards: torch's
+    `clip_grad_norm_` reduces their norm across the ranks itself. No host sync: the factor stays
+    a tensor on the device. Under fp16 the scaler unscales first (PyTorch's AMP recipe), and its
+    `step` then knows not to unscale again.
+    """
+    scaler.unscale_(optimizer)  # a no-op for a disabled scaler (fp32, bf16)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def grad_norm(parts: Parts) -> float:

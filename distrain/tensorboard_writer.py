@@ -217,6 +217,7 @@ def hparams_of(job: Config, overrides: list[str]) -> dict[str, Any]:
         "trainer.workers": job.trainer.workers,
         "trainer.epochs": job.trainer.epochs,
         "trainer.precision": job.trainer.precision,
+        "trainer.max_grad_norm": job.trainer.max_grad_norm,  # shown only when set
         "aggregator": target(job.aggregator),
         "aggregator.compression": job.aggregator.get("compression"),
     }

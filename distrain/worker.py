@@ -197,6 +197,7 @@ class Worker:
             autocast=devices.autocast_factory(self.device.type, self.precision),
             scaler=devices.grad_scaler(self.device.type, self.precision),
             micro_batch_size=plan.micro_batch,
+            max_grad_norm=trainer.max_grad_norm,
             task=splits.task,
             num_outputs=splits.num_outputs,
             rank_seed=rank_seed,

@@ -78,6 +78,31 @@ def test_strategy_matches_single_process(
         _assert_servers_gone()
 
 
+MAX_GRAD_NORM = 0.5  # below most of the 30 steps' gradient norms on this job
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # DDP's accumulation (no sync on the first micro-batch) and ZeRO-1's sharded step.
+        ["data.micro_batch_size=16", "trainer.shard_optimizer=true"],
+        ["aggregator=fsdp"],  # DTensor shards: the norm is summed across ranks
+        [PS, "aggregator.servers=2"],  # the servers' averaged gradient
+    ],
+    ids=["accumulation-zero", "fsdp", "ps-sync"],
+)
+def test_clipping_matches_a_single_process_that_clips(
+    ray_address: str, tmp_path: Path, overrides: list[str]
+) -> None:
+    clipped = plain_pytorch_loop(max_grad_norm=MAX_GRAD_NORM)
+    unclipped = plain_pytorch_loop()
+    # Clipping changes this job's result: a run that ignored it would not pass.
+    assert max((clipped[k] - unclipped[k]).abs().max().item() for k in clipped) > 1e-2
+    _, params = equivalence_run(tmp_path, f"trainer.max_grad_norm={MAX_GRAD_NORM}", *overrides)
+    assert_same_parameters(params, clipped)
+
+
 def _assert_servers_gone(timeout_s: float = 10.0) -> None:
     """The driver killed the parameter servers with the workers (ray.kill is asynchronous)."""
     deadline = time.monotonic() + timeout_s
@@ -177,6 +202,10 @@ def _check(*overrides: str) -> None:
         ([PS, "aggregator.servers=0"], "aggregator.servers=0"),
         ([PS, "aggregator.max_staleness=-1"], "aggregator.max_staleness=-1"),
         ([PS, "aggregator.mode=async", "trainer.precision=16"], "trainer.precision=16"),
+        (
+            [PS, "aggregator.mode=async", "trainer.max_grad_norm=1.0"],
+            "trainer.max_grad_norm=1.0 cannot be used with aggregator=parameter_server",
+        ),
         (["aggregator.compression=int4"], "aggregator.compression='int4' is not one of"),
         (["aggregator.transport=tcp"], "aggregator.transport='tcp' is not one of auto, backend"),
         (["aggregator=fsdp", "trainer.shard_optimizer=true"], "is redundant with aggregator=fsdp"),
@@ -191,6 +220,7 @@ def test_aggregator_mistakes_are_config_errors(overrides: list[str], message: st
 def test_accepted_aggregator_settings_pass() -> None:
     _check("trainer.shard_optimizer=true")
     _check(PS, "aggregator.mode=async", "trainer.precision=bf16")
+    _check(PS, "trainer.max_grad_norm=1.0")  # sync servers average: the norm is clipped after
 
 
 @pytest.mark.parametrize(("numel", "shards"), [(10, 3), (3466, 3), (5, 5), (7, 1), (85002, 2)])

@@ -31,8 +31,11 @@ def sgd_momentum(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=0.9)  # conf/optimizer/sgd.yaml's momentum
 
 
-def plain_pytorch_loop(make_optimizer: MakeOptimizer = sgd_momentum) -> dict[str, torch.Tensor]:
-    """Textbook single-process training on the same data order (one permutation per epoch)."""
+def plain_pytorch_loop(
+    make_optimizer: MakeOptimizer = sgd_momentum, max_grad_norm: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Textbook single-process training on the same data order (one permutation per epoch),
+    the gradient clipped to `max_grad_norm` when given."""
     splits = digits(val_fraction=0.2, seed=SEED)
     x, y = splits.train.tensors
     torch.manual_seed(SEED)
@@ -47,6 +50,8 @@ def plain_pytorch_loop(make_optimizer: MakeOptimizer = sgd_momentum) -> dict[str
             idx = perm[k * BATCH : (k + 1) * BATCH]
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             step += 1
             if step == STEPS:

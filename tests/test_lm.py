@@ -300,6 +300,7 @@ def test_gpt2_small_is_gpt2_small(tmp_path: Path) -> None:
     job = compose_job("experiment=gpt2_small", f"data.path={root}")
     config.validate(job)
     assert job["data"]["block_size"] == 1024 and job["trainer"]["precision"] == "bf16"
+    assert job["trainer"]["max_grad_norm"] == 1.0  # nanoGPT's grad_clip
     assert (
         job["data"]["batch_size"] // job["trainer"]["workers"] % job["data"]["micro_batch_size"]
         == 0

@@ -93,6 +93,13 @@ class ParameterServer(GradientAggregator):
                 "aggregator.mode=async: the servers would apply loss-scaled fp16 gradients. "
                 "Use trainer.precision=bf16 or 32, or aggregator.mode=sync."
             )
+        if mode == "async" and job.trainer.max_grad_norm is not None:
+            raise ConfigError(
+                f"trainer.max_grad_norm={job.trainer.max_grad_norm} cannot be used with "
+                "aggregator=parameter_server aggregator.mode=async: each server applies a "
+                "worker's gradient shard as it arrives, so no averaged gradient exists whose norm "
+                "could be clipped. Use aggregator.mode=sync, or trainer.max_grad_norm=null."
+            )
 
     @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:

@@ -141,6 +141,9 @@ def test_hparams_hold_overrides_and_key_values() -> None:
     assert values["model.hidden_sizes"] == "[32, 16]"  # lists become text
     assert values["trainer.workers"] == 2 and values["data"] == "digits"
     assert "cluster.address" not in values  # where it ran is not a hyperparameter
+    assert "trainer.max_grad_norm" not in values  # unset: no column
+    clipped = compose_job("experiment=gpt2_small", "data.path=/data/owt")
+    assert hparams_of(typed(clipped), [])["trainer.max_grad_norm"] == 1.0  # set by an experiment
 
 
 def test_plain_summary_names_results_and_the_tensorboard_command(capsys) -> None:
