@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 # Only what composing and checking a job needs is imported here: the driver (torch, Ray: ~2 s)
 # once the job is checked, so a mistake in it is named in well under a second.
@@ -51,10 +51,28 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         job = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     except MissingMandatoryValue as error:
         raise ConfigError(f"{error.full_key} has no value: set it on the command line.") from None
+    except InterpolationResolutionError as error:
+        raise ConfigError(_unresolved(error)) from None
     for key in PATH_KEYS:
         if isinstance(job["data"].get(key), str):
             job["data"][key] = str(Path(job["data"][key]).expanduser().resolve())
     return job
+
+
+def _unresolved(error: InterpolationResolutionError) -> str:
+    """A `${...}` that names a key the composed job lacks, as one paragraph."""
+    reason = str(error).splitlines()[0].rstrip(".")
+    if error.full_key == "data.block_size":  # conf/data/{tokens,text}.yaml: ${model.block_size}
+        return (
+            f"data.block_size could not be resolved ({reason}): language-model data (data=tokens, "
+            "data=text) takes its window length from the model's block_size, and this model "
+            "config has none. Train a model that reads token windows, e.g. model=gpt (or "
+            "experiment=gpt_stdlib), or give your own model config a block_size."
+        )
+    return (
+        f"{error.full_key} could not be resolved ({reason}): a ${{...}} interpolation, in conf/ or "
+        "on the command line, names a key this job does not have."
+    )
 
 
 def compose_job(*overrides: str) -> dict[str, Any]:

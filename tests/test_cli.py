@@ -86,6 +86,16 @@ BAD_INPUT = {
     "negative workers": (["trainer.workers=-1"], "trainer.workers=-1"),
     "batch not divisible": (["trainer.workers=3", "data.batch_size=64"], "cannot be split evenly"),
     "unreachable address": (["cluster.address=127.0.0.1:9"], "is unreachable"),
+    # conf/data/tokens.yaml's window is ${model.block_size}, which the default MLP lacks.
+    "token data without a language model": (
+        ["data=tokens", "data.path=/data/owt"],
+        "data.block_size could not be resolved (Interpolation key 'model.block_size' not found)"
+        ": language-model data (data=tokens, data=text) takes its window length from the model",
+    ),
+    "interpolation of a missing key": (
+        ["trainer.seed=${nope.x}"],
+        "could not be resolved (Interpolation key 'nope.x' not found)",
+    ),
     "bad address": (["cluster.address=nohost"], "is not a Ray address"),
 }
 
