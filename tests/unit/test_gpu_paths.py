@@ -88,7 +88,7 @@ def test_grad_norm_matches_reference() -> None:
     assert grad_norm(P) == pytest.approx(expected, rel=1e-6)
 
 
-# APIs newer than the declared floor (pyproject: torch>=2.4), with the release that added them.
+# APIs newer than the declared floor (pyproject's "torch>=X"), with the release that added them.
 NEWER_THAN_FLOOR = {
     "get_total_norm": "2.6",
     "clip_grads_with_norm_": "2.6",
