@@ -77,6 +77,9 @@ class TrainerConfig:
     setup_timeout_s: float = 120.0  # building workers + process group rendezvous
     step_timeout_s: float = 300.0  # a worker silent for longer is declared hung
     checkpoint_every_n_steps: int | None = None  # also at the end of every epoch (None: only then)
+    # Also evaluate every this many steps inside an epoch (None: at epoch ends only), for epochs
+    # too long to wait for: a language model's token stream is often one epoch.
+    eval_every_n_steps: int | None = None
     # Scheduled checkpoints (the two above) are skipped while the last is younger than this;
     # the run's last one and a stop's are always taken. 0: take every one.
     checkpoint_min_interval_s: float = 0.0
@@ -275,6 +278,11 @@ def _check_trainer(trainer: dict[str, Any]) -> None:
         trainer["checkpoint_min_interval_s"] >= 0,
         f"trainer.checkpoint_min_interval_s={trainer['checkpoint_min_interval_s']} must be >= 0 "
         "seconds (0: every scheduled checkpoint).",
+    )
+    evaluate = trainer["eval_every_n_steps"]
+    _require(
+        evaluate is None or evaluate >= 1,
+        f"trainer.eval_every_n_steps={evaluate} must be >= 1, or null (epoch ends only).",
     )
     every = trainer["checkpoint_every_n_steps"]
     _require(

@@ -21,6 +21,7 @@ from distrain.histograms import model_histograms
 from distrain.plan import StepPlan
 from distrain.records import (
     EpochRecord,
+    EvalRecord,
     Heartbeat,
     HistogramRecord,
     Record,
@@ -105,6 +106,7 @@ class Cadence:
     heartbeat_s: float  # a "heartbeat" record when nothing else was sent for this long
     nan_policy: str = "stop"  # stop: raise NonFiniteError; skip_step: skip and count the step
     histogram_every_n_steps: int = 0  # a "histograms" record (0: never)
+    eval_every_n_steps: int | None = None  # an evaluation inside the epoch (None: at its end only)
     slow_step_s: float = 0.0  # DISTRAIN_SLOW_RANK: a sleep per step (a straggler), as data time
 
 
@@ -146,10 +148,10 @@ def fit(
     parts.train_model.train()
     while pos.epoch < plan.epochs and pos.step < plan.total_steps:
         epoch, started_s = pos.epoch, time.perf_counter()
-        steps, stopped = _train_epoch(parts, plan, cadence, pos, at_boundary, outbox)
+        steps, stopped, evaluated_s = _train_epoch(parts, plan, cadence, pos, at_boundary, outbox)
         if stopped:
             return True
-        train_s = time.perf_counter() - started_s
+        train_s = time.perf_counter() - started_s - evaluated_s
         record = _evaluate_epoch(parts, pos, steps, train_s)
         if parts.sample is not None:  # a language model: a few lines from a prompt
             lines = parts.sample()  # None on the ranks that only take part (FSDP)
@@ -174,13 +176,14 @@ def _train_epoch(
     pos: Position,
     at_boundary: Boundary,
     outbox: _Outbox,
-) -> tuple[int, bool]:
-    """The steps of `pos.epoch` from `pos` (advanced in place): how many, and whether to stop."""
+) -> tuple[int, bool, float]:
+    """The steps of `pos.epoch` from `pos` (advanced in place): how many, whether to stop, and
+    the seconds spent in evaluations inside the epoch (trainer.eval_every_n_steps)."""
     device = parts.batches.device
     epoch_loss = torch.zeros((), device=device)  # losses stay on the device until read
     pos.unsettled_loss = epoch_loss
     clock = make_clock(device)  # GPU time (CUDA events) on a GPU
-    interval, steps = _Interval(device), 0
+    interval, steps, evaluated_s = _Interval(device), 0, 0.0
     for x, y in parts.batches.train_batches(pos.epoch, pos.step_in_epoch):
         if cadence.slow_step_s:
             time.sleep(cadence.slow_step_s)
@@ -211,17 +214,31 @@ def _train_epoch(
         else:
             outbox.beat(step)
         if pos.step >= plan.total_steps or pos.step_in_epoch == plan.steps_per_epoch:
-            break
+            break  # the epoch's own evaluation follows
+        if cadence.eval_every_n_steps and step % cadence.eval_every_n_steps == 0:
+            record = _evaluate_now(parts, pos)
+            outbox.send(record)
+            evaluated_s += record.eval_s
+            interval.started_s += record.eval_s  # evaluating is nobody's step time
         if cadence.checkpoint_every_n_steps and step % cadence.checkpoint_every_n_steps == 0:
             pos.settle()
             _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
             if at_boundary(pos, epoch_end=False, final=False):
-                return steps, True
+                return steps, True, evaluated_s
         clock.restart()
     pos.settle()
     pos.unsettled_loss = None
     _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
-    return steps, False
+    return steps, False, evaluated_s
+
+
+def _evaluate_now(parts: Parts, pos: Position) -> EvalRecord:
+    """This rank's validation shard at a step inside the epoch (every rank evaluates at the same
+    step, so a strategy whose forward is a collective stays in lock-step)."""
+    started_s = time.perf_counter()
+    validation = evaluate(parts, parts.batches.val_batches())
+    eval_s = time.perf_counter() - started_s
+    return EvalRecord(step=pos.step, epoch=pos.epoch, eval_s=eval_s, validation=validation)
 
 
 def _evaluate_epoch(parts: Parts, pos: Position, steps: int, train_s: float) -> EpochRecord:

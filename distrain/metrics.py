@@ -14,11 +14,13 @@ from typing import Any, TypeVar
 
 from distrain.records import (
     EpochRecord,
+    EvalRecord,
     HistogramRecord,
     Record,
     SampleRecord,
     StepRecord,
     Throughput,
+    ValidationSums,
 )
 from distrain.timing import PHASES
 
@@ -26,7 +28,7 @@ from distrain.timing import PHASES
 # workers shows a straggler, since in synchronous training every worker's wall time is the same.
 BUSY_PHASES = ("data_s", "forward_backward_s", "optimizer_s")
 
-R = TypeVar("R", StepRecord, EpochRecord)  # the records that every rank reports
+R = TypeVar("R", StepRecord, EpochRecord, EvalRecord)  # the records that every rank reports
 
 
 @dataclass
@@ -95,6 +97,21 @@ class EpochMetrics:
 
 
 @dataclass
+class EvalMetrics:
+    """An evaluation inside an epoch (trainer.eval_every_n_steps), over every worker's shard."""
+
+    step: int
+    epoch: int
+    val_loss: float
+    val_accuracy: float | None
+    val_top5_accuracy: float | None
+    val_bits_per_byte: float | None
+    eval_s: float
+    val_perplexity: float | None = None  # language models
+    missing_ranks: list[int] | None = None  # as for EpochMetrics: died before reporting it
+
+
+@dataclass
 class SampleMetrics:
     step: int
     text: list[str]  # rank 0's continuations of the fixed prompt
@@ -115,12 +132,13 @@ class MetricsCollector:
         # step -> the ranks that have reported it; epoch -> likewise
         self._steps: dict[int, dict[int, StepRecord]] = defaultdict(dict)
         self._epochs: dict[int, dict[int, EpochRecord]] = defaultdict(dict)
+        self._evals: dict[int, dict[int, EvalRecord]] = defaultdict(dict)  # by step
         # Shared with the supervisor, so the history survives restarts of the worker group.
         self.epochs: list[EpochMetrics] = epochs if epochs is not None else []
 
     def add(
         self, record: Record
-    ) -> StepMetrics | EpochMetrics | HistogramMetrics | SampleMetrics | None:
+    ) -> StepMetrics | EpochMetrics | EvalMetrics | HistogramMetrics | SampleMetrics | None:
         """A rank's figures; the global ones once every rank has reported them (None before,
         and for records that carry no figures)."""
         if isinstance(record, HistogramRecord):  # rank 0 only
@@ -133,6 +151,9 @@ class MetricsCollector:
         if isinstance(record, EpochRecord):
             ranks = self._complete(self._epochs, record.epoch, record)
             return None if ranks is None else self._epoch(ranks)
+        if isinstance(record, EvalRecord):
+            ranks = self._complete(self._evals, record.step, record)
+            return None if ranks is None else self._eval(ranks)
         return None
 
     def _complete(
@@ -145,23 +166,37 @@ class MetricsCollector:
             return None
         return pending.pop(key)
 
-    def complete_without(self, lost: frozenset[int]) -> list[EpochMetrics]:
-        """Epochs that only the `lost` ranks had not reported, completed from the others.
+    def complete_without(self, lost: frozenset[int]) -> list[EpochMetrics | EvalMetrics]:
+        """Epochs and evaluations that only the `lost` ranks had not reported, completed from
+        the others.
 
         A rank that dies after an epoch's last step (its all-reduce done) but before sending
         the epoch's record takes the record with it; the survivors, healed in place, go on from
         that step, so nothing would ever complete the epoch and TensorBoard would miss its point.
+        The same holds for an evaluation inside an epoch.
         """
-        done = []
-        for epoch in sorted(self._epochs):
-            ranks = self._epochs[epoch]
-            missing = set(range(self.world_size)) - set(ranks)
-            if ranks and missing <= lost:
-                del self._epochs[epoch]
-                metrics = self._epoch(ranks)
-                metrics.missing_ranks = sorted(missing)
-                done.append(metrics)
+        done: list[EpochMetrics | EvalMetrics] = []
+        for ranks, missing in self._pop_without(self._epochs, lost):
+            epoch = self._epoch(ranks)
+            epoch.missing_ranks = missing
+            done.append(epoch)
+        for ranks, missing in self._pop_without(self._evals, lost):
+            evaluation = self._eval(ranks)
+            evaluation.missing_ranks = missing
+            done.append(evaluation)
         return done
+
+    def _pop_without(
+        self, pending: dict[int, dict[int, R]], lost: frozenset[int]
+    ) -> list[tuple[dict[int, R], list[int]]]:
+        """The entries of `pending` that only `lost` ranks had not reported (removed from it),
+        each with the ranks it misses."""
+        found = []
+        for key in sorted(pending):
+            missing = set(range(self.world_size)) - set(pending[key])
+            if pending[key] and missing <= lost:
+                found.append((pending.pop(key), sorted(missing)))
+        return found
 
     def _step(self, ranks: dict[int, StepRecord]) -> StepMetrics:
         records = list(ranks.values())
@@ -188,24 +223,44 @@ class MetricsCollector:
             metrics.mfu = _mfu(throughputs, interval_s)
         return metrics
 
-    def _epoch(self, ranks: dict[int, EpochRecord]) -> EpochMetrics:
-        records = list(ranks.values())
-        sums = [r.validation for r in records]
+    def _validation(self, sums: list[ValidationSums]) -> dict[str, Any]:
+        """Every shard's sums added, then divided once: the figures over the whole val set."""
         count = max(sum(v.count for v in sums), 1)
         loss_sum = sum(v.loss_sum for v in sums)
-        classification = self.task == "classification"
         top5 = [v.correct_top5 for v in sums if v.correct_top5 is not None]
+        val_bytes = [v.bytes for v in sums if v.bytes is not None]
+        classification = self.task == "classification"
+        return {
+            "val_loss": loss_sum / count,
+            "val_accuracy": sum(v.correct for v in sums) / count if classification else None,
+            "val_top5_accuracy": sum(top5) / count if top5 else None,
+            # nats per token x tokens = nats; / ln 2 = bits
+            "val_bits_per_byte": loss_sum / math.log(2) / sum(val_bytes) if val_bytes else None,
+        }
+
+    def _eval(self, ranks: dict[int, EvalRecord]) -> EvalMetrics:
+        records = list(ranks.values())
+        metrics = EvalMetrics(
+            step=records[0].step,
+            epoch=records[0].epoch,
+            eval_s=max(r.eval_s for r in records),
+            **self._validation([r.validation for r in records]),
+        )
+        if self.task == "language_model":
+            metrics.val_perplexity = math.exp(min(metrics.val_loss, 700.0))
+        return metrics
+
+    def _epoch(self, ranks: dict[int, EpochRecord]) -> EpochMetrics:
+        records = list(ranks.values())
         metrics = EpochMetrics(
             epoch=records[0].epoch,
             step=records[0].step,
             train_loss=sum(r.train_loss_sum for r in records)
             / max(sum(r.train_batches for r in records), 1),
-            val_loss=loss_sum / count,
-            val_accuracy=sum(v.correct for v in sums) / count if classification else None,
-            val_top5_accuracy=sum(top5) / count if top5 else None,
             train_s=max(r.train_s for r in records),
             eval_s=max(r.eval_s for r in records),
             samples=sum(r.samples for r in records),
+            **self._validation([r.validation for r in records]),
         )
         throughputs = [r.throughput for r in records if r.throughput is not None]
         if throughputs:
@@ -215,9 +270,6 @@ class MetricsCollector:
                 (r.throughput.tokens if r.throughput else 0) / max(r.train_s, 1e-9)
                 for _, r in sorted(ranks.items())
             ]
-        val_bytes = [v.bytes for v in sums if v.bytes is not None]
-        if val_bytes:  # nats per token x tokens = nats; / ln 2 = bits
-            metrics.val_bits_per_byte = loss_sum / math.log(2) / sum(val_bytes)
         self.epochs.append(metrics)
         return metrics
 

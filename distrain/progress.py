@@ -22,13 +22,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from distrain.metrics import EpochMetrics, StepMetrics
+from distrain.metrics import EpochMetrics, EvalMetrics, StepMetrics
 
 
 class ProgressView(Protocol):
     def start(self, total_steps: int, epochs: int, steps_per_epoch: int) -> None: ...
     def step(self, metrics: StepMetrics) -> None: ...
     def epoch(self, metrics: EpochMetrics) -> None: ...
+    def evaluation(self, metrics: EvalMetrics) -> None: ...
     def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
@@ -58,6 +59,21 @@ def _epoch_line(metrics: EpochMetrics, epochs: int) -> str:
             line += f"  MFU {metrics.mfu:.1%}"
         return line + f"  train {_duration(metrics.train_s)}"
     return line + f"  {metrics.samples_per_s:,.0f} samples/s  train {_duration(metrics.train_s)}"
+
+
+def _evaluation_line(metrics: EvalMetrics, epochs: int) -> str:
+    """An evaluation inside an epoch (trainer.eval_every_n_steps)."""
+    line = f"  eval at step {metrics.step} (epoch {metrics.epoch + 1}/{epochs})"
+    line += f"  val_loss {metrics.val_loss:.4f}"
+    if metrics.val_accuracy is not None:
+        line += f"  val_accuracy {metrics.val_accuracy:.4f}"
+    if metrics.val_top5_accuracy is not None:
+        line += f"  val_top5 {metrics.val_top5_accuracy:.4f}"
+    if metrics.val_perplexity is not None:
+        line += f"  val_ppl {metrics.val_perplexity:.2f}"
+    if metrics.val_bits_per_byte is not None:
+        line += f"  val_bpb {metrics.val_bits_per_byte:.3f}"
+    return line + f"  eval {_duration(metrics.eval_s)}"
 
 
 def _duration(seconds: float) -> str:
@@ -134,6 +150,9 @@ class RichProgress:
         if metrics.epoch + 1 < self.epochs:
             self._enter_epoch(metrics.epoch + 1)
 
+    def evaluation(self, metrics: EvalMetrics) -> None:
+        self.progress.console.print(_evaluation_line(metrics, self.epochs))
+
     def message(self, text: str) -> None:
         self.progress.console.print(f"[bold yellow]{text}[/]")
 
@@ -158,6 +177,10 @@ class PlainProgress:
         line = _epoch_line(metrics, self.epochs) + f"  eta {_clock(eta_s)}"
         print(line, file=sys.stderr, flush=True)
 
+    def evaluation(self, metrics: EvalMetrics) -> None:
+        self.busy_s += metrics.eval_s
+        print(_evaluation_line(metrics, self.epochs), file=sys.stderr, flush=True)
+
     def message(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
@@ -170,6 +193,9 @@ class NoProgress(PlainProgress):
         self.epochs = epochs
 
     def epoch(self, metrics: EpochMetrics) -> None:
+        pass
+
+    def evaluation(self, metrics: EvalMetrics) -> None:
         pass
 
 

@@ -15,7 +15,13 @@ from distrain import build, checkpoint
 from distrain.config import Config, LoggerConfig
 from distrain.data.base import Splits
 from distrain.group import WorkerGroup
-from distrain.metrics import EpochMetrics, HistogramMetrics, MetricsCollector, SampleMetrics
+from distrain.metrics import (
+    EpochMetrics,
+    EvalMetrics,
+    HistogramMetrics,
+    MetricsCollector,
+    SampleMetrics,
+)
 from distrain.plan import StepPlan
 from distrain.progress import make_progress
 from distrain.records import RankResult
@@ -64,13 +70,17 @@ class RunRecorder:
         )
 
     def record(self, metrics: Any) -> None:
-        """One figure from the collector (step, epoch, histograms, samples) to where it goes."""
+        """One figure from the collector (step, epoch, evaluation, histograms, samples) to where
+        it goes."""
         assert self.tensorboard is not None and self.detector is not None
         if metrics is None:
             return
         if isinstance(metrics, EpochMetrics):
             self.tensorboard.log_epoch(metrics)
             self.progress.epoch(metrics)
+        elif isinstance(metrics, EvalMetrics):
+            self.tensorboard.log_evaluation(metrics)
+            self.progress.evaluation(metrics)
         elif isinstance(metrics, HistogramMetrics):
             self.tensorboard.log_histograms(metrics)
         elif isinstance(metrics, SampleMetrics):

@@ -75,6 +75,17 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
+class EvalRecord:
+    """One rank's validation shard at a step inside an epoch (trainer.eval_every_n_steps)."""
+
+    step: int
+    epoch: int
+    eval_s: float
+    validation: ValidationSums
+    rank: int = NO_RANK
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     """One rank's share of a checkpoint: its header and its tensors in the object store."""
 
@@ -135,4 +146,12 @@ class StandDown:
     epoch_batches: int
 
 
-Record = StepRecord | EpochRecord | CheckpointRecord | Heartbeat | SampleRecord | HistogramRecord
+Record = (
+    StepRecord
+    | EpochRecord
+    | EvalRecord
+    | CheckpointRecord
+    | Heartbeat
+    | SampleRecord
+    | HistogramRecord
+)

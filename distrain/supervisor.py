@@ -248,12 +248,17 @@ class Supervisor:
         with contextlib.suppress(GroupFailed):
             for record in group.drain():
                 self.recorder.record(collector.add(record))
-        for epoch in collector.complete_without(failure.failed_ranks):
-            self.recorder.message(
-                f"epoch {epoch.epoch + 1}: rank(s) {epoch.missing_ranks} died before reporting "
-                "it; its figures are the other ranks' only"
+        for figures in collector.complete_without(failure.failed_ranks):
+            what = (
+                f"epoch {figures.epoch + 1}"
+                if isinstance(figures, EpochMetrics)
+                else f"the evaluation at step {figures.step}"
             )
-            self.recorder.record(epoch)
+            self.recorder.message(
+                f"{what}: rank(s) {figures.missing_ranks} died before reporting it; its figures "
+                "are the other ranks' only"
+            )
+            self.recorder.record(figures)
         self.failures.recovered(healed.record())
         count = len(self.failures)
         self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")

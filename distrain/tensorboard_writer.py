@@ -2,6 +2,8 @@
 
 Tags are grouped into sections by their prefix (README "Watching training" lists them). Per
 iteration tags use the global step as x; per epoch tags (`epoch/...`) use the epoch, from 1.
+Every evaluation (epoch ends, and inside epochs under trainer.eval_every_n_steps) is also under
+`val/...` on the step axis.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from distrain.config import Config, plain
-from distrain.metrics import EpochMetrics, HistogramMetrics, SampleMetrics, StepMetrics
+from distrain.metrics import (
+    EpochMetrics,
+    EvalMetrics,
+    HistogramMetrics,
+    SampleMetrics,
+    StepMetrics,
+)
 from distrain.stragglers import Straggler
 from distrain.timing import PHASES
 
@@ -129,6 +137,32 @@ class TensorBoardWriter:
             add("epoch/mfu", metrics.mfu, epoch)
         if metrics.val_bits_per_byte is not None:
             add("epoch/val_bits_per_byte", metrics.val_bits_per_byte, epoch)
+        perplexity = metrics.val_perplexity if metrics.tokens else None
+        self.log_evaluation(
+            EvalMetrics(
+                step=metrics.step,
+                epoch=metrics.epoch,
+                val_loss=metrics.val_loss,
+                val_accuracy=metrics.val_accuracy,
+                val_top5_accuracy=metrics.val_top5_accuracy,
+                val_bits_per_byte=metrics.val_bits_per_byte,
+                eval_s=metrics.eval_s,
+                val_perplexity=perplexity,
+            )
+        )
+
+    def log_evaluation(self, metrics: EvalMetrics) -> None:
+        """An evaluation on the step axis: `val/...`, from epoch ends and inside epochs."""
+        values = {
+            "val/loss": metrics.val_loss,
+            "val/accuracy": metrics.val_accuracy,
+            "val/top5_accuracy": metrics.val_top5_accuracy,
+            "val/perplexity": metrics.val_perplexity,
+            "val/bits_per_byte": metrics.val_bits_per_byte,
+        }
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, metrics.step)
         self.writer.flush()
 
     def log_samples(self, metrics: SampleMetrics) -> None:

@@ -24,6 +24,7 @@ from distrain.plan import StepPlan
 from distrain.records import (
     CheckpointRecord,
     EpochRecord,
+    EvalRecord,
     Heartbeat,
     RankResult,
     Record,
@@ -282,6 +283,7 @@ class Worker:
             nan_policy=trainer.nan_policy,
             # Histograms are the same on every rank after aggregation: rank 0 sends them.
             histogram_every_n_steps=logger.histogram_every_n_steps if self.rank == 0 else 0,
+            eval_every_n_steps=trainer.eval_every_n_steps,
             slow_step_s=self.slow_rank.delay_s(self.rank) if self.slow_rank else 0.0,
         )
         stopped = fit(
@@ -375,12 +377,12 @@ class Worker:
         """Queue a record; send the queue if it is due. `None` sends what is queued.
 
         Batched (at most every REPORT_EVERY_S) so that logging every step costs one actor call
-        per quarter second, not one per record; epochs and checkpoints go at once.
+        per quarter second, not one per record; epochs, evaluations and checkpoints go at once.
         """
         if record is not None:
             self._outbox.append(replace(record, rank=self.rank))
         now = time.monotonic()
-        due = record is None or isinstance(record, EpochRecord | CheckpointRecord)
+        due = record is None or isinstance(record, EpochRecord | EvalRecord | CheckpointRecord)
         due = due or now >= self._next_report_s
         if due and self._outbox:
             self.sink.push_many.remote(self._outbox)

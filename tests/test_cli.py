@@ -35,10 +35,12 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
         "trainer.epochs=3",
         "optimizer.lr=0.05",
         "logger.log_every_n_steps=5",
+        "trainer.eval_every_n_steps=10",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval at step 10 (epoch 1/3)  val_loss " in result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in (
         "epochs",
@@ -70,6 +72,13 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
         assert [step for step, _ in series[tag]] == logged_steps, tag
     for tag in ("epoch/train_loss", "epoch/val_loss", "epoch/val_accuracy"):
         assert [step for step, _ in series[tag]] == [1, 2, 3], tag
+    # Every evaluation on the step axis: every 10 steps inside an epoch, and each epoch's end
+    # (steps 22, 44, 66), where it is the epoch's own figure.
+    evaluated = dict(series["val/loss"])
+    assert sorted(evaluated) == [10, 20, 22, 30, 40, 44, 50, 60, 66]
+    for epoch, val_loss in series["epoch/val_loss"]:
+        assert evaluated[epoch * steps_per_epoch] == pytest.approx(val_loss)
+    assert len(series["val/accuracy"]) == len(evaluated)
     assert series["epoch/val_accuracy"][-1][1] == pytest.approx(metrics["val_accuracy"])
     assert series["optim/lr"][0][1] == pytest.approx(0.05)
 

@@ -89,8 +89,15 @@ def test_fsdp_on_1_2_3_workers_matches_single_process_and_shards_memory(
     params, _ = reference
     one, one_params = run(tmp_path, FSDP, "trainer.workers=1")
     two, two_params = run(tmp_path, FSDP, "trainer.workers=2")
-    # 3 workers, 2 accumulated micro-batches each (no reduce-scatter on the first).
-    three, three_params = run(tmp_path, FSDP, "trainer.workers=3", "data.micro_batch_size=8")
+    # 3 workers, 2 accumulated micro-batches each (no reduce-scatter on the first), and
+    # evaluations inside the epochs: every rank runs each sharded forward in step.
+    three, three_params = run(
+        tmp_path,
+        FSDP,
+        "trainer.workers=3",
+        "data.micro_batch_size=8",
+        "trainer.eval_every_n_steps=10",
+    )
     for metrics, final in ((one, one_params), (two, two_params), (three, three_params)):
         assert metrics["steps"] == STEPS
         assert_same_parameters(final, params)

@@ -316,6 +316,7 @@ def test_gpt_stdlib_runs_on_the_standard_library(ray_address: str, tmp_path: Pat
         "experiment=gpt_stdlib",
         "trainer.max_steps=4",
         "data.val_windows=16",
+        "trainer.eval_every_n_steps=2",  # one evaluation inside the (one) epoch
         f"data.cache_dir={tmp_path / 'cache'}",
         f"cluster.address={ray_address}",
         f"hydra.run.dir={run_dir}",
@@ -326,3 +327,6 @@ def test_gpt_stdlib_runs_on_the_standard_library(ray_address: str, tmp_path: Pat
     assert metrics["steps"] == 4 and metrics["workers"] == 2
     assert 0 < metrics["val_bits_per_byte"] < 8.5  # ~8 bits per byte before training
     assert "val_bpb" in result.stderr and "tokens/s" in result.stderr and "MFU" in result.stderr
+    [inside] = [line for line in result.stderr.splitlines() if "eval at step" in line]
+    assert inside.startswith("  eval at step 2 (epoch 1/1)  val_loss ")
+    assert " val_ppl " in inside and " val_bpb " in inside

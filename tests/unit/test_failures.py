@@ -113,3 +113,23 @@ def test_an_epoch_a_dead_rank_never_reported_is_completed_from_the_others():
     # Epoch 1 still waits for rank 2, which is alive and will send it.
     assert collector.add(_epoch_record(1, 1)) is None
     assert collector.add(_epoch_record(2, 1)).missing_ranks is None
+
+
+def test_an_evaluation_a_dead_rank_never_reported_is_completed_from_the_others():
+    """The same for an evaluation inside an epoch (trainer.eval_every_n_steps)."""
+    from distrain.metrics import EvalMetrics, MetricsCollector
+    from distrain.records import EvalRecord
+
+    def evaluated(rank: int, step: int) -> EvalRecord:
+        sums = ValidationSums(loss_sum=2.0 * (rank + 1), correct=5, count=10)
+        return EvalRecord(step=step, epoch=0, eval_s=0.1, validation=sums, rank=rank)
+
+    collector = MetricsCollector(2, "classification")
+    assert collector.add(evaluated(0, 10)) is None
+    assert collector.add(evaluated(0, 20)) is None
+    ten, twenty = collector.complete_without(frozenset({1}))
+    assert isinstance(ten, EvalMetrics) and collector.epochs == []
+    assert [(e.step, e.missing_ranks) for e in (ten, twenty)] == [(10, [1]), (20, [1])]
+    assert ten.val_loss == pytest.approx(0.2) and ten.val_accuracy == 0.5  # rank 0's shard
+    assert collector.complete_without(frozenset({1})) == []  # each is completed once
+    assert collector.add(evaluated(1, 30)) is None  # a later step waits for rank 0 as usual

@@ -4,6 +4,7 @@ summary, and DDP's communication wait measured on a real gloo group."""
 from __future__ import annotations
 
 import json
+import math
 import socket
 import statistics
 import time
@@ -16,9 +17,9 @@ from torch import nn
 
 from distrain.aggregators.allreduce import AllReduce
 from distrain.config import typed
-from distrain.metrics import EpochMetrics, MetricsCollector, StepMetrics
+from distrain.metrics import EpochMetrics, EvalMetrics, MetricsCollector, StepMetrics
 from distrain.progress import PlainProgress, print_summary
-from distrain.records import StepRecord
+from distrain.records import EvalRecord, StepRecord, ValidationSums
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import hparams_of
 from distrain.timing import PHASES, StepClock
@@ -189,6 +190,44 @@ def test_plain_epoch_line_gives_the_epoch_time_in_a_readable_unit(
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith("epoch 1/2  step 22  train_loss 1.0000  val_loss 0.5000")
     assert f"samples/s  {shown}  eta " in line
+
+
+def _eval_record(rank: int, loss_sum: float, count: int, nbytes: float | None) -> EvalRecord:
+    sums = ValidationSums(loss_sum=loss_sum, correct=0, count=count, bytes=nbytes)
+    return EvalRecord(step=100, epoch=0, eval_s=0.5 + rank, validation=sums, rank=rank)
+
+
+def test_an_evaluation_inside_an_epoch_adds_every_shard_then_divides() -> None:
+    """Uneven token shards (3,000 and 1,000 tokens): the figure over all 4,000, not a mean of
+    the two shards' means; complete only once both ranks reported the step."""
+    collector = MetricsCollector(2, "language_model")
+    assert collector.add(_eval_record(0, loss_sum=6000.0, count=3000, nbytes=3000.0)) is None
+    figures = collector.add(_eval_record(1, loss_sum=1000.0, count=1000, nbytes=1000.0))
+    assert isinstance(figures, EvalMetrics)
+    assert (figures.step, figures.epoch, figures.eval_s) == (100, 0, 1.5)
+    assert figures.val_loss == pytest.approx(7000.0 / 4000)  # (2.0 and 1.0 per token: not 1.5)
+    assert figures.val_perplexity == pytest.approx(math.exp(1.75))
+    assert figures.val_bits_per_byte == pytest.approx(7000.0 / math.log(2) / 4000)
+    assert figures.val_accuracy is None  # not a classification
+    assert collector.epochs == []  # an evaluation inside an epoch is not an epoch
+
+
+def test_plain_evaluation_line_names_the_step_and_the_figures(capsys) -> None:
+    progress = PlainProgress()
+    progress.start(total_steps=44, epochs=2, steps_per_epoch=22)
+    progress.evaluation(
+        EvalMetrics(
+            step=8,
+            epoch=0,
+            val_loss=0.5,
+            val_accuracy=0.875,
+            val_top5_accuracy=None,
+            val_bits_per_byte=None,
+            eval_s=0.004,
+        )
+    )
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line == "  eval at step 8 (epoch 1/2)  val_loss 0.5000  val_accuracy 0.8750  eval 4 ms"
 
 
 def _free_port() -> int:
