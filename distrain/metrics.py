@@ -95,6 +95,19 @@ class EpochMetrics:
     def val_perplexity(self) -> float:
         return math.exp(min(self.val_loss, 700.0))
 
+    def evaluation(self) -> EvalMetrics:
+        """The epoch's evaluation as one at its last step (TensorBoard's `val/...` series)."""
+        return EvalMetrics(
+            step=self.step,
+            epoch=self.epoch,
+            val_loss=self.val_loss,
+            val_accuracy=self.val_accuracy,
+            val_top5_accuracy=self.val_top5_accuracy,
+            val_bits_per_byte=self.val_bits_per_byte,
+            eval_s=self.eval_s,
+            val_perplexity=self.val_perplexity if self.tokens else None,
+        )
+
 
 @dataclass
 class EvalMetrics:

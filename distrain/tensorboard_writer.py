@@ -137,19 +137,7 @@ class TensorBoardWriter:
             add("epoch/mfu", metrics.mfu, epoch)
         if metrics.val_bits_per_byte is not None:
             add("epoch/val_bits_per_byte", metrics.val_bits_per_byte, epoch)
-        perplexity = metrics.val_perplexity if metrics.tokens else None
-        self.log_evaluation(
-            EvalMetrics(
-                step=metrics.step,
-                epoch=metrics.epoch,
-                val_loss=metrics.val_loss,
-                val_accuracy=metrics.val_accuracy,
-                val_top5_accuracy=metrics.val_top5_accuracy,
-                val_bits_per_byte=metrics.val_bits_per_byte,
-                eval_s=metrics.eval_s,
-                val_perplexity=perplexity,
-            )
-        )
+        self.log_evaluation(metrics.evaluation())
 
     def log_evaluation(self, metrics: EvalMetrics) -> None:
         """An evaluation on the step axis: `val/...`, from epoch ends and inside epochs."""
