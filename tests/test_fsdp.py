@@ -40,10 +40,14 @@ BASE = [
     "logger.progress=none",
 ]
 FSDP = "aggregator=fsdp"
+CLIP = 0.5  # trainer.max_grad_norm: below most of the 30 steps' gradient norms
 
 
-def plain_loop(steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Single-process training on the same data order; the final parameters and step losses."""
+def plain_loop(
+    steps: int = STEPS, max_grad_norm: float | None = None
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Single-process training on the same data order; the final parameters and step losses.
+    The gradient is clipped to `max_grad_norm` when given."""
     x, y = digits(val_fraction=0.2, seed=SEED).train.tensors
     torch.manual_seed(SEED)
     model = nn.Sequential(
@@ -59,6 +63,8 @@ def plain_loop(steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[float]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
             if len(losses) == steps:
@@ -88,7 +94,11 @@ def test_fsdp_on_1_2_3_workers_matches_single_process_and_shards_memory(
 ) -> None:
     params, _ = reference
     one, one_params = run(tmp_path, FSDP, "trainer.workers=1")
-    two, two_params = run(tmp_path, FSDP, "trainer.workers=2")
+    # Gradient clipping on DTensor shards: torch's clip_grad_norm_ reduces the norm across ranks.
+    two, two_params = run(tmp_path, FSDP, "trainer.workers=2", f"trainer.max_grad_norm={CLIP}")
+    clipped, _ = plain_loop(max_grad_norm=CLIP)
+    assert max((clipped[k] - params[k]).abs().max().item() for k in params) > 1e-2
+    assert_same_parameters(two_params, clipped)
     # 3 workers, 2 accumulated micro-batches each (no reduce-scatter on the first), and
     # evaluations inside the epochs: every rank runs each sharded forward in step.
     three, three_params = run(
@@ -98,9 +108,9 @@ def test_fsdp_on_1_2_3_workers_matches_single_process_and_shards_memory(
         "data.micro_batch_size=8",
         "trainer.eval_every_n_steps=10",
     )
-    for metrics, final in ((one, one_params), (two, two_params), (three, three_params)):
-        assert metrics["steps"] == STEPS
-        assert_same_parameters(final, params)
+    assert one["steps"] == two["steps"] == three["steps"] == STEPS
+    assert_same_parameters(one_params, params)
+    assert_same_parameters(three_params, params)
     # SGD+momentum: parameters, gradients and one momentum buffer, 4 bytes each.
     full = state_bytes(one["aggregator"][0])
     assert full == 3 * 4 * MLP_PARAMS
