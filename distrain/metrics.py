@@ -93,7 +93,7 @@ class EpochMetrics:
 
     @property
     def val_perplexity(self) -> float:
-        return math.exp(min(self.val_loss, 700.0))
+        return perplexity(self.val_loss)
 
     def evaluation(self) -> EvalMetrics:
         """The epoch's evaluation as one at its last step (TensorBoard's `val/...` series)."""
@@ -111,7 +111,8 @@ class EpochMetrics:
 
 @dataclass
 class EvalMetrics:
-    """An evaluation inside an epoch (trainer.eval_every_n_steps), over every worker's shard."""
+    """An evaluation at a step, over every worker's shard: inside an epoch
+    (trainer.eval_every_n_steps), or an epoch's own (`EpochMetrics.evaluation`)."""
 
     step: int
     epoch: int
@@ -260,7 +261,7 @@ class MetricsCollector:
             **self._validation([r.validation for r in records]),
         )
         if self.task == "language_model":
-            metrics.val_perplexity = math.exp(min(metrics.val_loss, 700.0))
+            metrics.val_perplexity = perplexity(metrics.val_loss)
         return metrics
 
     def _epoch(self, ranks: dict[int, EpochRecord]) -> EpochMetrics:
@@ -316,6 +317,11 @@ class MetricsCollector:
         if last.val_bits_per_byte is not None:
             summary["val_bits_per_byte"] = last.val_bits_per_byte
         return summary
+
+
+def perplexity(nats_per_token: float) -> float:
+    """exp(loss); capped below exp's overflow (a diverged run's loss can be huge)."""
+    return math.exp(min(nats_per_token, 700.0))
 
 
 def _mfu(throughputs: list[Throughput], seconds: float) -> float | None:
