@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from distrain.lm import PerTokenLoss
 
 log = logging.getLogger("distrain")
 # Keys of `conf/optimizer/*.yaml` that distrain reads; the torch optimizer never sees them.
-LR_SCALING_KEYS = ("lr_scaling", "reference_batch")
+DISTRAIN_OPTIMIZER_KEYS = ("lr_scaling", "reference_batch", "decay_norms_and_biases")
 DEFAULT_REFERENCE_BATCH = 256
 
 
@@ -79,13 +80,33 @@ def build_optimizer(
     optimizer: dict[str, Any], model: nn.Module, *, global_batch: int
 ) -> torch.optim.Optimizer:
     """`optimizer` is a `_partial_: true` config; `global_batch` is data.batch_size, for scaling."""
-    return optimizer_factory(optimizer, global_batch=global_batch)(model.parameters())
+    make = optimizer_factory(optimizer, global_batch=global_batch)
+    return make(param_groups(optimizer, model.parameters()))
+
+
+def param_groups(optimizer: dict[str, Any], params: Iterable[nn.Parameter]) -> list[Any]:
+    """The parameters as the optimizer receives them: one list, or with
+    `optimizer.decay_norms_and_biases=false` two groups, as nanoGPT's `configure_optimizers`
+    makes them: tensors of 2 or more dimensions (weights of linear and conv layers, embeddings)
+    get `optimizer.weight_decay`, the others (biases, norm gains, scalars) none.
+
+    Each group keeps the model's parameter order, decayed first; an empty group is left out.
+    The checkpoint stores the groups' sizes, so a resume that changes this is refused
+    (`preflight.check_resume_groups`).
+    """
+    params = list(params)
+    if optimizer.get("decay_norms_and_biases", True):
+        return params
+    decayed = [p for p in params if p.ndim >= 2]
+    exempt = [p for p in params if p.ndim < 2]
+    groups = [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def optimizer_factory(optimizer: dict[str, Any], *, global_batch: int) -> Any:
     """The optimizer class with its settings (a `functools.partial`), lr scaled if asked; the
     aggregator calls it with the parameters (or shards it: trainer.shard_optimizer)."""
-    torch_kwargs = {k: v for k, v in optimizer.items() if k not in LR_SCALING_KEYS}
+    torch_kwargs = {k: v for k, v in optimizer.items() if k not in DISTRAIN_OPTIMIZER_KEYS}
     if "lr" in optimizer:
         torch_kwargs["lr"] = scaled_lr(optimizer, global_batch)
         if torch_kwargs["lr"] != optimizer["lr"]:

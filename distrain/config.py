@@ -360,6 +360,12 @@ def _check_optimizer(optimizer: dict[str, Any]) -> None:
         scaling == "none" or lr is not None,
         "optimizer.lr_scaling=linear scales optimizer.lr, but this optimizer has no lr key.",
     )
+    decay = optimizer.get("decay_norms_and_biases", True)
+    _require(
+        isinstance(decay, bool),
+        f"optimizer.decay_norms_and_biases={decay!r} must be true or false (false: parameters "
+        "of fewer than 2 dimensions, such as biases and norm gains, get no weight decay).",
+    )
 
 
 def _check_batching(data: dict[str, Any]) -> None:

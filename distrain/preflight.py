@@ -32,8 +32,11 @@ class Checked:
 def check(job: config.Config) -> Checked:
     """The aggregator's own check, the dry build, then the resume checkpoint checked."""
     check_aggregator(job)
-    splits, plan = dry_build(job)
-    return Checked(splits, plan, load_resume(job))
+    splits, plan, group_sizes = dry_build(job)
+    resume = load_resume(job)
+    if resume is not None:
+        check_resume_groups(job, resume, group_sizes)
+    return Checked(splits, plan, resume)
 
 
 def check_aggregator(job: config.Config) -> None:
@@ -52,9 +55,10 @@ def check_aggregator(job: config.Config) -> None:
         check_job(job)
 
 
-def dry_build(job: config.Config) -> tuple[Splits, StepPlan]:
+def dry_build(job: config.Config) -> tuple[Splits, StepPlan, list[int]]:
     """Build data, model, loss and optimizer once on CPU so mistakes surface before any actor;
-    returns the data's splits and the run's step plan (the batch arithmetic, checked)."""
+    returns the data's splits, the run's step plan (the batch arithmetic, checked) and the
+    sizes of the optimizer's parameter groups."""
     splits: Splits = _explain("data", lambda: build.build_splits(job.data))
     model = _explain("model", lambda: build.build_model(job.model, splits))
     loss_fn = _explain("loss", lambda: build.build_loss(job.loss, splits.task))
@@ -82,7 +86,7 @@ def dry_build(job: config.Config) -> tuple[Splits, StepPlan]:
             total_steps=plan.total_steps,
         ),
     )
-    return splits, plan
+    return splits, plan, [len(group["params"]) for group in optimizer.param_groups]
 
 
 def _explain(group: str, make: Callable[[], Any]) -> Any:
@@ -111,6 +115,21 @@ def load_resume(job: config.Config) -> checkpoint.Checkpoint | None:
                 f"its {group}."
             )
     return saved_checkpoint
+
+
+def check_resume_groups(
+    job: config.Config, resume: checkpoint.Checkpoint, group_sizes: list[int]
+) -> None:
+    """The checkpoint's optimizer state is stored by position in the parameter groups, so the
+    groups must be the same (they change with optimizer.decay_norms_and_biases)."""
+    saved = list(resume.meta["optimizer"]["group_sizes"])
+    if saved != group_sizes:
+        decay = str(job.optimizer.get("decay_norms_and_biases", True)).lower()
+        raise config.ConfigError(
+            f"resume={job.resume}: the checkpoint's optimizer has parameter groups of {saved} "
+            f"tensors, this run's has {group_sizes} (optimizer.decay_norms_and_biases={decay}); "
+            "resume with the setting the checkpoint was written with."
+        )
 
 
 def _resume_key(group: str, value: Any) -> Any:

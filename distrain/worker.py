@@ -178,7 +178,7 @@ class Worker:
         # The aggregator builds it: ZeRO sharding, or a server-side step, are its business.
         optimizer = aggregator.build_optimizer(
             build.optimizer_factory(job.optimizer, global_batch=plan.global_batch),
-            model.parameters(),
+            build.param_groups(job.optimizer, model.parameters()),
             shard=trainer.shard_optimizer,
         )
         scheduler = build.build_scheduler(

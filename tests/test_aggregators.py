@@ -7,6 +7,7 @@ digits at a global batch of 64, two workers.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from itertools import pairwise
@@ -30,7 +31,10 @@ MLP_32_32_PARAMS = (64 * 32 + 32) + (32 * 32 + 32) + (32 * 10 + 10)  # 3,466: no
 
 def run(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """metrics.json's figures and the final parameters of a distrain run in this process."""
-    run_dir = RunDirectory(tmp_path / "_".join(overrides).replace("/", "-"))
+    name = "_".join(overrides).replace("/", "-")
+    # Unique and within the file system's 255 bytes: the overrides' tail with their digest.
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    run_dir = RunDirectory(tmp_path / f"{name[-120:]}-{digest}")
     metrics = driver.train(compose_job(*overrides), run_dir)
     return metrics, torch.load(run_dir.model_path, weights_only=True)
 
@@ -104,12 +108,32 @@ def _assert_servers_gone(timeout_s: float = 10.0) -> None:
     assert not left
 
 
+def nanogpt_adamw(params: Any) -> torch.optim.Optimizer:
+    """nanoGPT's `configure_optimizers`: tensors of 2+ dims decay, biases do not."""
+    params = list(params)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=LR / 10, weight_decay=0.5)
+
+
 @pytest.mark.slow
-def test_zero_with_adam_matches_and_divides_optimizer_state(
+def test_zero_with_adamw_groups_matches_and_divides_optimizer_state(
     ray_address: str, tmp_path: Path
 ) -> None:
-    adam = ["optimizer=adam", f"optimizer.lr={LR / 10}"]
-    reference = plain_pytorch_loop(lambda p: torch.optim.Adam(p, lr=LR / 10))
+    """AdamW with weight decay for the weights only (optimizer.decay_norms_and_biases=false),
+    replicated and ZeRO-sharded, against a plain loop with nanoGPT's two parameter groups."""
+    adam = [
+        "optimizer=adamw",
+        f"optimizer.lr={LR / 10}",
+        "optimizer.weight_decay=0.5",
+        "optimizer.decay_norms_and_biases=false",
+    ]
+    reference = plain_pytorch_loop(nanogpt_adamw)
+    # The groups change this job's result: a run that decayed the biases too would not pass.
+    decay_all = plain_pytorch_loop(lambda p: torch.optim.AdamW(p, lr=LR / 10, weight_decay=0.5))
+    assert max((reference[k] - decay_all[k]).abs().max().item() for k in reference) > 1e-3
     plain_metrics, plain = equivalence_run(tmp_path, *adam)
     sharded_metrics, sharded = equivalence_run(tmp_path, *adam, "trainer.shard_optimizer=true")
     assert_same_parameters(plain, reference)
@@ -194,6 +218,10 @@ def _check(*overrides: str) -> None:
         (
             [PS, "aggregator.mode=async", "trainer.max_grad_norm=1.0"],
             "trainer.max_grad_norm=1.0 cannot be used with aggregator=parameter_server",
+        ),
+        (
+            [PS, "optimizer=adamw", "optimizer.decay_norms_and_biases=false"],
+            "optimizer.decay_norms_and_biases=false cannot be used with aggregator=param",
         ),
         (["aggregator.compression=int4"], "aggregator.compression='int4' is not one of"),
         (["aggregator.transport=tcp"], "aggregator.transport='tcp' is not one of auto, backend"),

@@ -119,9 +119,13 @@ def test_stopped_mid_epoch_and_resumed_on_another_worker_count(
         run_dir, *base(token_dir), f"trainer.workers={before}", "trainer.max_steps=5"
     )
     assert stopped["steps"] == 5  # mid-epoch: an epoch is 10 steps
-    metrics, params = train(
-        run_dir, *base(token_dir), f"trainer.workers={after}", f"resume={run_dir}"
-    )
+    resume = [*base(token_dir), f"trainer.workers={after}", f"resume={run_dir}"]
+    # The optimizer state is stored by position in its parameter groups: a resume that would
+    # regroup them (biases and norm gains apart) is refused before any actor starts.
+    regrouped = config.typed(compose_job(*resume, "optimizer.decay_norms_and_biases=false"))
+    with pytest.raises(config.ConfigError, match=r"parameter groups of \[\d+\] tensors, this"):
+        preflight.check(regrouped)
+    metrics, params = train(run_dir, *resume)
     assert metrics["steps"] == STEPS and metrics["workers"] == after
     assert_same_parameters(params, reference[1])
 

@@ -17,7 +17,6 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.optimizer import ParamsT
 
 from distrain.aggregators import comm_hooks, shm_allreduce
 from distrain.aggregators.base import GradientAggregator, MakeOptimizer
@@ -143,7 +143,7 @@ class AllReduce(GradientAggregator):
             self.use_shm = len(set(nodes)) == 1 and shm_allreduce.supported()
 
     def build_optimizer(
-        self, make_optimizer: MakeOptimizer, params: Iterable[nn.Parameter], *, shard: bool
+        self, make_optimizer: MakeOptimizer, params: ParamsT, *, shard: bool
     ) -> torch.optim.Optimizer:
         if not shard or self.world_size == 1:
             self.optimizer = make_optimizer(params)

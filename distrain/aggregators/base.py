@@ -28,13 +28,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from distrain.blocks import find_blocks
 from distrain.config import Config, ConfigError
 from distrain.device import peak_memory
 
 FIRST_STEPS = 8  # steps whose end times are kept for `first_step_extra_s`
-MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+# Parameters, or param groups (build.param_groups): what a torch optimizer's constructor takes.
+MakeOptimizer = Callable[[ParamsT], torch.optim.Optimizer]
 
 
 class GradientAggregator(ABC):
@@ -100,7 +102,7 @@ class GradientAggregator(ABC):
         """Worker side: join the group of `world_size` workers."""
 
     def build_optimizer(
-        self, make_optimizer: MakeOptimizer, params: Iterable[nn.Parameter], *, shard: bool
+        self, make_optimizer: MakeOptimizer, params: ParamsT, *, shard: bool
     ) -> torch.optim.Optimizer:
         """The optimizer the loop steps. `shard` is `trainer.shard_optimizer` (see check_job)."""
         self.optimizer = make_optimizer(params)

@@ -182,7 +182,8 @@ class FSDP(GradientAggregator):
     ) -> None:
         """From this rank's shards (DTensors of the sharded parameters' layout)."""
         set_model_state_dict(model, model_state)
-        names = [name for name, _ in model.named_parameters()]
+        name_of = {param: name for name, param in model.named_parameters()}
+        names = [name_of[param] for group in optimizer.param_groups for param in group["params"]]
         set_optimizer_state_dict(model, optimizer, _by_name(optimizer_state, names))
 
     def close(self) -> None:
@@ -192,7 +193,7 @@ class FSDP(GradientAggregator):
 
 def _by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """`Optimizer.state_dict()`'s format (keyed by the parameter's index in the groups) keyed by
-    parameter name, as torch's state-dict helpers take it: indices follow `model.parameters()`,
-    the order the optimizer was built in."""
+    parameter name, as torch's state-dict helpers take it: `names` in the optimizer's order (its
+    groups one after the other, as `build.param_groups` made them)."""
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {names[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.ps_servers import (
@@ -100,6 +100,13 @@ class ParameterServer(GradientAggregator):
                 "worker's gradient shard as it arrives, so no averaged gradient exists whose norm "
                 "could be clipped. Use aggregator.mode=sync, or trainer.max_grad_norm=null."
             )
+        if not job.optimizer.get("decay_norms_and_biases", True):
+            raise ConfigError(
+                "optimizer.decay_norms_and_biases=false cannot be used with "
+                "aggregator=parameter_server: each server steps one flat slice of all the "
+                "parameters, which has no per-parameter groups. Use aggregator=allreduce or fsdp, "
+                "or optimizer.decay_norms_and_biases=true."
+            )
 
     @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +148,7 @@ class ParameterServer(GradientAggregator):
         self.servers = rendezvous["servers"]
 
     def build_optimizer(
-        self, make_optimizer: MakeOptimizer, params: Iterable[nn.Parameter], *, shard: bool
+        self, make_optimizer: MakeOptimizer, params: ParamsT, *, shard: bool
     ) -> torch.optim.Optimizer:
         params = list(params)
         self.make_optimizer = make_optimizer

@@ -1,4 +1,5 @@
-"""Learning-rate schedules and linear lr scaling: values per step, resumption, bad values."""
+"""Learning-rate schedules, linear lr scaling and weight-decay groups: values per step,
+resumption, bad values."""
 
 from __future__ import annotations
 
@@ -168,9 +169,43 @@ def test_warmup_reaches_the_scaled_lr() -> None:
     assert _lrs(scheduler, 5) == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2])
 
 
+# ---------------------------------------------------------------- optimizer.decay_norms_and_biases
+
+
+def _embedding_norm_linear() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Embedding(8, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+    )
+
+
+def test_decay_norms_and_biases_false_decays_only_tensors_of_2_or_more_dims() -> None:
+    """nanoGPT's groups: embeddings and linear weights decay; norm gains and biases do not."""
+    model = _embedding_norm_linear()
+    adamw = ["optimizer=adamw", "optimizer.weight_decay=0.5"]
+    every = build.build_optimizer(compose_job(*adamw)["optimizer"], model, global_batch=8)
+    assert len(every.param_groups) == 1  # the default: torch's, everything decays
+
+    grouped = compose_job(*adamw, "optimizer.decay_norms_and_biases=false")["optimizer"]
+    optimizer = build.build_optimizer(grouped, model, global_batch=8)
+    decayed, exempt = optimizer.param_groups
+    assert "decay_norms_and_biases" not in optimizer.defaults  # distrain's key never reaches torch
+    assert [p.ndim for p in decayed["params"]] == [2, 2]  # embedding, linear weight
+    assert [p.ndim for p in exempt["params"]] == [1, 1, 1]  # norm weight and bias, linear bias
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.5, 0.0)
+    # With zero gradients an AdamW step is the decay alone: it shrinks only the 2-D tensors.
+    before = [p.detach().clone() for p in model.parameters()]
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for (name, param), old in zip(model.named_parameters(), before, strict=True):
+        factor = 1 - 0.001 * 0.5 if param.ndim >= 2 else 1.0
+        torch.testing.assert_close(param.detach(), old * factor, msg=name)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["optimizer.decay_norms_and_biases=maybe"], "optimizer.decay_norms_and_biases='maybe'"),
         (["optimizer.lr_scaling=quadratic"], "optimizer.lr_scaling='quadratic' is not one of"),
         (["optimizer.reference_batch=0"], "optimizer.reference_batch=0"),
         (["data.num_workers=-1"], "data.num_workers=-1"),
