@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,11 +80,15 @@ class Saved:
 
 
 class CheckpointStore:
-    """`<run dir>/checkpoints/step-000000123/` directories and the `latest` pointer."""
+    """`<run dir>/checkpoints/step-000000123/` directories, the `latest` pointer, and the `best`
+    pointer (the checkpoint of the lowest validation loss, kept beside the last `keep`)."""
 
     def __init__(self, directory: Path, keep: int) -> None:
         self.directory = Path(directory)
         self.keep = keep
+        # The background writer rotates while the driver's loop marks the best: one at a time,
+        # so a checkpoint just marked is never removed as an old one.
+        self._rotating = threading.Lock()
 
     def save(self, meta: dict[str, Any], shards: list[Callable[[], Tensors]]) -> Saved:
         """Write `meta` and the shards (each fetched by its callable, in parallel)."""
@@ -107,9 +112,30 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _atomic_write(self.directory / "latest", final.name.encode())
-        for old in self.all()[: -self.keep]:
-            _remove(old)
+        self._rotate()
         return Saved(final, size_bytes + len(json.dumps(record)))
+
+    def _rotate(self) -> None:
+        """Remove all but the last `keep` checkpoints and the best one."""
+        with self._rotating:
+            best = self.best()
+            for old in self.all()[: -self.keep]:
+                if old != best:
+                    _remove(old)
+
+    def mark_best(self, step: int) -> Path | None:
+        """Point `best` at the checkpoint of `step` (None, and no change: it is not on disk);
+        the previous best is then an ordinary checkpoint again, rotated out when old."""
+        with self._rotating:
+            path = self.directory / f"step-{step:09d}"
+            if not path.is_dir():
+                return None
+            _atomic_write(self.directory / "best", path.name.encode())
+        self._rotate()
+        return path
+
+    def best(self) -> Path | None:
+        return self._pointed("best")
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the complete directory into place (replacing one of the same step, which a
@@ -131,13 +157,19 @@ class CheckpointStore:
         return sorted(found, key=lambda p: p.name.removesuffix(".pt"))
 
     def latest(self) -> Path | None:
-        pointer = self.directory / "latest"
+        pointed = self._pointed("latest")
+        if pointed is not None:
+            return pointed
+        found = self.all()  # no pointer yet (or it names a deleted one): newest on disk
+        return found[-1] if found else None
+
+    def _pointed(self, pointer_name: str) -> Path | None:
+        pointer = self.directory / pointer_name
         if pointer.is_file():
             path = self.directory / pointer.read_text().strip()
             if path.exists():
                 return path
-        found = self.all()  # no pointer yet (or it names a deleted one): newest on disk
-        return found[-1] if found else None
+        return None
 
 
 def _remove(path: Path) -> None:
@@ -274,8 +306,11 @@ def _load_v1(path: Path) -> Checkpoint:
 
 
 def resolve_resume(target: str) -> Path:
-    """`resume=` accepts a run dir, its checkpoints/ dir, or one checkpoint (dir or file)."""
+    """`resume=` accepts a run dir, its checkpoints/ dir, one checkpoint (dir or file), or a
+    pointer to one (checkpoints/latest, checkpoints/best)."""
     path = Path(target).expanduser().resolve()
+    if path.name in ("latest", "best") and path.is_file():  # a pointer: the checkpoint it names
+        path = path.parent / path.read_text().strip()
     if path.is_file() or (path / META).is_file():
         return path
     for directory in (path / "checkpoints", path):

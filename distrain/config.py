@@ -84,6 +84,7 @@ class TrainerConfig:
     # the run's last one and a stop's are always taken. 0: take every one.
     checkpoint_min_interval_s: float = 0.0
     keep_checkpoints: int = 3
+    keep_best_checkpoint: bool = True  # also keep the one of the lowest val loss (`best` pointer)
     # True: a step waits only while its state is copied to host memory (Ray's object store) and
     # the driver writes it in the background; false: the step waits until it is on disk.
     async_checkpoint: bool = True

@@ -244,6 +244,15 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{straggler['ratio']:.2f}x at step {straggler['step']}",
             )
         )
+    best = metrics.get("checkpoints", {}).get("best")
+    if best is not None:
+        rows.append(
+            (
+                "best checkpoint",
+                f"step {best['step']}, val loss {best['val_loss']:.4f} "
+                f"(its weights: distrain export {metrics['run_dir']} --best)",
+            )
+        )
     rows.append(("run dir", metrics["run_dir"]))
     rows.append(("tensorboard", f"tensorboard --logdir {metrics['run_dir']}"))
     return rows

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distrain import checkpoint
 from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
 from distrain.config import TrainerConfig
-from distrain.metrics import EpochMetrics
+from distrain.metrics import EpochMetrics, EvalMetrics
 from distrain.records import CheckpointRecord
 from distrain.watch import first_line
 
 log = logging.getLogger("distrain")
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    step: int
+    val_loss: float
+    path: Path
 
 
 class Checkpoints:
@@ -46,6 +55,12 @@ class Checkpoints:
         self.last_path: Path | None = None
         self.last_step = 0
         self._epoch_end: Pending | None = None  # complete, waiting for its epoch's figures
+        # The best checkpoint: of those written that were also evaluated (an epoch's end, or
+        # trainer.eval_every_n_steps on a checkpoint step), the one of the lowest val loss. An
+        # evaluation and its step's write finish in either order: each looks for the other.
+        self.best: BestCheckpoint | None = None
+        self._val_loss_at: dict[int, float] = {}  # evaluations of this run, by step
+        self._written: set[int] = set()  # steps of the checkpoints this run wrote
 
     def resumed_from(self, resume: checkpoint.Checkpoint) -> None:
         self.last_path, self.last_step = resume.path, resume.step
@@ -81,6 +96,23 @@ class Checkpoints:
             self._save(self._epoch_end, history, sink)
             self._epoch_end = None
 
+    def recorded(self, metrics: Any) -> None:
+        """Figures the driver recorded: an evaluation's (an epoch's or one inside an epoch) may
+        make the checkpoint of its step the best."""
+        if isinstance(metrics, EpochMetrics | EvalMetrics):
+            self._val_loss_at[metrics.step] = metrics.val_loss
+            if metrics.step in self._written:
+                self._consider_best(metrics.step)
+
+    def _consider_best(self, step: int) -> None:
+        loss = self._val_loss_at[step]
+        if not self.trainer.keep_best_checkpoint or not math.isfinite(loss):
+            return
+        if self.best is None or loss < self.best.val_loss:
+            path = self.store.mark_best(step)
+            if path is not None:  # None: rotated out before its evaluation arrived
+                self.best = BestCheckpoint(step=step, val_loss=loss, path=path)
+
     def _save(self, pending: Pending, history: list[EpochMetrics], sink: Any) -> None:
         """Queue a checkpoint for the background writer; with trainer.async_checkpoint=false,
         wait until it is written and let the workers (waiting for it) go on."""
@@ -103,6 +135,9 @@ class Checkpoints:
             if result.saved is not None:
                 log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
                 self.last_path, self.last_step = result.saved.path, result.step
+                self._written.add(result.step)
+                if result.step in self._val_loss_at:
+                    self._consider_best(result.step)
         failed_writes = [r for r in results if r.error is not None]
         if not failed_writes:
             return
@@ -117,8 +152,11 @@ class Checkpoints:
         return self._writer.assemble(records, epoch_end)
 
     def stats(self) -> dict[str, Any]:
-        """The writes' counts and timings, for metrics.json."""
-        return self._writer.stats()
+        """The writes' counts and timings, and the best checkpoint, for metrics.json."""
+        best = {}
+        if self.best is not None:
+            best = {"best": {**dataclasses.asdict(self.best), "path": str(self.best.path)}}
+        return {**self._writer.stats(), **best}
 
     def after_failure(self) -> None:
         """A write in progress completes, or fails with the group (its shares' owners died);

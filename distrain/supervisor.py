@@ -247,7 +247,9 @@ class Supervisor:
         # (an epoch's figures, logged steps; the survivors flushed theirs when they stood down).
         with contextlib.suppress(GroupFailed):
             for record in group.drain():
-                self.recorder.record(collector.add(record))
+                metrics = collector.add(record)
+                self.checkpoints.recorded(metrics)
+                self.recorder.record(metrics)
         for figures in collector.complete_without(failure.failed_ranks):
             what = (
                 f"epoch {figures.epoch + 1}"
@@ -382,6 +384,7 @@ class Supervisor:
         metrics = collector.add(record)  # None for a heartbeat, or a step not all ranks reported
         if isinstance(metrics, EpochMetrics):
             self.checkpoints.epoch_recorded(self.history, group.sink)
+        self.checkpoints.recorded(metrics)
         self.recorder.record(metrics)
 
     def _finish(self, group: WorkerGroup, results: list[RankResult]) -> dict[str, Any]:

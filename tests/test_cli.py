@@ -81,6 +81,17 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
     assert len(series["val/accuracy"]) == len(evaluated)
     assert series["epoch/val_accuracy"][-1][1] == pytest.approx(metrics["val_accuracy"])
     assert series["optim/lr"][0][1] == pytest.approx(0.05)
+    # The best checkpoint: of the evaluated steps that have a checkpoint (the epoch ends here,
+    # not steps 10, 20, ...), the one of the lowest val loss.
+    checkpointed = {step: evaluated[step] for step in (22, 44, 66)}
+    best_step = min(checkpointed, key=checkpointed.__getitem__)
+    best = metrics["checkpoints"]["best"]
+    assert best["step"] == best_step, (best, evaluated)
+    assert best["val_loss"] == pytest.approx(checkpointed[best_step])
+    assert (run_dir / "checkpoints" / "best").read_text() == f"step-{best_step:09d}"
+    assert f"step {best_step}, val loss {best['val_loss']:.4f} (its weights: distrain export" in (
+        result.stderr
+    )
 
 
 BAD_INPUT = {

@@ -457,8 +457,10 @@ def test_corrupt_checkpoint_is_named_and_an_older_one_resumes(
     run_dir = RunDirectory(tmp_path / "run")
     short = ["trainer.epochs=2", "trainer.checkpoint_every_n_steps=10", "logger.progress=none"]
     driver.train(compose_job(*short, f"hydra.run.dir={run_dir.path}"), run_dir)
-    checkpoints = CheckpointStore(run_dir.checkpoints, keep=3).all()
-    assert len(checkpoints) == 3  # trainer.keep_checkpoints
+    store = CheckpointStore(run_dir.checkpoints, keep=3)
+    checkpoints = store.all()[-3:]  # trainer.keep_checkpoints, and the best one besides
+    assert [p.name for p in checkpoints] == [f"step-{s:09d}" for s in (30, 40, 44)]
+    assert set(store.all()) <= {*checkpoints, store.best()}
     shard = checkpoints[-1] / "shard-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated
     # The run dir has no .hydra/ (it was run in-process), so the job is given in full again.
