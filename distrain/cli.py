@@ -29,7 +29,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 # Only what composing and checking a job needs is imported here: the driver (torch, Ray: ~2 s)
 # once the job is checked, so a mistake in it is named in well under a second.
-from distrain import config
+from distrain import config, validation
 from distrain.config import register_configs
 from distrain.errors import ConfigError, Interrupted, TrainingFailed
 from distrain.rundir import RunDirectory
@@ -104,7 +104,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
 
 def _checked(job: dict[str, Any]) -> config.Config:
     """The plain job checked (a mistake raises ConfigError) and typed, as `driver.train` does."""
-    config.validate(job)
+    validation.validate(job)
     return config.typed(job)
 
 

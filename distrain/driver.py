@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from distrain import cluster, config, reservation, simulate
+from distrain import cluster, config, reservation, simulate, validation
 from distrain.errors import Interrupted
 from distrain.rundir import RunDirectory, git_revision
 
@@ -43,7 +43,7 @@ def train(
     `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
     `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
     """
-    config.validate(plain_job)
+    validation.validate(plain_job)
     # Typed once; below here no part reads the job by string keys.
     return run(config.typed(plain_job), run_dir, overrides, keep_cluster=keep_cluster)
 

@@ -42,7 +42,7 @@ def check(job: config.Config) -> Checked:
 def check_aggregator(job: config.Config) -> None:
     """Settings elsewhere in the job that the chosen aggregator cannot honour (its `check_job`).
 
-    Here, not in `config.validate`: the aggregator's class imports torch, which the CLI's
+    Here, not in `validation.validate`: the aggregator's class imports torch, which the CLI's
     value checks do without. A `_target_` that does not import is left to the dry build, which
     says why.
     """

@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from distrain import config, driver, preflight
+from distrain import config, driver, preflight, validation
 from distrain.aggregators.parameter_server import shard_bounds
 from distrain.aggregators.ps_servers import CHUNK_BYTES, num_chunks
 from distrain.rundir import RunDirectory
@@ -203,7 +203,7 @@ def _check(*overrides: str) -> None:
     """The driver's checks before any actor: the values, then the aggregator's own check and
     the dry build."""
     job = compose_job(*overrides)
-    config.validate(job)
+    validation.validate(job)
     preflight.check(config.typed(job))
 
 

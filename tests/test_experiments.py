@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from distrain import build, schedules
-from distrain.config import DataConfig, validate
+from distrain.config import DataConfig
 from distrain.data.batches import ShardBatches
 from distrain.sharding import ShardSampler
+from distrain.validation import validate
 from tests.conftest import REPO, compose_job, run_cli
 from tests.fakedata import write_cifar, write_mnist, write_pngs
 from tests.test_cli import scalars

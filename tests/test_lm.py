@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrain import config, driver, preflight
+from distrain import config, driver, preflight, validation
 from distrain.models.gpt import GPT
 from distrain.rundir import RunDirectory
 from tests.conftest import REPO, compose_job, run_cli
@@ -302,7 +302,7 @@ def test_gpt2_small_is_gpt2_small(tmp_path: Path) -> None:
     root = write_token_files(tmp_path / "owt")
     (root / "meta.json").write_text(json.dumps({"vocab_size": 50257}))
     job = compose_job("experiment=gpt2_small", f"data.path={root}")
-    config.validate(job)
+    validation.validate(job)
     assert job["data"]["block_size"] == 1024 and job["trainer"]["precision"] == "bf16"
     assert job["trainer"]["max_grad_norm"] == 1.0  # nanoGPT's grad_clip
     assert (

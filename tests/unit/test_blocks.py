@@ -8,9 +8,10 @@ from torch import nn
 
 from distrain import preflight
 from distrain.blocks import checkpoint_activations, compile_modules, find_blocks
-from distrain.config import ConfigError, typed, validate
+from distrain.config import ConfigError, typed
 from distrain.models.mlp import MLP
 from distrain.models.resnet import resnet18
+from distrain.validation import validate
 from tests.conftest import compose_job
 
 

@@ -10,8 +10,8 @@ from distrain.config import (
     Loader,
     plain,
     typed,
-    validate,
 )
+from distrain.validation import validate
 from tests.conftest import CONF_DIR, compose_job
 
 

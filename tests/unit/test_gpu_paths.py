@@ -387,7 +387,8 @@ def test_user_errors_are_not_transport_failures() -> None:
 
 @pytest.mark.parametrize("share", [0, 1.5])
 def test_gpus_per_worker_outside_zero_one_is_a_config_error(share: float) -> None:
-    from distrain.config import ConfigError, validate
+    from distrain.config import ConfigError
+    from distrain.validation import validate
     from tests.conftest import compose_job
 
     with pytest.raises(ConfigError, match=r"trainer\.gpus_per_worker"):

@@ -11,7 +11,8 @@ import torch
 
 from distrain import build, schedules
 from distrain.cli import CONF_DIR
-from distrain.config import ConfigError, validate
+from distrain.config import ConfigError
+from distrain.validation import validate
 from tests.conftest import compose_job
 
 BASE_LR = 0.4
