@@ -80,6 +80,9 @@ class TrainerConfig:
     # Also evaluate every this many steps inside an epoch (None: at epoch ends only), for epochs
     # too long to wait for: a language model's token stream is often one epoch.
     eval_every_n_steps: int | None = None
+    # Stop (at the next checkpoint boundary) once this many evaluations in a row have not
+    # lowered the best val loss (None: never); distrain/early_stopping.py.
+    early_stopping_patience: int | None = None
     # Scheduled checkpoints (the two above) are skipped while the last is younger than this;
     # the run's last one and a stop's are always taken. 0: take every one.
     checkpoint_min_interval_s: float = 0.0

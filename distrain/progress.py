@@ -244,6 +244,9 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{straggler['ratio']:.2f}x at step {straggler['step']}",
             )
         )
+    early = metrics.get("early_stopped")
+    if early is not None:
+        rows.append(("early stopped", f"at step {early['step']}: {early['reason']}"))
     best = metrics.get("checkpoints", {}).get("best")
     if best is not None:
         rows.append(

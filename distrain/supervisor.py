@@ -28,6 +28,7 @@ import torch
 from distrain import checkpoint, config, elastic, healing, preflight, reservation, simulate
 from distrain.data.base import SharedSplits, Splits
 from distrain.device import worker_gpus
+from distrain.early_stopping import EarlyStopping
 from distrain.errors import (
     ConfigError,
     GroupFailed,
@@ -41,13 +42,7 @@ from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, MetricsCollector
 from distrain.plan import StepPlan
 from distrain.recording import RunRecorder
-from distrain.records import (
-    CheckpointRecord,
-    EpochRecord,
-    RankResult,
-    Record,
-    StepRecord,
-)
+from distrain.records import CheckpointRecord, EpochRecord, RankResult, Record, StepRecord
 from distrain.rundir import RunDirectory
 from distrain.saving import Checkpoints
 from distrain.watch import StopAtBoundary, StopRequest, check_hang, first_line, rank_result
@@ -93,6 +88,8 @@ class Supervisor:
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
         self.growing_back = False  # the next group is the configured count again
+        self.early_stopping = EarlyStopping(self.trainer.early_stopping_patience)
+        self.early_stopped: dict[str, Any] | None = None  # where and why, if it stopped early
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
@@ -249,6 +246,7 @@ class Supervisor:
             for record in group.drain():
                 metrics = collector.add(record)
                 self.checkpoints.recorded(metrics)
+                self.early_stopping.recorded(metrics)
                 self.recorder.record(metrics)
         for figures in collector.complete_without(failure.failed_ranks):
             what = (
@@ -315,21 +313,28 @@ class Supervisor:
                 )
                 if boundary.stop_waited_out(stop.requested):
                     break
-                if probe and not boundary.growing and not stop.requested and probe.ready():
+                if not boundary.asked and (reason := self.early_stopping.reason()):
+                    boundary.stop_early(reason)
+                if probe and not boundary.asked and probe.ready():
                     boundary.grow_back(self.plan.world_size)
         self.stop_requested = self.stop_requested or stop.requested
         # the last checkpoint is on disk before the run ends
         self.checkpoints.settle(wait=True, nodes=self.current_nodes)
         growing = boundary.growing and not stop.requested
-        return self._outcome(results, gave_up=bool(pending), growing=growing)
+        early = None if stop.requested else boundary.early_stop_reason
+        return self._outcome(results, gave_up=bool(pending), growing=growing, early_stop=early)
 
     def _outcome(
-        self, results: list[RankResult], *, gave_up: bool, growing: bool
+        self, results: list[RankResult], *, gave_up: bool, growing: bool, early_stop: str | None
     ) -> list[RankResult] | None:
         """Every rank's result; None if the group stopped together to grow back; Interrupted if
-        it stopped early (Ctrl-C, SIGTERM) or the wait for its ranks to stop was given up."""
+        it stopped before the end (Ctrl-C, SIGTERM) or the wait for its ranks to stop was given
+        up; a stop for early stopping ends the run as done."""
         if growing and results and all(r.stopped for r in results):
             return None
+        if early_stop and not gave_up and any(r.stopped for r in results):
+            self.early_stopped = {"step": max(r.steps for r in results), "reason": early_stop}
+            return results
         if gave_up or any(r.stopped for r in results):
             latest = self.checkpoints.latest()
             raise Interrupted(
@@ -385,6 +390,7 @@ class Supervisor:
         if isinstance(metrics, EpochMetrics):
             self.checkpoints.epoch_recorded(self.history, group.sink)
         self.checkpoints.recorded(metrics)
+        self.early_stopping.recorded(metrics)
         self.recorder.record(metrics)
 
     def _finish(self, group: WorkerGroup, results: list[RankResult]) -> dict[str, Any]:
@@ -399,4 +405,4 @@ class Supervisor:
             failures=self.failures.to_json(),
             checkpoints=self.checkpoints.stats(),
         )
-        return {**summary, "grow_backs": self.grow_backs}
+        return {**summary, "grow_backs": self.grow_backs, "early_stopped": self.early_stopped}

@@ -67,6 +67,12 @@ def _check_trainer(trainer: dict[str, Any]) -> None:
         evaluate is None or evaluate >= 1,
         f"trainer.eval_every_n_steps={evaluate} must be >= 1, or null (epoch ends only).",
     )
+    patience = trainer["early_stopping_patience"]
+    _require(
+        patience is None or patience >= 1,
+        f"trainer.early_stopping_patience={patience} must be >= 1 (evaluations without a "
+        "better val loss before the run stops), or null (never stop early).",
+    )
     every = trainer["checkpoint_every_n_steps"]
     _require(
         every is None or every >= 1,

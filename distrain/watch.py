@@ -124,12 +124,14 @@ class StopRequest:
 
 class StopAtBoundary:
     """Asks a running group, once, to stop at its next checkpoint boundary: on Ctrl-C/SIGTERM,
-    waiting at most `stop_timeout_s` for it, or to grow back to the configured worker count."""
+    waiting at most `stop_timeout_s` for it, to grow back to the configured worker count, or
+    because its validation loss stopped improving (distrain/early_stopping.py)."""
 
     def __init__(self, sink: Any, stop_timeout_s: float, message: Callable[[str], None]) -> None:
         self.sink, self.stop_timeout_s, self.message = sink, stop_timeout_s, message
         self.deadline_s: float | None = None  # a stop was asked for
         self.growing = False
+        self.early_stop_reason: str | None = None
 
     def stop_waited_out(self, requested: bool) -> bool:
         """Ask for the stop once it is `requested`; True once it was waited for long enough."""
@@ -150,6 +152,17 @@ class StopAtBoundary:
             "at the next checkpoint boundary"
         )
         self.sink.request_stop.remote()
+
+    def stop_early(self, reason: str) -> None:
+        """Training has stopped paying: stop at the boundary, and end the run there as done."""
+        self.early_stop_reason = reason
+        self.message(f"early stopping: {reason}; stopping at the next checkpoint boundary")
+        self.sink.request_stop.remote()
+
+    @property
+    def asked(self) -> bool:
+        """Whether the group was already asked to stop, for any reason."""
+        return self.deadline_s is not None or self.growing or self.early_stop_reason is not None
 
 
 def first_line(error: BaseException) -> str:

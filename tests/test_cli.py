@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distrain import cli
-from tests.conftest import DISTRAIN, run_cli
+from tests.conftest import DISTRAIN, run_cli, slowed
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -92,6 +92,39 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
     assert f"step {best_step}, val loss {best['val_loss']:.4f} (its weights: distrain export" in (
         result.stderr
     )
+
+
+def test_early_stopping_ends_the_run_as_done_at_a_boundary(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """At lr 0.3 the default job's val loss climbs after a few epochs: with patience 2 the run
+    stops at an epoch end well before its 10, exits 0 and keeps the best checkpoint."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        f"cluster.address={ray_address}",
+        "optimizer.lr=0.3",
+        "trainer.early_stopping_patience=2",
+        "logger.progress=plain",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env=slowed(0, 0.02),  # 20 ms a step: the driver keeps up with the epochs' figures
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    early = metrics["early_stopped"]
+    assert early["step"] == metrics["steps"] < 220 and early["step"] % 22 == 0, early
+    assert (run_dir / "model.pt").is_file()
+    # The rule, on the epochs' val losses as TensorBoard has them: the best, then 2 no lower.
+    losses = dict(scalars(run_dir)["epoch/val_loss"])
+    best_epoch = min(losses, key=losses.__getitem__)
+    after = [epoch * 22 for epoch in sorted(losses) if epoch > best_epoch][:2]
+    assert (
+        f"(step {best_epoch * 22}) in the 2 evaluations after it (steps {after[0]}, "
+        in (early["reason"])
+    )
+    assert metrics["checkpoints"]["best"]["step"] == best_epoch * 22
+    assert "early stopping: no val loss below" in result.stderr
+    assert "early stopped:        at step" in result.stderr
 
 
 BAD_INPUT = {

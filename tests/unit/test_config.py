@@ -59,6 +59,7 @@ def test_batching_defaults_live_in_the_schema_and_still_take_overrides() -> None
         (["trainer.precision=8"], "trainer.precision='8'"),
         (["trainer.epochs=0"], "trainer.epochs=0"),
         (["trainer.eval_every_n_steps=0"], "trainer.eval_every_n_steps=0 must be >= 1"),
+        (["trainer.early_stopping_patience=0"], "trainer.early_stopping_patience=0 must be >= 1"),
         (["trainer.max_grad_norm=0"], "trainer.max_grad_norm=0.0 must be a finite number > 0"),
         (["trainer.max_grad_norm=inf"], "trainer.max_grad_norm=inf must be a finite number > 0"),
         (["data.micro_batch_size=0"], "data.micro_batch_size=0"),
