@@ -94,6 +94,7 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
     )
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_the_run_as_done_at_a_boundary(
     ray_address: str, tmp_path: Path
 ) -> None:
