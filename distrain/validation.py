@@ -62,22 +62,16 @@ def _check_trainer(trainer: dict[str, Any]) -> None:
         f"trainer.checkpoint_min_interval_s={trainer['checkpoint_min_interval_s']} must be >= 0 "
         "seconds (0: every scheduled checkpoint).",
     )
-    evaluate = trainer["eval_every_n_steps"]
-    _require(
-        evaluate is None or evaluate >= 1,
-        f"trainer.eval_every_n_steps={evaluate} must be >= 1, or null (epoch ends only).",
-    )
-    patience = trainer["early_stopping_patience"]
-    _require(
-        patience is None or patience >= 1,
-        f"trainer.early_stopping_patience={patience} must be >= 1 (evaluations without a "
-        "better val loss before the run stops), or null (never stop early).",
-    )
-    every = trainer["checkpoint_every_n_steps"]
-    _require(
-        every is None or every >= 1,
-        f"trainer.checkpoint_every_n_steps={every} must be >= 1, or null (epoch ends only).",
-    )
+    # Counts that null turns off, with what null means.
+    for key, off in (
+        ("eval_every_n_steps", "epoch ends only"),
+        ("checkpoint_every_n_steps", "epoch ends only"),
+        ("early_stopping_patience", "never stop early"),
+    ):
+        value = trainer[key]
+        _require(
+            value is None or value >= 1, f"trainer.{key}={value} must be >= 1, or null ({off})."
+        )
     _require(
         trainer["keep_checkpoints"] >= 1,
         f"trainer.keep_checkpoints={trainer['keep_checkpoints']} must be at least 1.",
