@@ -182,8 +182,10 @@ def _train_epoch(
     device = parts.batches.device
     epoch_loss = torch.zeros((), device=device)  # losses stay on the device until read
     pos.unsettled_loss = epoch_loss
-    clock = make_clock(device)  # GPU time (CUDA events) on a GPU
     interval, steps, evaluated_s = _Interval(device), 0, 0.0
+    # Started after the interval, so the phases' laps fall inside its wall time (a worker
+    # descheduled between the two would otherwise count that pause in its first data lap only).
+    clock = make_clock(device)  # GPU time (CUDA events) on a GPU
     for x, y in parts.batches.train_batches(pos.epoch, pos.step_in_epoch):
         if cadence.slow_step_s:
             time.sleep(cadence.slow_step_s)
