@@ -59,12 +59,20 @@ def build_splits(data: DataConfig) -> Splits:
 
 def build_model(model: dict[str, Any], splits: Splits) -> nn.Module:
     """Input and output sizes come from the data, passed to models that take them."""
+    sizes = model_sizes(model, splits.task, splits.input_shape, splits.num_outputs)
+    return instantiate(model, **sizes, _convert_="all")
+
+
+def model_sizes(
+    model: dict[str, Any], task: str, input_shape: Iterable[int], num_outputs: int
+) -> dict[str, Any]:
+    """What the model config gets from the data: the sizes its class takes and the config does
+    not set (`distrain export` records the same ones beside the weights)."""
     target = get_object(model["_target_"])
-    sizes = {"input_shape": tuple(splits.input_shape), "num_outputs": splits.num_outputs}
-    if splits.task == "language_model":  # a language model's classes are its token ids
-        sizes["vocab_size"] = splits.num_outputs
-    kwargs = {k: v for k, v in sizes.items() if _accepts(target, k) and k not in model}
-    return instantiate(model, **kwargs, _convert_="all")
+    sizes: dict[str, Any] = {"input_shape": tuple(input_shape), "num_outputs": num_outputs}
+    if task == "language_model":  # a language model's classes are its token ids
+        sizes["vocab_size"] = num_outputs
+    return {k: v for k, v in sizes.items() if _accepts(target, k) and k not in model}
 
 
 def scaled_lr(optimizer: dict[str, Any], global_batch: int) -> float | None:

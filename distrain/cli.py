@@ -281,10 +281,14 @@ _interrupts = _DeferredInterrupts()
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["export"]:  # a subcommand, not a job: no Hydra
+    if sys.argv[1:2] == ["export"]:  # subcommands, not jobs: no Hydra
         from distrain.export import main as export_main
 
         return export_main(sys.argv[2:])
+    if sys.argv[1:2] == ["sample"]:
+        from distrain.sample import main as sample_main
+
+        return sample_main(sys.argv[2:])
     register_configs()
     _interrupts.install()
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]

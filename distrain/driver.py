@@ -85,9 +85,12 @@ def run(
     metrics = {
         **result,
         "device": device_type,
-        # What the model was built with besides its config (`distrain export` records them).
+        # What the model was built with besides its config (`distrain export` records them),
+        # and how a language model's tokens read as text (`distrain sample`).
+        "task": splits.task,
         "input_shape": list(splits.input_shape),
         "num_outputs": splits.num_outputs,
+        "byte_level": getattr(splits.val, "byte_level", False),
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir.path),
         "overrides": list(overrides or []),

@@ -12,8 +12,9 @@ and loaded:
     model = hydra.utils.instantiate(config["model"])
     model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
 
-The model's `input_shape` and `num_outputs` came from the data; the run recorded them in
-metrics.json and export adds them to the model config where its class takes them.
+The sizes the model took from the data (`input_shape`, `num_outputs`, a language model's
+`vocab_size`) were recorded in metrics.json; export adds those its class takes to the config.
+`model_state` and `model_config` are also how `distrain sample` loads a run's model.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_object
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
 from distrain import checkpoint
-from distrain.build import _accepts
+from distrain.build import model_sizes
 from distrain.checkpoint import CheckpointStore
 from distrain.config import ConfigError
 from distrain.shards import ShardReader
@@ -44,29 +45,70 @@ def export(run_dir: Path, out: Path | None = None, *, best: bool = False) -> Pat
     """Write RUN's model (final, or its best checkpoint's) as safetensors (+ JSON config);
     returns the safetensors path."""
     run_dir = run_dir.expanduser().resolve()
-    model_path, config_path = run_dir / "model.pt", run_dir / ".hydra" / "config.yaml"
-    needed = [(config_path, "Hydra config record")]
-    if not best:
-        needed.insert(0, (model_path, "final model"))
-    for path, what in needed:
-        if not path.is_file():
-            raise ExportError(
-                f"{run_dir} has no {path.relative_to(run_dir)} (the {what} of a finished "
-                "distrain run); name the directory of a run that completed."
-            )
-    if best:
-        state = _best_model_state(run_dir)
-    else:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    state, config = model_state(run_dir, best=best), model_config(run_dir)
     # safetensors refuses tensors that share memory and wants them contiguous.
     tensors = {name: t.detach().clone().contiguous() for name, t in state.items()}
-    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     out = (out or run_dir / "model.safetensors").expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"format": "pt"})
-    record = {"model": _model_config(config["model"], _shape(run_dir))}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"model": config}, indent=2, default=str) + "\n")
     return out
+
+
+def model_state(run_dir: Path, *, best: bool = False) -> dict[str, torch.Tensor]:
+    """The run's final model (model.pt) or, with `best`, its best checkpoint's, as full tensors."""
+    if best:
+        return _best_model_state(run_dir)
+    require(run_dir / "model.pt", run_dir, "final model")
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+
+
+def model_config(run_dir: Path) -> dict[str, Any]:
+    """The run's model group plus the sizes it took from the data, where its class takes them,
+    so `hydra.utils.instantiate(config)` builds the same model."""
+    config_path = run_dir / ".hydra" / "config.yaml"
+    require(config_path, run_dir, "Hydra config record")
+    job = OmegaConf.load(config_path)
+    try:  # `${...}` between model keys (or to other groups) as the run resolved them
+        model = OmegaConf.to_container(job.model, resolve=True)
+    except OmegaConfBaseException:  # a resolver only Hydra's run had: as written
+        model = OmegaConf.to_container(job.model, resolve=False)
+    recorded = data_facts(run_dir)
+    if "input_shape" not in recorded:  # a run that ended before recording them
+        return model
+    try:
+        sizes = model_sizes(
+            model, recorded["task"], recorded["input_shape"], recorded["num_outputs"]
+        )
+    except Exception:  # the class is not importable here: record the sizes, the user passes them
+        sizes = {k: recorded[k] for k in ("input_shape", "num_outputs")}
+    return {**model, **sizes}
+
+
+def data_facts(run_dir: Path) -> dict[str, Any]:
+    """What metrics.json says about the data the model was built for: `task`, `input_shape`,
+    `num_outputs`, `byte_level` (empty for a run without metrics.json)."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return {}
+    metrics = json.loads(metrics_path.read_text())
+    facts = {k: metrics[k] for k in ("input_shape", "num_outputs") if k in metrics}
+    # Runs recorded before `task` and `byte_level` were: a language model reported perplexity,
+    # and byte-level text bits per byte over 256 ids.
+    language_model = "val_perplexity" in metrics
+    facts["task"] = metrics.get("task", "language_model" if language_model else "classification")
+    facts["byte_level"] = metrics.get(
+        "byte_level", "val_bits_per_byte" in metrics and metrics.get("num_outputs") == 256
+    )
+    return facts
+
+
+def require(path: Path, run_dir: Path, what: str) -> None:
+    if not path.is_file():
+        raise ExportError(
+            f"{run_dir} has no {path.relative_to(run_dir)} (the {what} of a finished "
+            "distrain run); name the directory of a run that completed."
+        )
 
 
 def _best_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -75,8 +117,8 @@ def _best_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
     if path is None:
         raise ExportError(
             f"{run_dir} has no best checkpoint (checkpoints/best, written once an evaluated step "
-            "is checkpointed; off under trainer.keep_best_checkpoint=false); export its final "
-            "model without --best."
+            "is checkpointed; off under trainer.keep_best_checkpoint=false); use its final "
+            "model, without --best."
         )
     try:
         saved = checkpoint.load(path)
@@ -84,25 +126,6 @@ def _best_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
         raise ExportError(str(error)) from None
     reader = ShardReader(saved.meta["tensors"], lambda shard: saved.shards[shard]())
     return {key.removeprefix("model/"): reader.full(key) for key in reader.keys("model/")}
-
-
-def _model_config(model: dict[str, Any], shape: dict[str, Any]) -> dict[str, Any]:
-    """The model group plus the sizes the run took from the data, where its class takes them,
-    so `hydra.utils.instantiate(config["model"])` builds the same model."""
-    try:
-        target = get_object(model["_target_"])
-    except Exception:  # not importable here: record the sizes, the user passes them
-        return {**model, **shape}
-    return {**model, **{k: v for k, v in shape.items() if _accepts(target, k) and k not in model}}
-
-
-def _shape(run_dir: Path) -> dict[str, Any]:
-    """input_shape / num_outputs as the run recorded them (metrics.json), when it did."""
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        return {}
-    metrics = json.loads(metrics_path.read_text())
-    return {k: metrics[k] for k in ("input_shape", "num_outputs") if k in metrics}
 
 
 def main(argv: list[str]) -> None:

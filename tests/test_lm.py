@@ -334,3 +334,9 @@ def test_gpt_stdlib_runs_on_the_standard_library(ray_address: str, tmp_path: Pat
     [inside] = [line for line in result.stderr.splitlines() if "eval at step" in line]
     assert inside.startswith("  eval at step 2 (epoch 1/1)  val_loss ")
     assert " val_ppl " in inside and " val_bpb " in inside
+    # The run's model continues a prompt from the shell (bytes in, text out).
+    assert metrics["task"] == "language_model" and metrics["byte_level"] is True
+    sampled = run_cli("sample", str(run_dir), "--prompt", "import ", "--tokens", "24", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    texts = sampled.stdout.removesuffix("\n").split(f"\n{'-' * 15}\n")
+    assert len(texts) == 2 and all(t.startswith("import ") and len(t) > 10 for t in texts), texts

@@ -99,9 +99,14 @@ class TokenWindows(Dataset):
         """The first tokens of the file: a fixed prompt for samples."""
         return torch.from_numpy(self.tokens[:num_tokens].astype(np.int64))
 
+    @property
+    def byte_level(self) -> bool:
+        """Whether each token is one byte of UTF-8 text (data=text), so ids read as text."""
+        return self.vocab_size == 256 and self.bytes_per_token == 1
+
     def decode(self, ids: list[int]) -> str:
         """Bytes as text for byte-level data, token ids otherwise."""
-        if self.vocab_size == 256 and self.bytes_per_token == 1:
+        if self.byte_level:
             return bytes(ids).decode("utf-8", errors="replace")
         return " ".join(map(str, ids))
 
