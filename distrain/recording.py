@@ -94,6 +94,19 @@ class RunRecorder:
                 self.tensorboard.log_straggler(straggler)
                 self.stragglers.append(straggler.as_dict())
 
+    def record_incomplete(self, figures: EpochMetrics | EvalMetrics) -> None:
+        """An epoch or an evaluation completed from the ranks that reported it, said so."""
+        what = (
+            f"epoch {figures.epoch + 1}"
+            if isinstance(figures, EpochMetrics)
+            else f"the evaluation at step {figures.step}"
+        )
+        self.message(
+            f"{what}: rank(s) {figures.missing_ranks} died before reporting it; its figures are "
+            "the other ranks' only"
+        )
+        self.record(figures)
+
     def message(self, text: str) -> None:
         self.progress.message(text)
 

@@ -249,16 +249,7 @@ class Supervisor:
                 self.early_stopping.recorded(metrics)
                 self.recorder.record(metrics)
         for figures in collector.complete_without(failure.failed_ranks):
-            what = (
-                f"epoch {figures.epoch + 1}"
-                if isinstance(figures, EpochMetrics)
-                else f"the evaluation at step {figures.step}"
-            )
-            self.recorder.message(
-                f"{what}: rank(s) {figures.missing_ranks} died before reporting it; its figures "
-                "are the other ranks' only"
-            )
-            self.recorder.record(figures)
+            self.recorder.record_incomplete(figures)
         self.failures.recovered(healed.record())
         count = len(self.failures)
         self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")
