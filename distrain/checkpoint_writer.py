@@ -117,11 +117,14 @@ class CheckpointWriter:
             "tensors": tensors,
         }
 
-    def submit(self, pending: Pending, history: list[dict[str, Any]]) -> None:
+    def submit(
+        self, pending: Pending, history: list[dict[str, Any]], val_losses: list[Any]
+    ) -> None:
         """Queue `pending` for the background writer, which writes one checkpoint at a time, in
         order. The caller (the driver's loop) blocks only when MAX_QUEUED are already waiting:
-        the shares held in the object store stay bounded however slow the disk is."""
-        meta = {**pending.meta, "history": history}
+        the shares held in the object store stay bounded however slow the disk is. `history`:
+        the epochs' figures; `val_losses`: [step, loss] of the evaluations up to its step."""
+        meta = {**pending.meta, "history": history, "val_losses": val_losses}
         with self._changed:
             while len(self._queue) >= MAX_QUEUED:
                 self._changed.wait()

@@ -19,8 +19,9 @@ from typing import Any
 from distrain import checkpoint
 from distrain.checkpoint_writer import CheckpointWriter, Pending, write_failure
 from distrain.config import TrainerConfig
-from distrain.metrics import EpochMetrics, EvalMetrics
+from distrain.metrics import EpochMetrics
 from distrain.records import CheckpointRecord
+from distrain.val_losses import ValLossByStep
 from distrain.watch import first_line
 
 log = logging.getLogger("distrain")
@@ -59,11 +60,29 @@ class Checkpoints:
         # trainer.eval_every_n_steps on a checkpoint step), the one of the lowest val loss. An
         # evaluation and its step's write finish in either order: each looks for the other.
         self.best: BestCheckpoint | None = None
-        self._val_loss_at: dict[int, float] = {}  # evaluations of this run, by step
+        # The run's evaluations: the best is chosen by them, each checkpoint carries those up
+        # to its step, and early stopping reads them.
+        self.val_losses = ValLossByStep()
         self._written: set[int] = set()  # steps of the checkpoints this run wrote
 
     def resumed_from(self, resume: checkpoint.Checkpoint) -> None:
+        """A resumed run: the restart point, the evaluations before it, and the best checkpoint
+        as the run had it at that step (a best pointer to a later step, left by a resume from
+        an earlier checkpoint, goes back to the best one before it)."""
         self.last_path, self.last_step = resume.path, resume.step
+        self.val_losses.update(ValLossByStep.of_checkpoint(resume.meta))
+        if not self.trainer.keep_best_checkpoint:
+            return
+        evaluated = sorted(
+            (loss, step)
+            for step, loss in self.val_losses.items()
+            if step <= resume.step and math.isfinite(loss)
+        )
+        for loss, step in evaluated:  # the lowest on disk (the earliest of equal ones)
+            path = self.store.mark_best(step)
+            if path is not None:
+                self.best = BestCheckpoint(step=step, val_loss=loss, path=path)
+                return
 
     def restart_point(self) -> checkpoint.Checkpoint | None:
         """The last checkpoint written, loaded (None: none yet, restart from the start)."""
@@ -97,15 +116,13 @@ class Checkpoints:
             self._epoch_end = None
 
     def recorded(self, metrics: Any) -> None:
-        """Figures the driver recorded: an evaluation's (an epoch's or one inside an epoch) may
-        make the checkpoint of its step the best."""
-        if isinstance(metrics, EpochMetrics | EvalMetrics):
-            self._val_loss_at[metrics.step] = metrics.val_loss
-            if metrics.step in self._written:
-                self._consider_best(metrics.step)
+        """Figures the driver recorded: an evaluation's (an epoch's or one inside an epoch) is
+        kept, and may make the checkpoint of its step the best."""
+        if self.val_losses.add(metrics) and metrics.step in self._written:
+            self._consider_best(metrics.step)
 
     def _consider_best(self, step: int) -> None:
-        loss = self._val_loss_at[step]
+        loss = self.val_losses[step]
         if not self.trainer.keep_best_checkpoint or not math.isfinite(loss):
             return
         if self.best is None or loss < self.best.val_loss:
@@ -116,7 +133,8 @@ class Checkpoints:
     def _save(self, pending: Pending, history: list[EpochMetrics], sink: Any) -> None:
         """Queue a checkpoint for the background writer; with trainer.async_checkpoint=false,
         wait until it is written and let the workers (waiting for it) go on."""
-        self._writer.submit(pending, [dataclasses.asdict(e) for e in history])
+        history_json = [dataclasses.asdict(e) for e in history]
+        self._writer.submit(pending, history_json, self.val_losses.up_to(pending.step))
         if not self.trainer.async_checkpoint:
             self.settle(wait=True)
             sink.saved.remote(pending.step)
@@ -136,7 +154,7 @@ class Checkpoints:
                 log.debug("checkpoint %s written in %.3f s", result.saved.path, result.write_s)
                 self.last_path, self.last_step = result.saved.path, result.step
                 self._written.add(result.step)
-                if result.step in self._val_loss_at:
+                if result.step in self.val_losses:
                     self._consider_best(result.step)
         failed_writes = [r for r in results if r.error is not None]
         if not failed_writes:

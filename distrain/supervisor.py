@@ -88,7 +88,9 @@ class Supervisor:
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
         self.growing_back = False  # the next group is the configured count again
-        self.early_stopping = EarlyStopping(self.trainer.early_stopping_patience)
+        self.early_stopping = EarlyStopping(
+            self.trainer.early_stopping_patience, self.checkpoints.val_losses
+        )
         self.early_stopped: dict[str, Any] | None = None  # where and why, if it stopped early
 
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
@@ -246,7 +248,6 @@ class Supervisor:
             for record in group.drain():
                 metrics = collector.add(record)
                 self.checkpoints.recorded(metrics)
-                self.early_stopping.recorded(metrics)
                 self.recorder.record(metrics)
         for figures in collector.complete_without(failure.failed_ranks):
             self.recorder.record_incomplete(figures)
@@ -378,10 +379,9 @@ class Supervisor:
             self.checkpoints.add(record, group.world_size, self.history, group.sink)
             return
         metrics = collector.add(record)  # None for a heartbeat, or a step not all ranks reported
+        self.checkpoints.recorded(metrics)  # first: an epoch's checkpoint carries its evaluation
         if isinstance(metrics, EpochMetrics):
             self.checkpoints.epoch_recorded(self.history, group.sink)
-        self.checkpoints.recorded(metrics)
-        self.early_stopping.recorded(metrics)
         self.recorder.record(metrics)
 
     def _finish(self, group: WorkerGroup, results: list[RankResult]) -> dict[str, Any]:

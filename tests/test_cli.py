@@ -127,6 +127,19 @@ def test_early_stopping_ends_the_run_as_done_at_a_boundary(
     assert "early stopping: no val loss below" in result.stderr
     assert "early stopped:        at step" in result.stderr
 
+    # Resumed, the run still counts the evaluations before its checkpoint (they travel in it):
+    # the same rule holds at once, so it stops at its first boundary, and its best checkpoint
+    # is still the one before the resume, not the first one written after it.
+    resumed = run_cli(
+        f"resume={run_dir}", f"cluster.address={ray_address}", cwd=tmp_path, env=slowed(0, 0.02)
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["early_stopped"]["reason"] == early["reason"]
+    assert early["step"] < again["early_stopped"]["step"] < 220
+    assert again["checkpoints"]["best"]["step"] == best_epoch * 22
+    assert (run_dir / "checkpoints" / "best").read_text() == f"step-{best_epoch * 22:09d}"
+
 
 BAD_INPUT = {
     "unknown group option": (["model=transformer_xxl"], "Could not find 'model/transformer_xxl'"),

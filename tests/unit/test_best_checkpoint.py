@@ -17,11 +17,15 @@ from safetensors.torch import load_file
 
 from distrain import checkpoint, cli
 from distrain.checkpoint import CheckpointStore
+from distrain.config import TrainerConfig
+from distrain.saving import Checkpoints
 from distrain.shards import chunk_rows
 from tests.conftest import compose_job
 
 
-def _save(store: CheckpointStore, step: int, state: dict[str, torch.Tensor], shards: int = 2):
+def _save(
+    store: CheckpointStore, step: int, state: dict[str, torch.Tensor], shards: int = 2, **meta
+):
     """`state` as `shards` workers write it: each tensor split by rows."""
     index, pieces = {}, [{} for _ in range(shards)]
     for name, tensor in state.items():
@@ -32,7 +36,7 @@ def _save(store: CheckpointStore, step: int, state: dict[str, torch.Tensor], sha
             pieces[rank][f"model/{name}"] = tensor[first:last].clone()
             entry["pieces"].append({"shard": rank, "rows": [first, last]})
         index[f"model/{name}"] = entry
-    meta = {"step": step, "epoch": 0, "step_in_epoch": step, "tensors": index}
+    meta = {"step": step, "epoch": 0, "step_in_epoch": step, "tensors": index, **meta}
     return store.save(meta, [lambda piece=piece: piece for piece in pieces])
 
 
@@ -92,3 +96,36 @@ def test_export_best_gathers_the_best_checkpoints_weights_from_its_shards(
     x = torch.randn(5, 8, 8)
     torch.testing.assert_close(fresh(x), models[0](x), rtol=0, atol=0)
     assert not torch.equal(fresh(x), models[1](x))  # the best, not the latest
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_it_had_at_the_resumed_step(
+    tmp_path: Path,
+) -> None:
+    """`resume=RUN` writes into the same directory: the best before the resume stays the best
+    (not replaced by the first checkpoint evaluated after it), and a best pointer left at a
+    later step by an abandoned continuation goes back to the best one on disk up to the resume."""
+    store, state = CheckpointStore(tmp_path, keep=2), {"w": torch.zeros(4)}
+    val_losses = [[10, 1.0], [20, 0.5], [30, 0.8], [40, 0.6]]
+    for step in (10, 20):
+        _save(store, step, state)
+    store.mark_best(20)
+    for step in (30, 40):
+        _save(store, step, state, val_losses=[pair for pair in val_losses if pair[0] <= step])
+    assert [path.name[-2:] for path in store.all()] == ["20", "30", "40"]
+
+    def resumed_at_40() -> Checkpoints:
+        checkpoints = Checkpoints(tmp_path, TrainerConfig(keep_checkpoints=2), {}, print)
+        checkpoints.resumed_from(checkpoint.load(tmp_path / "step-000000040"))
+        return checkpoints
+
+    checkpoints = resumed_at_40()
+    best = {"step": 20, "val_loss": 0.5, "path": str(tmp_path / "step-000000020")}
+    assert checkpoints.stats()["best"] == best and store.best().name.endswith("20")
+    assert checkpoints.val_losses == {10: 1.0, 20: 0.5, 30: 0.8, 40: 0.6}  # early stopping's
+
+    _save(store, 50, state)
+    store.mark_best(50)  # a continuation after step 40, abandoned: the run resumes from 40
+    assert [path.name[-2:] for path in store.all()] == ["40", "50"]  # 20 went, as rotated
+    checkpoints = resumed_at_40()
+    best = {"step": 40, "val_loss": 0.6, "path": str(tmp_path / "step-000000040")}
+    assert checkpoints.stats()["best"] == best and store.best().name.endswith("40")
