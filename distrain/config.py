@@ -151,6 +151,10 @@ class LoggerConfig:
     sample_prompt_tokens: int = 32
     sample_temperature: float = 0.8
     sample_top_k: int | None = 40
+    # torch.profiler on every rank: this many training steps after the first
+    # `profile_after_step`, each rank's trace in <run dir>/profile/ (0: off; distrain/profiling.py).
+    profile_steps: int = 0
+    profile_after_step: int = 5
 
 
 # The data group's batching keys but its main one (`batch_size`, which each conf/data/*.yaml

@@ -19,6 +19,7 @@ from distrain import device as devices
 from distrain.evaluation import evaluate
 from distrain.histograms import model_histograms
 from distrain.plan import StepPlan
+from distrain.profiling import NoProfiler, StepProfiler, profiled_steps
 from distrain.records import (
     EpochRecord,
     EvalRecord,
@@ -33,6 +34,7 @@ from distrain.step import Parts, all_finite, grad_norm, step_seed, train_step
 from distrain.timing import StepClock, make_clock
 
 Report = Callable[[Record], None]
+Profiler = StepProfiler | NoProfiler  # what `fit` steps along (distrain/profiling.py)
 
 
 def _throughput(parts: Parts, samples: int) -> Throughput | None:
@@ -108,6 +110,8 @@ class Cadence:
     histogram_every_n_steps: int = 0  # a "histograms" record (0: never)
     eval_every_n_steps: int | None = None  # an evaluation inside the epoch (None: at its end only)
     slow_step_s: float = 0.0  # DISTRAIN_SLOW_RANK: a sleep per step (a straggler), as data time
+    profile_steps: int = 0  # steps recorded by torch.profiler (0: none; distrain/profiling.py)
+    profile_after_step: int = 0  # ... after this many
 
 
 def _stop_if_non_finite(parts: Parts, cadence: Cadence, loss_sum: float, pos: Position) -> None:
@@ -146,27 +150,31 @@ def fit(
     """
     outbox = _Outbox(report, cadence.heartbeat_s)
     parts.train_model.train()
-    while pos.epoch < plan.epochs and pos.step < plan.total_steps:
-        epoch, started_s = pos.epoch, time.perf_counter()
-        steps, stopped, evaluated_s = _train_epoch(parts, plan, cadence, pos, at_boundary, outbox)
-        if stopped:
-            return True
-        train_s = time.perf_counter() - started_s - evaluated_s
-        record = _evaluate_epoch(parts, pos, steps, train_s)
-        if parts.sample is not None:  # a language model: a few lines from a prompt
-            lines = parts.sample()  # None on the ranks that only take part (FSDP)
-            if lines is not None:
-                outbox.send(SampleRecord(step=pos.step, epoch=epoch, text=lines))
-        if pos.step_in_epoch == plan.steps_per_epoch:  # not when max_steps ended it early
-            pos.next_epoch()
-        # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
-        # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.
-        final = pos.epoch >= plan.epochs or pos.step >= plan.total_steps
-        stop = at_boundary(pos, epoch_end=True, final=final)
-        outbox.send(record)
-        if stop:
-            return not final
-    return False
+    profile = cadence.profile_steps, cadence.profile_after_step
+    with profiled_steps(*profile, parts.batches.device, outbox.send) as profiler:
+        while pos.epoch < plan.epochs and pos.step < plan.total_steps:
+            epoch, started_s = pos.epoch, time.perf_counter()
+            steps, stopped, evaluated_s = _train_epoch(
+                parts, plan, cadence, pos, at_boundary, outbox, profiler
+            )
+            if stopped:
+                return True
+            train_s = time.perf_counter() - started_s - evaluated_s
+            record = _evaluate_epoch(parts, pos, steps, train_s)
+            if parts.sample is not None:  # a language model: a few lines from a prompt
+                lines = parts.sample()  # None on the ranks that only take part (FSDP)
+                if lines is not None:
+                    outbox.send(SampleRecord(step=pos.step, epoch=epoch, text=lines))
+            if pos.step_in_epoch == plan.steps_per_epoch:  # not when max_steps ended it early
+                pos.next_epoch()
+            # The epoch-end checkpoint is captured before the epoch is reported, so the driver has
+            # written it by the time the epoch shows in TensorBoard: a resume never logs it twice.
+            final = pos.epoch >= plan.epochs or pos.step >= plan.total_steps
+            stop = at_boundary(pos, epoch_end=True, final=final)
+            outbox.send(record)
+            if stop:
+                return not final
+        return False
 
 
 def _train_epoch(
@@ -176,6 +184,7 @@ def _train_epoch(
     pos: Position,
     at_boundary: Boundary,
     outbox: _Outbox,
+    profiler: Profiler,
 ) -> tuple[int, bool, float]:
     """The steps of `pos.epoch` from `pos` (advanced in place): how many, whether to stop, and
     the seconds spent in evaluations inside the epoch (trainer.eval_every_n_steps)."""
@@ -201,6 +210,7 @@ def _train_epoch(
         pos.step, pos.step_in_epoch, steps = step, pos.step_in_epoch + 1, steps + 1
         if parts.rank_seed is not None:  # the next step's stream, a function of (rank, step)
             devices.seed_rank_rng(device, step_seed(parts.rank_seed, step))
+        profiler.step(step)
         interval.add(loss, finite)
         if finite:
             epoch_loss += loss

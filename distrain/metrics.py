@@ -16,6 +16,7 @@ from distrain.records import (
     EpochRecord,
     EvalRecord,
     HistogramRecord,
+    ProfileRecord,
     Record,
     SampleRecord,
     StepRecord,
@@ -152,13 +153,23 @@ class MetricsCollector:
 
     def add(
         self, record: Record
-    ) -> StepMetrics | EpochMetrics | EvalMetrics | HistogramMetrics | SampleMetrics | None:
+    ) -> (
+        StepMetrics
+        | EpochMetrics
+        | EvalMetrics
+        | HistogramMetrics
+        | SampleMetrics
+        | ProfileRecord
+        | None
+    ):
         """A rank's figures; the global ones once every rank has reported them (None before,
         and for records that carry no figures)."""
         if isinstance(record, HistogramRecord):  # rank 0 only
             return HistogramMetrics(step=record.step, histograms=record.histograms)
         if isinstance(record, SampleRecord):  # rank 0 only
             return SampleMetrics(step=record.step, text=record.text)
+        if isinstance(record, ProfileRecord):  # a file for the run directory, as it came
+            return record
         if isinstance(record, StepRecord):
             ranks = self._complete(self._steps, record.step, record)
             return None if ranks is None else self._step(ranks)

@@ -24,7 +24,7 @@ from distrain.metrics import (
 )
 from distrain.plan import StepPlan
 from distrain.progress import make_progress
-from distrain.records import RankResult
+from distrain.records import ProfileRecord, RankResult
 from distrain.rundir import RunDirectory
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import TensorBoardWriter, hparams_of
@@ -85,6 +85,8 @@ class RunRecorder:
             self.tensorboard.log_histograms(metrics)
         elif isinstance(metrics, SampleMetrics):
             self.tensorboard.log_samples(metrics)
+        elif isinstance(metrics, ProfileRecord):
+            self._write_profile(metrics)
         else:
             straggler = self.detector.update(metrics)
             self.tensorboard.log_step(metrics, straggler_rank=self.detector.flagged)
@@ -106,6 +108,18 @@ class RunRecorder:
             "the other ranks' only"
         )
         self.record(figures)
+
+    def _write_profile(self, profile: ProfileRecord) -> None:
+        """A rank's trace into <run dir>/profile/ (said once, with rank 0's)."""
+        directory = self.run_dir.path / "profile"
+        directory.mkdir(exist_ok=True)
+        path = directory / f"rank{profile.rank}.pt.trace.json.gz"
+        path.write_bytes(profile.trace_gz)
+        if profile.rank == 0:
+            self.message(
+                f"profile of steps {profile.first_step}-{profile.last_step}: {path} (every rank's "
+                "in that directory; open in https://ui.perfetto.dev)"
+            )
 
     def message(self, text: str) -> None:
         self.progress.message(text)

@@ -124,6 +124,16 @@ class HistogramRecord:
     rank: int = NO_RANK
 
 
+@dataclass(frozen=True)
+class ProfileRecord:
+    """One rank's profile of a few training steps (logger.profile_steps; distrain/profiling.py)."""
+
+    first_step: int
+    last_step: int
+    trace_gz: bytes  # Chrome trace-event JSON, gzipped
+    rank: int = NO_RANK
+
+
 @dataclass
 class RankResult:
     """What a rank's `fit` returns: it finished its steps, or stopped at a boundary."""
@@ -154,4 +164,5 @@ Record = (
     | Heartbeat
     | SampleRecord
     | HistogramRecord
+    | ProfileRecord
 )

@@ -120,6 +120,10 @@ def _check_logger(logger: dict[str, Any]) -> None:
         f"logger.straggler_patience={logger['straggler_patience']} must be at least 1 "
         "(logged intervals in a row).",
     )
+    for key in ("profile_steps", "profile_after_step"):
+        _require(
+            logger[key] >= 0, f"logger.{key}={logger[key]} must be >= 0 (profile_steps=0: off)."
+        )
 
 
 def _check_optimizer(optimizer: dict[str, Any]) -> None:

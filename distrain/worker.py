@@ -285,6 +285,8 @@ class Worker:
             histogram_every_n_steps=logger.histogram_every_n_steps if self.rank == 0 else 0,
             eval_every_n_steps=trainer.eval_every_n_steps,
             slow_step_s=self.slow_rank.delay_s(self.rank) if self.slow_rank else 0.0,
+            profile_steps=logger.profile_steps,
+            profile_after_step=logger.profile_after_step,
         )
         stopped = fit(
             self.parts,

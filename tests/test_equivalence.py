@@ -1,6 +1,9 @@
 """The proof that gradients are really averaged: 1 worker, 2 workers and a plain PyTorch loop,
 at the same seed, global batch and steps, end with the same parameters."""
 
+import gzip
+import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -77,8 +80,20 @@ def assert_same_parameters(a: dict, b: dict) -> None:
 def test_one_worker_two_workers_and_plain_pytorch_agree(ray_address: str, tmp_path: Path) -> None:
     reference = plain_pytorch_loop()
     one = distrain_run(tmp_path, "trainer.workers=1")
-    # Evaluating inside the epochs (steps 7, 14, 21, 28) must not change what is trained.
-    two = distrain_run(tmp_path, "trainer.workers=2", "trainer.eval_every_n_steps=7")
+    # Evaluating inside the epochs (steps 7, 14, 21, 28) and profiling steps 6-8 must not change
+    # what is trained.
+    profiled = ["trainer.eval_every_n_steps=7", "logger.profile_steps=3"]
+    two = distrain_run(tmp_path, "trainer.workers=2", *profiled)
+    for rank in (0, 1):  # each rank's trace, written by the driver
+        trace = tmp_path / "_".join(["trainer.workers=2", *profiled]) / "profile"
+        events = json.loads(gzip.decompress((trace / f"rank{rank}.pt.trace.json.gz").read_bytes()))
+        names = Counter(event.get("name") for event in events["traceEvents"])
+        assert sorted(n for n in names if n.startswith("ProfilerStep#")) == [
+            "ProfilerStep#5", "ProfilerStep#6", "ProfilerStep#7"
+        ]  # fmt: skip
+        # The averaging is in it: once a step (one bucket), through shared memory or gloo.
+        assert names["shm:all_reduce"] + names["gloo:all_reduce"] == 3, names
+        assert names["aten::addmm"] > 0 and names["Optimizer.step#SGD.step"] == 3
     # distrain's MLP is nn.Sequential too, so the keys line up one to one.
     assert_same_parameters(one, reference)
     assert_same_parameters(two, reference)

@@ -55,7 +55,9 @@ def _shm_hook(shm: ShmAllReduce, dtype: torch.dtype | None, counter: CommCounter
         payload = buffer.to(dtype) if dtype is not None else buffer  # a copy only when cast
         counter.payload_bytes += payload.numel() * payload.element_size()
         counter.buckets += 1
-        shm.all_reduce_sum_(payload.div_(shm.world_size))
+        # Named in torch.profiler traces as gloo names its own ("gloo:all_reduce").
+        with torch.profiler.record_function("shm:all_reduce"):
+            shm.all_reduce_sum_(payload.div_(shm.world_size))
         if payload is not buffer:
             buffer.copy_(payload)
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()

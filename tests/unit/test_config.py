@@ -62,6 +62,7 @@ def test_batching_defaults_live_in_the_schema_and_still_take_overrides() -> None
         (["trainer.early_stopping_patience=0"], "trainer.early_stopping_patience=0 must be >= 1"),
         (["trainer.max_grad_norm=0"], "trainer.max_grad_norm=0.0 must be a finite number > 0"),
         (["trainer.max_grad_norm=inf"], "trainer.max_grad_norm=inf must be a finite number > 0"),
+        (["logger.profile_steps=-3"], "logger.profile_steps=-3 must be >= 0"),
         (["data.micro_batch_size=0"], "data.micro_batch_size=0"),
         (["data.micro_batch_size=abc"], "data.micro_batch_size=abc"),
     ],
