@@ -28,6 +28,7 @@ single-GPU machine). Add a speed workload with one entry in SPEED_WORKLOADS.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -81,6 +82,8 @@ CORRECTNESS: list[tuple[str, list[str], str, tuple[str, float]]] = [
     ("FSDP (aggregator=fsdp)", ["aggregator=fsdp"], "32", ("params", 1e-4)),
     ("gradient accumulation", ["data.micro_batch_size=8"], "32", ("params", 1e-4)),
     ("parameter server sync", ["aggregator=parameter_server"], "32", ("params", 1e-4)),
+    # torch.profiler with CUDA activities on every rank: the same training, and kernels traced.
+    ("profiled (logger.profile_steps)", ["logger.profile_steps=3"], "32", ("params", 1e-4)),
     (
         "parameter server async",
         ["aggregator=parameter_server", "aggregator.mode=async", *LONGER],
@@ -216,7 +219,8 @@ def correctness_check(
         reference, reference_accuracy, steps = reference_loop(
             _compose(job_overrides), device, precision
         )
-        metrics, params = train(job_overrides, tmp / f"run{time.monotonic_ns()}")
+        run_dir = tmp / f"run{time.monotonic_ns()}"
+        metrics, params = train(job_overrides, run_dir)
         out: dict[str, Any] = {
             "steps": metrics["steps"],
             "device": metrics["device"],
@@ -233,10 +237,23 @@ def correctness_check(
         else:  # lossy/asynchronous: no exact reference; it must learn as well, within points
             out["allowed_drop_points"] = tolerance
             ok = metrics["val_accuracy"] * 100 >= reference_accuracy * 100 - tolerance
+        if (run_dir / "profile").is_dir():  # every rank's trace; on a GPU with its kernels
+            out["profile_kernels"] = traced_kernels(run_dir / "profile")
+            ok = ok and len(out["profile_kernels"]) == metrics["workers"]
+            ok = ok and (device.type != "cuda" or min(out["profile_kernels"]) > 0)
         out["ok"] = ok and metrics["steps"] == steps and metrics["device"] == device.type
         return out
 
     return run
+
+
+def traced_kernels(directory: Path) -> list[int]:
+    """Each rank's count of GPU kernel events in its profile trace (distrain/profiling.py)."""
+    counts = []
+    for path in sorted(directory.glob("rank*.pt.trace.json.gz")):
+        events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+        counts.append(sum(event.get("cat") == "kernel" for event in events))
+    return counts
 
 
 def job_overrides_device(overrides: list[str]) -> str:
@@ -356,9 +373,9 @@ def straggler_check(setup: list[str], tmp: Path) -> Callable[[], dict[str, Any]]
 # --- main -------------------------------------------------------------------------------------
 
 
-def write(report: Report, info: dict[str, Any], stem: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(
+def write(report: Report, info: dict[str, Any], stem: str, results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(
         json.dumps({**info, "checks": report.rows}, indent=1) + "\n"
     )
     lines = [f"# GPU check: {info['gpu']} x{info['gpus']}", ""]
@@ -372,7 +389,7 @@ def write(report: Report, info: dict[str, Any], stem: str) -> Path:
         }
         measured = ", ".join(f"{k}={v}" for k, v in shown.items()).replace("|", "/")
         lines.append(f"| {row['section']} | {row['check']} | {row['status']} | {measured} |")
-    path = RESULTS / f"{stem}.md"
+    path = results / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -387,6 +404,8 @@ def main() -> int:
         action="store_true",
         help="develop this script without a GPU: the same checks on CPU (proves nothing on CUDA)",
     )
+    p.add_argument("--ray-address", help="join this Ray instead of starting one (the tests)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help=f"default: {RESULTS}")
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("gpu-check: no CUDA GPU found (torch.cuda.is_available() is false): nothing checked.")
@@ -399,6 +418,8 @@ def main() -> int:
     setup = [f"trainer.device={'cpu' if dry else 'cuda'}", f"trainer.workers={workers}"]
     if gpus == 1:
         setup.append("trainer.gpus_per_worker=0.5")
+    if args.ray_address:
+        setup.append(f"cluster.address={args.ray_address}")
     info = {
         "gpu": "none (CPU DRY RUN: nothing about CUDA is shown)"
         if dry
@@ -413,11 +434,12 @@ def main() -> int:
     print(f"gpu-check on {info['gpu']} x{gpus}: {workers} workers, {info['collectives']}")
     report = Report(started + args.budget_s, args.match)
     sections = args.only or ["correctness", "stragglers", "speed"]
-    from distrain import cluster
+    from distrain import cluster, config
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        cluster.keep_connected(_compose(BASE)["cluster"])  # one Ray for every in-process run
+        # One Ray for every in-process run (their cluster settings are these).
+        cluster.keep_connected(config.typed(_compose(merged(BASE, setup, []))).cluster)
         try:
             if "correctness" in sections:
                 for name, overrides, precision, compare in CORRECTNESS:
@@ -433,7 +455,7 @@ def main() -> int:
         if "speed" in sections and not dry:
             speed_checks(report, gpus)
     info["wall_s"] = round(time.monotonic() - started, 1)
-    path = write(report, info, "gpu_check_cpu_dry_run" if dry else "gpu_check")
+    path = write(report, info, "gpu_check_cpu_dry_run" if dry else "gpu_check", args.results_dir)
     failed = [r for r in report.rows if r["status"] in ("FAIL", "error")]
     print(f"gpu-check: {len(report.rows) - len(failed)} of {len(report.rows)} not failed; {path}")
     return 1 if failed else 0
