@@ -63,7 +63,8 @@ class StepProfiler:
             # count, go to stderr: nothing a CPU run's user can act on.
             os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         self.steps, self.after_step, self.send = steps, after_step, send
-        self.seen: list[int] = []  # the training steps this profiler stepped over
+        self.stepped = 0  # training steps since the start
+        self.recorded: list[int] = []  # the training steps in the window
         self.profile = profile(
             activities=activities,
             # One step of warm-up lets the profiler start before the steps it records.
@@ -76,9 +77,16 @@ class StepProfiler:
         self.open = True
 
     def step(self, step: int) -> None:
-        """Training step `step` is done."""
-        self.seen.append(step)
-        self.profile.step()
+        """Training step `step` is done. Past the window the profiler is stopped: then a step
+        costs a comparison."""
+        if not self.open:
+            return
+        if self.after_step <= self.stepped < self.after_step + self.steps:
+            self.recorded.append(step)
+        self.stepped += 1
+        self.profile.step()  # the window's last step: its trace is sent from here
+        if self.stepped > self.after_step + self.steps:
+            self.close()
 
     def close(self) -> None:
         """Training ended (or stopped): a window still recording is sent as far as it got."""
@@ -87,7 +95,7 @@ class StepProfiler:
             self.profile.stop()
 
     def _send(self, profile: torch.profiler.profile) -> None:
-        recorded = self.seen[self.after_step : self.after_step + self.steps]
+        recorded = self.recorded
         if not recorded:
             return
         with tempfile.TemporaryDirectory(prefix="distrain-profile-") as tmp:

@@ -47,3 +47,12 @@ def test_a_run_that_ends_inside_the_window_sends_what_it_recorded() -> None:
 def test_nothing_is_sent_when_off_or_when_the_run_ends_before_the_window() -> None:
     assert _train(steps=5, window=0, after=0) == []
     assert _train(steps=4, window=3, after=6) == []
+
+
+def test_past_the_window_the_profiler_is_stopped() -> None:
+    sent: list[ProfileRecord] = []
+    with profiled_steps(2, 1, torch.device("cpu"), sent.append) as profiler:
+        for step in range(1, 6):
+            profiler.step(step)
+        assert len(sent) == 1 and not profiler.open and profiler.recorded == [2, 3]
+    assert len(sent) == 1  # closing again sends nothing
