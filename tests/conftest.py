@@ -59,6 +59,19 @@ def run_cli(
     )
 
 
+def distrain_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    """`distrain ARGV` in this process (the export and sample subcommands need no Ray): its
+    exit code."""
+    from distrain import cli
+
+    monkeypatch.setattr(sys, "argv", ["distrain", *argv])
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
 # The job the multi-node tests (test_cluster.py, test_two_hosts.py) run on two nodes and compare
 # with one node.
 TWO_WORKER_JOB = [

@@ -8,7 +8,6 @@ global batch of 48, which splits over 1, 2 and 3 workers.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,11 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from distrain import checkpoint, cli, driver
+from distrain import checkpoint, driver
 from distrain.data.sklearn import digits
 from distrain.rundir import RunDirectory
 from distrain.sharding import epoch_permutation
-from tests.conftest import compose_job
+from tests.conftest import compose_job, distrain_cli
 from tests.test_cli import scalars
 from tests.test_equivalence import LR, SEED, assert_same_parameters
 
@@ -229,16 +228,6 @@ def test_compile_follows_the_eager_loss_curve(
 
 def _step_losses(run_dir: str) -> list[float]:
     return [value for _, value in scalars(Path(run_dir))["loss/train"]]
-
-
-def distrain_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
-    """`distrain ARGV` in this process (the export subcommand needs no Ray): its exit code."""
-    monkeypatch.setattr(sys, "argv", ["distrain", *argv])
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def test_export_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,6 @@ Real files: checkpoints written by `CheckpointStore.save`, read back by `distrai
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from distrain import checkpoint, cli
+from distrain import checkpoint
 from distrain.checkpoint import CheckpointStore
 from distrain.config import TrainerConfig
 from distrain.saving import Checkpoints
 from distrain.shards import chunk_rows
-from tests.conftest import compose_job
+from tests.conftest import compose_job, distrain_cli
 
 
 def _save(
@@ -61,15 +60,6 @@ def test_the_best_is_kept_beside_the_last_ones_until_a_better_one(tmp_path: Path
     assert checkpoint.resolve_resume(str(tmp_path / "latest")) == tmp_path / "step-000000004"
 
 
-def _export(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["distrain", "export", *argv])
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
 def test_export_best_gathers_the_best_checkpoints_weights_from_its_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -78,7 +68,7 @@ def test_export_best_gathers_the_best_checkpoints_weights_from_its_shards(
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(job), run_dir / ".hydra" / "config.yaml")
     (run_dir / "metrics.json").write_text(json.dumps({"input_shape": [8, 8], "num_outputs": 10}))
-    assert _export(monkeypatch, str(run_dir), "--best") == 2
+    assert distrain_cli(monkeypatch, "export", str(run_dir), "--best") == 2
     assert "has no best checkpoint" in capsys.readouterr().err
 
     store = CheckpointStore(run_dir / "checkpoints", keep=3)
@@ -90,7 +80,7 @@ def test_export_best_gathers_the_best_checkpoints_weights_from_its_shards(
     store.mark_best(1)
     out = tmp_path / "best.safetensors"
     # No model.pt: a run stopped early still has its best checkpoint.
-    assert _export(monkeypatch, str(run_dir), "--best", "--out", str(out)) == 0
+    assert distrain_cli(monkeypatch, "export", str(run_dir), "--best", "--out", str(out)) == 0
     fresh = instantiate(json.loads(out.with_suffix(".json").read_text())["model"])
     fresh.load_state_dict(load_file(out))
     x = torch.randn(5, 8, 8)

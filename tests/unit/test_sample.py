@@ -4,7 +4,6 @@ leaves them (Hydra's config record, metrics.json, model.pt), a real GPT, the rea
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from distrain import cli, lm
+from distrain import lm
 from distrain.models.gpt import GPT
 from distrain.sample import sample
-from tests.conftest import compose_job
+from tests.conftest import compose_job, distrain_cli
 
 BLOCK = 16
 LM_METRICS = {"task": "language_model", "input_shape": [BLOCK], "num_outputs": 256}
@@ -35,15 +34,6 @@ def lm_run(run_dir: Path, metrics: dict | None) -> GPT:
     model = GPT(vocab_size=256, block_size=BLOCK, n_layer=1, n_head=2, n_embd=16)
     torch.save(model.state_dict(), run_dir / "model.pt")
     return model
-
-
-def distrain(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["distrain", *argv])
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def test_samples_are_the_runs_model_continuing_the_prompt(
@@ -66,7 +56,7 @@ def test_samples_are_the_runs_model_continuing_the_prompt(
     assert len(set(texts)) == 3  # sampled, not argmax
 
     argv = ["sample", str(tmp_path / "run"), "--prompt", prompt, "--num-samples", "3"]
-    assert distrain(monkeypatch, *argv, "--tokens", "40", "--seed", "7") == 0
+    assert distrain_cli(monkeypatch, *argv, "--tokens", "40", "--seed", "7") == 0
     assert capsys.readouterr().out == f"\n{'-' * 15}\n".join(texts) + "\n"
 
 
@@ -115,7 +105,7 @@ def test_bad_input_is_named_with_exit_2(
     lm_run(tmp_path / "run", metrics)
     if metrics is None:
         (tmp_path / "run" / "metrics.json").unlink()
-    assert distrain(monkeypatch, "sample", str(tmp_path / "run"), *argv) == 2
+    assert distrain_cli(monkeypatch, "sample", str(tmp_path / "run"), *argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
@@ -127,7 +117,7 @@ def test_export_of_a_language_model_records_its_vocabulary(
     """The exported config builds the model: vocab_size came from the data, not the config."""
     model = lm_run(tmp_path / "run", {**LM_METRICS, "byte_level": True})
     out = tmp_path / "m.safetensors"
-    assert distrain(monkeypatch, "export", str(tmp_path / "run"), "--out", str(out)) == 0
+    assert distrain_cli(monkeypatch, "export", str(tmp_path / "run"), "--out", str(out)) == 0
     config = json.loads(out.with_suffix(".json").read_text())["model"]
     assert config["vocab_size"] == 256 and "num_outputs" not in config
     fresh = instantiate(config)
