@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -119,6 +120,7 @@ def main() -> None:
             args.out.write_text("# Recovery\n\n```\n" + "\n".join(lines) + "\n```\n")
     finally:
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # the runs, checkpoints included; the report is out
 
 
 def report_checkpoint(reference: RunDirectory) -> list[str]:
