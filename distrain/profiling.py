@@ -3,9 +3,10 @@
 torch.profiler records the N steps after the first `logger.profile_after_step` of a worker's
 run (the first steps allocate, compile and warm caches: not what a user tunes): CPU operators
 on every device, and CUDA kernels with their launches on a GPU. Each rank's trace goes to the
-driver, which writes it into the run directory as `profile/rank<r>.pt.trace.json.gz`, Chrome's
-trace format that Perfetto (https://ui.perfetto.dev) and chrome://tracing open. The driver
-writes it, as it writes checkpoints, so a cluster needs no shared filesystem.
+driver, which writes it into the run directory as
+`profile/rank<r>-steps<first>-<last>.pt.trace.json.gz`, Chrome's trace format that Perfetto
+(https://ui.perfetto.dev) and chrome://tracing open. The driver writes it, as it writes
+checkpoints, so a cluster needs no shared filesystem.
 
 The recording, the schedule and the export are torch's own; this module only sets them up,
 compresses the trace and ships it. Nothing here runs unless profiling was asked for.

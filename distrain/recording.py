@@ -86,7 +86,7 @@ class RunRecorder:
         elif isinstance(metrics, SampleMetrics):
             self.tensorboard.log_samples(metrics)
         elif isinstance(metrics, ProfileRecord):
-            self._write_profile(metrics)
+            self.write_profile(metrics)
         else:
             straggler = self.detector.update(metrics)
             self.tensorboard.log_step(metrics, straggler_rank=self.detector.flagged)
@@ -109,15 +109,17 @@ class RunRecorder:
         )
         self.record(figures)
 
-    def _write_profile(self, profile: ProfileRecord) -> None:
-        """A rank's trace into <run dir>/profile/ (said once, with rank 0's)."""
+    def write_profile(self, profile: ProfileRecord) -> None:
+        """A rank's trace into <run dir>/profile/ (said with rank 0's). Named by its steps too: a
+        worker that replaced one (a heal, a restart) records its own window, beside the first."""
         directory = self.run_dir.path / "profile"
         directory.mkdir(exist_ok=True)
-        path = directory / f"rank{profile.rank}.pt.trace.json.gz"
+        steps = f"{profile.first_step}-{profile.last_step}"
+        path = directory / f"rank{profile.rank}-steps{steps}.pt.trace.json.gz"
         path.write_bytes(profile.trace_gz)
         if profile.rank == 0:
             self.message(
-                f"profile of steps {profile.first_step}-{profile.last_step}: {path} (every rank's "
+                f"profile of steps {steps}: {path} (every rank's "
                 "in that directory; open in https://ui.perfetto.dev)"
             )
 

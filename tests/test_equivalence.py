@@ -86,7 +86,8 @@ def test_one_worker_two_workers_and_plain_pytorch_agree(ray_address: str, tmp_pa
     two = distrain_run(tmp_path, "trainer.workers=2", *profiled)
     for rank in (0, 1):  # each rank's trace, written by the driver
         trace = tmp_path / "_".join(["trainer.workers=2", *profiled]) / "profile"
-        events = json.loads(gzip.decompress((trace / f"rank{rank}.pt.trace.json.gz").read_bytes()))
+        trace_gz = (trace / f"rank{rank}-steps6-8.pt.trace.json.gz").read_bytes()
+        events = json.loads(gzip.decompress(trace_gz))
         names = Counter(event.get("name") for event in events["traceEvents"])
         assert sorted(n for n in names if n.startswith("ProfilerStep#")) == [
             "ProfilerStep#5", "ProfilerStep#6", "ProfilerStep#7"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -56,3 +57,19 @@ def test_past_the_window_the_profiler_is_stopped() -> None:
             profiler.step(step)
         assert len(sent) == 1 and not profiler.open and profiler.recorded == [2, 3]
     assert len(sent) == 1  # closing again sends nothing
+
+
+def test_a_replacement_worker_s_trace_lands_beside_the_first(tmp_path: Path) -> None:
+    """A heal's replacement records its own window on the same rank: both traces are kept."""
+    from distrain.recording import RunRecorder
+    from distrain.rundir import RunDirectory
+
+    recorder = RunRecorder(RunDirectory(tmp_path), "none")
+    first, replacement = (gzip.compress(f'{{"n": {n}}}'.encode()) for n in (1, 2))
+    recorder.write_profile(ProfileRecord(6, 8, first, rank=1))
+    recorder.write_profile(ProfileRecord(306, 308, replacement, rank=1))
+    written = {p.name: p.read_bytes() for p in (tmp_path / "profile").iterdir()}
+    assert written == {
+        "rank1-steps6-8.pt.trace.json.gz": first,
+        "rank1-steps306-308.pt.trace.json.gz": replacement,
+    }
