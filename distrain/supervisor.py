@@ -55,6 +55,7 @@ POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # default share of memory is 30 %); each worker builds it, as it does data read item by item.
 SHIP_SPLITS_MAX_BYTES = 512 * 2**20
 GROW_SETTLE_S = 10.0  # growing back: how long the configured count may take to fit again
+Planned = tuple[StepPlan, bool]  # a group's plan; whether it fits once the autoscaler adds nodes
 
 
 class Supervisor:
@@ -102,12 +103,13 @@ class Supervisor:
         small = self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
         shared = SharedSplits.of(self.splits) if small else None
         self.splits_ref = ray.put(shared) if shared is not None else None
+        planned = self._plan_group()  # a job the cluster cannot hold ends before any output
         self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
         healed: WorkerGroup | None = None
         try:
             while True:
                 if healed is None:  # a new group: its figures start afresh, after the history
-                    group = self._start_group(restore_from)
+                    group, planned = self._start_group(restore_from, planned), None
                     collector = MetricsCollector(group.world_size, self.task, self.history)
                 else:  # the same ranks: steps a failed rank had reported still complete
                     group, healed = healed, None
@@ -144,8 +146,11 @@ class Supervisor:
             excluded_nodes=self.failures.excluded_nodes,
         )
 
-    def _start_group(self, restore_from: checkpoint.Checkpoint | None) -> WorkerGroup:
-        """Start a worker group; after a failure, keep trying for trainer.setup_timeout_s.
+    def _start_group(
+        self, restore_from: checkpoint.Checkpoint | None, planned: Planned | None
+    ) -> WorkerGroup:
+        """Start a worker group (on `planned`, if the cluster was just checked for it); after a
+        failure, keep trying for trainer.setup_timeout_s.
 
         Right after a node is lost Ray still counts it (and its freed CPUs) for a while, until
         its heartbeats are missed: placing the group can fail a few times before the cluster's
@@ -158,7 +163,8 @@ class Supervisor:
         deadline = time.monotonic() + self.trainer.setup_timeout_s
         while True:
             try:
-                group = self._try_start(ref)
+                attempt, planned = planned, None  # a retry checks the cluster again
+                group = self._try_start(ref, attempt)
             except WorkerError as error:
                 raise TrainingFailed(str(error)) from None
             except (ConfigError, GroupFailed) as error:
@@ -185,9 +191,9 @@ class Supervisor:
                 )
             return group
 
-    def _try_start(self, checkpoint_ref: Any) -> WorkerGroup:
+    def _try_start(self, checkpoint_ref: Any, planned: Planned | None) -> WorkerGroup:
         """One attempt: a group planned, placed and set up, or shut down again on any error."""
-        plan, scale_up = self._plan_group()
+        plan, scale_up = planned or self._plan_group()
         group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
         try:
             group.start(
@@ -202,7 +208,7 @@ class Supervisor:
             raise
         return group
 
-    def _plan_group(self) -> tuple[StepPlan, bool]:
+    def _plan_group(self) -> Planned:
         """The configured worker count (after a failure, the most that fit, >= min_workers),
         and whether they fit only once the autoscaler has added nodes: the cluster is checked
         here, once per group start, and `WorkerGroup.start` reserves on that verdict."""

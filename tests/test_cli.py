@@ -247,6 +247,9 @@ def test_more_workers_than_the_cluster_holds(ray_address: str, tmp_path: Path) -
     assert result.returncode == 2
     assert "trainer.workers=16 needs 16 CPUs" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    # The error is all there is: no training header before it, no TensorBoard run left behind.
+    assert "training:" not in result.stdout + result.stderr
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_hydra_flags_work(tmp_path: Path) -> None:
