@@ -8,11 +8,10 @@ apply (a lost node, sharded state), tears it down and starts a new one from the 
 on fewer workers if the cluster shrank and `trainer.min_workers` allows it; up to
 `trainer.max_failures` times.
 
-This module keeps the restart loop; its parts live beside it: `preflight` (checks before any
-actor), `healing` (a failed rank replaced in place), `elastic` (a smaller group after a failure),
-`watch` (a rank's result or failure classified, silent ranks, Ctrl-C), `failures` (the count
-and the timings of failures), `saving` (checkpoint records to writes, the restart point) and
-`recording` (TensorBoard, the terminal, the summary).
+This module keeps the restart loop; beside it: `preflight` (checks before any actor), `healing`
+(a failed rank replaced in place), `elastic` (a smaller group), `watch` (results, failures,
+silent ranks, Ctrl-C), `failures` (their count and timings), `saving` (checkpoint records to
+writes, the restart point), `recording` (TensorBoard, the terminal, the summary).
 """
 
 from __future__ import annotations
@@ -72,10 +71,8 @@ class Supervisor:
         slow_rank: simulate.SlowRank | None = None,  # DISTRAIN_SLOW_RANK (tests, demos)
     ) -> None:
         self.job, self.run_dir, self.device_type = job, run_dir, device_type
-        self.slow_rank = slow_rank
         self.splits, self.plan, self.overrides = splits, plan, overrides
-        self.trainer = job.trainer
-        self.task = splits.task
+        self.trainer, self.task, self.slow_rank = job.trainer, splits.task, slow_rank
         self.recorder = RunRecorder(run_dir, job.logger.progress)
         self.history: list[EpochMetrics] = []
         self.failures = FailureLog(self.trainer.max_failures)
