@@ -32,7 +32,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from distrain import config, validation
 from distrain.config import register_configs
 from distrain.errors import ConfigError, Interrupted, TrainingFailed
-from distrain.rundir import RunDirectory
+from distrain.rundir import RunDirectory, git_revision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PATH_KEYS = ("root", "path", "val_root")  # data paths made absolute before workers see them
@@ -280,7 +280,30 @@ class _DeferredInterrupts:
 _interrupts = _DeferredInterrupts()
 
 
+def versions() -> str:
+    """`distrain --version`: distrain's version (and git revision, for a source checkout) and the
+    versions of what it runs on, for a bug report. Read from the installed packages' metadata:
+    nothing is imported, so it answers at once."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    revision = git_revision(CONF_DIR.parent) if (CONF_DIR.parent / ".git").exists() else None
+    stack = ", ".join(f"{p} {installed(p)}" for p in ("torch", "ray", "hydra-core", "tensorboard"))
+    return (
+        f"distrain {installed('distrain')}{f' (git {revision})' if revision else ''}\n"
+        f"python {sys.version.split()[0]}, {stack}"
+    )
+
+
 def main() -> None:
+    if "--version" in sys.argv[1:] or sys.argv[1:] == ["-V"]:  # distrain's, not Hydra's
+        print(versions())
+        return None
     if sys.argv[1:2] == ["export"]:  # subcommands, not jobs: no Hydra
         from distrain.export import main as export_main
 

@@ -1,5 +1,6 @@
 """The real command line: `python -m distrain ...` in a subprocess, then its outputs read back."""
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -9,7 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import hydra
 import pytest
+import ray
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distrain import cli
@@ -256,6 +260,30 @@ def test_hydra_flags_work(tmp_path: Path) -> None:
     result = run_cli("--cfg", "job", "trainer.workers=3", cwd=tmp_path, timeout_s=60)
     assert result.returncode == 0, result.stderr
     assert "workers: 3" in result.stdout
+
+
+def test_help_and_version_are_distrains(tmp_path: Path) -> None:
+    """`--help` starts with distrain's usage (its subcommands, how to resume and sweep), then
+    Hydra's groups and the job; `--version` is distrain's and its stack's, not Hydra's alone."""
+    shown = run_cli("--help", "trainer.workers=3", cwd=tmp_path, timeout_s=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("distrain: distributed mini-batch training"), shown.stdout[:300]
+    for usage in ("distrain export RUN_DIR", "distrain sample RUN_DIR", "resume=RUN_DIR"):
+        assert usage in shown.stdout
+    assert "aggregator: allreduce, fsdp, parameter_server" in shown.stdout  # Hydra's groups
+    assert "workers: 3" in shown.stdout  # and the job as composed with the overrides
+    assert "powered by Hydra" not in shown.stdout
+    versions = run_cli("--version", cwd=tmp_path, timeout_s=60)
+    assert versions.returncode == 0, versions.stderr
+    first, second = versions.stdout.splitlines()
+    assert first.startswith(f"distrain {importlib.metadata.version('distrain')}"), first
+    torch_release = torch.__version__.split("+")[0]  # the wheel's metadata has no build tag
+    for package in (
+        f"torch {torch_release}",
+        f"ray {ray.__version__}",
+        f"hydra-core {hydra.__version__}",
+    ):
+        assert package in second, second
 
 
 def _processes_mentioning(text: str) -> list[int]:
