@@ -29,7 +29,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 # Only what composing and checking a job needs is imported here: the driver (torch, Ray: ~2 s)
 # once the job is checked, so a mistake in it is named in well under a second.
-from distrain import config, validation
+from distrain import config, config_errors, validation
 from distrain.config import register_configs
 from distrain.errors import ConfigError, Interrupted, TrainingFailed
 from distrain.rundir import RunDirectory, git_revision
@@ -176,10 +176,11 @@ def _finish(metrics: dict[str, Any], progress_mode: str) -> None:
 class _JobExits:
     """Tells Hydra's own exits from a job's.
 
-    Hydra reports a mistake it finds while composing (an unknown group option, a value of the
-    wrong type or outside an enum, an unknown key) in one paragraph and exits 1, the code of a
-    failed training run. Anything leaving the job function is the job's own exit; an exit 1
-    with none is Hydra's report of a configuration mistake, and ends with distrain's code 2.
+    The mistakes Hydra finds while composing (an unknown group option, a value of the wrong
+    type or outside an enum, an unknown key) are raised to `main` and named by config_errors;
+    the few it still reports itself (`--cfg job --package nope`) exit 1, the code of a failed
+    training run. Anything leaving the job function is the job's own exit; an exit 1 with none
+    is Hydra's report of a configuration mistake, and ends with distrain's code 2.
     A sweep goes on past a failed job (its run dir says why) and then exits with code 1.
     """
 
@@ -300,6 +301,21 @@ def versions() -> str:
     )
 
 
+@contextlib.contextmanager
+def _mistakes_raised() -> Iterator[bool]:
+    """Hydra raises the mistakes it finds while composing instead of printing its own report
+    (its HYDRA_FULL_ERROR switch), so `main` names them in one paragraph. Yields whether the
+    user set the switch, asking for Hydra's report with its traceback instead."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield previous == "1"
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR")
+        if previous is not None:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
 def main() -> None:
     if "--version" in sys.argv[1:] or sys.argv[1:] == ["-V"]:  # distrain's, not Hydra's
         print(versions())
@@ -316,7 +332,8 @@ def main() -> None:
     _interrupts.install()
     sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
     try:
-        _hydra_main()
+        with _mistakes_raised() as hydras_reports:
+            _hydra_main()
         if _interrupts.pending:  # arrived after the last job, while Hydra wrapped up
             raise KeyboardInterrupt
     except SystemExit as exit_:
@@ -328,6 +345,12 @@ def main() -> None:
         where = "between jobs; the sweep stops here" if sweeping else "outside training"
         print(f"distrain: interrupted {where}", file=sys.stderr)
         sys.exit(EXIT_CODES[KeyboardInterrupt][1])
+    except Exception as error:
+        message = None if hydras_reports else config_errors.explain(error)
+        if message is None:
+            raise
+        print(f"distrain: {EXIT_CODES[ConfigError][0]}: {message}", file=sys.stderr)
+        sys.exit(EXIT_CODES[ConfigError][1])
     if _job_exits.failed_sweep_jobs:
         sys.exit(EXIT_CODES[TrainingFailed][1])
 

@@ -18,9 +18,12 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from distrain import config_errors
 
 # Defined with the other errors; the modules that check a job import it from here.
-from distrain.errors import ConfigError  # noqa: F401
+from distrain.errors import ConfigError
 
 
 class Device(str, Enum):
@@ -221,7 +224,10 @@ def typed(job: dict[str, Any]) -> Config:
     logger become their dataclasses (choices as enums), data a DataConfig; the groups a user may
     swap for their own code (model, optimizer, scheduler, loss, aggregator, and the data's
     source) stay `_target_` dicts for Hydra's instantiate."""
-    job_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), job))
+    try:
+        job_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), job))
+    except (ConfigAttributeError, ConfigKeyError, ValidationError) as error:  # e.g. +trainer.x=1
+        raise ConfigError(config_errors.explain(error) or str(error)) from None
     job_config.data = DataConfig.of(job_config.data)
     return job_config
 

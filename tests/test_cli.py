@@ -146,12 +146,30 @@ def test_early_stopping_ends_the_run_as_done_at_a_boundary(
 
 
 BAD_INPUT = {
-    "unknown group option": (["model=transformer_xxl"], "Could not find 'model/transformer_xxl'"),
-    "wrong type": (
-        ["trainer.workers=two"],
-        "Value 'two' of type 'str' could not be converted to Integer\n"
-        "    full_key: trainer.workers",
+    "unknown group option": (
+        ["model=transformer_xxl"],
+        "model=transformer_xxl: there is no model config named 'transformer_xxl'. "
+        "The choices: cnn, gpt, mlp, resnet18, rnn.",
     ),
+    "misspelt experiment": (  # an optional group would silently run the default job instead
+        ["experiment=gpt_stdlb"],
+        "there is no experiment config named 'gpt_stdlb' (did you mean experiment=gpt_stdlib?)",
+    ),
+    "misspelt key": (
+        ["trainer.wrokers=2"],
+        "trainer.wrokers: the job has no such key (did you mean trainer.workers?). "
+        "trainer has: workers, epochs,",
+    ),
+    "misspelt key added with +": (  # Hydra adds it; the typed schema refuses it
+        ["+trainer.wrokers=2"],
+        "trainer.wrokers: the job has no such key (did you mean trainer.workers?)",
+    ),
+    "wrong type": (["trainer.workers=two"], "trainer.workers=two: 'two' is not a whole number."),
+    "value outside the choices": (
+        ["logger.progress=fancy"],
+        "logger.progress=fancy is not one of auto, rich, plain, none.",
+    ),
+    "unreadable override": (["trainer.workers=[1,"], "the command line could not be read"),
     "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1"),
     "zero workers": (["trainer.workers=0"], "trainer.workers=0"),
     "negative workers": (["trainer.workers=-1"], "trainer.workers=-1"),
@@ -185,6 +203,9 @@ def test_bad_input_fails_fast_with_one_clear_message(case: str, tmp_path: Path) 
     if case != "unreachable address":
         assert "is unreachable" not in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+    # One paragraph: no report of Hydra's own (its search path, its HYDRA_FULL_ERROR hint).
+    assert result.stderr.strip().startswith("distrain: configuration error: "), result.stderr
+    assert "\n" not in result.stderr.strip(), result.stderr
     assert time.monotonic() - started < 60
 
 

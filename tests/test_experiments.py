@@ -370,7 +370,7 @@ BAD_INPUT = {
         2,
         "the data has 10 classes: expected (2, 10)",
     ),
-    "unknown loss": (["loss=foo"], 2, "Could not find 'loss/foo'"),
+    "unknown loss": (["loss=foo"], 2, "loss=foo: there is no loss config named 'foo'"),
     "unknown loss class": (["loss._target_=torch.nn.NoSuchLoss"], 2, "torch.nn.NoSuchLoss"),
     "nll on raw logits": (["loss=nll"], 2, "set model.log_softmax=true"),
     "warm-up longer than the run": (

@@ -2,6 +2,7 @@
 
 import pytest
 
+from distrain import config_errors
 from distrain.config import (
     BATCHING_DEFAULTS,
     BATCHING_KEYS,
@@ -91,3 +92,40 @@ def test_wrong_types_and_unknown_keys_fail_at_composition() -> None:
             compose_job(override)
         value = override.split("=")[1]
         assert f"Invalid value '{value}', expected one of [{allowed}]" in str(error.value.__cause__)
+
+
+# Each mistake Hydra or OmegaConf finds in the overrides, and the paragraph the CLI shows for it.
+EXPLAINED = {
+    "trainer.wrokers=2": "trainer.wrokers: the job has no such key (did you mean trainer.workers?)."
+    " trainer has: workers, epochs, max_steps,",
+    "nonsense=1": "nonsense: the job has no such key. At the top level it has: model, data,",
+    "model=mpl": "model=mpl: there is no model config named 'mpl' (did you mean model=mlp?). "
+    "The choices: cnn, gpt, mlp, resnet18, rnn.",
+    "trainer.workers=two": "trainer.workers=two: 'two' is not a whole number.",
+    "trainer.compile=maybe": "trainer.compile=maybe: 'maybe' is not true or false.",
+    "logger.progress=fancy": "logger.progress=fancy is not one of auto, rich, plain, none.",
+    "trainer.workers=[1,": "the command line could not be read (no viable alternative at input",
+}
+
+
+@pytest.mark.parametrize("override", sorted(EXPLAINED))
+def test_a_composition_mistake_is_explained_in_one_paragraph(override: str) -> None:
+    from hydra.errors import HydraException
+
+    with pytest.raises(HydraException) as error:
+        compose_job(override)
+    explained = config_errors.explain(error.value)
+    assert explained is not None and explained.startswith(EXPLAINED[override]), explained
+    assert "\n" not in explained and "HYDRA_FULL_ERROR" not in explained
+
+
+def test_what_is_not_a_config_mistake_is_not_explained() -> None:
+    assert config_errors.explain(RuntimeError("a bug in a model")) is None
+    assert config_errors.explain(ValueError("Could not find 'model/x'")) is None
+
+
+def test_a_key_the_schema_lacks_is_a_config_error_once_typed() -> None:
+    """`+key=value` adds a key Hydra's composition allows; the typed schema has no room for it."""
+    job = compose_job("+trainer.wrokers=2")
+    with pytest.raises(ConfigError, match=r"^trainer\.wrokers: the job has no such key \(did you"):
+        typed(job)
