@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -180,12 +181,32 @@ def client_server_died(address: str | None, error: BaseException) -> bool:
     )
 
 
+def version_mismatch(address: str | None, report: str) -> str:
+    """Ray's refusal of a driver whose Ray or Python differs from the cluster's (several lines
+    of versions), as one paragraph that says what to do."""
+    (cluster_ray, cluster_python), (own_ray, own_python) = re.findall(
+        r"Ray: (\S+)\s+Python: (\S+)", report
+    )
+    return (
+        f"could not join the Ray cluster at {address!r}: it runs Ray {cluster_ray} on Python "
+        f"{cluster_python}, this process Ray {own_ray} on Python {own_python}, and Ray joins a "
+        "driver to a cluster only when both match. Run distrain from the environment the "
+        "cluster was started in, or restart the cluster from this one (`ray stop`, then "
+        "`ray start --head` with this environment's ray)."
+    )
+
+
 def _join(kwargs: dict[str, Any], address: str | None) -> None:
-    """`ray.init(**kwargs)`; a Ray Client connection whose server died is made again."""
+    """`ray.init(**kwargs)`; a Ray Client connection whose server died is made again, and the
+    ways joining fails for the user's setup are one paragraph (ConfigError)."""
     for attempt in range(CLIENT_RECONNECTS + 1):
         try:
             ray.init(**kwargs)
             return
+        except RuntimeError as error:
+            if not str(error).startswith("Version mismatch"):
+                raise
+            raise ConfigError(version_mismatch(address, str(error))) from None
         except ConnectionError as error:
             if attempt < CLIENT_RECONNECTS and client_server_died(address, error):
                 reason = str(error).strip().splitlines()[-1].rstrip(".")

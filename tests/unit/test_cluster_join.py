@@ -1,8 +1,12 @@
-"""Joining a cluster: which Ray Client failures are worth one more connection."""
+"""Joining a cluster: which Ray Client failures are worth one more connection, and how a
+cluster that refuses this process is named."""
+
+import sys
 
 import pytest
+import ray
 
-from distrain.cluster import client_server_died
+from distrain.cluster import client_server_died, version_mismatch
 
 # What Ray Client's `ray.init` raises when the head's per-connection server died (the text of
 # ray/util/client/worker.py's ConnectionAbortedError around ray/util/client/server/proxier.py's
@@ -47,3 +51,20 @@ def test_only_a_dead_client_server_is_worth_connecting_again(
     address: str | None, message: str, retry: bool
 ) -> None:
     assert client_server_died(address, ConnectionAbortedError(message)) is retry
+
+
+def test_a_cluster_of_other_versions_is_named_in_one_paragraph() -> None:
+    """Ray's own refusal (its check, its words) becomes one paragraph naming both sides."""
+    from ray._private.utils import check_version_info
+
+    with pytest.raises(RuntimeError) as refused:
+        check_version_info(
+            {"ray_version": "2.9.3", "python_version": "3.10.4"}, "node 10.0.0.7", True, "patch"
+        )
+    message = version_mismatch("10.0.0.5:6379", str(refused.value))
+    own_python = ".".join(map(str, sys.version_info[:3]))
+    assert message.startswith(
+        "could not join the Ray cluster at '10.0.0.5:6379': it runs Ray 2.9.3 on Python 3.10.4, "
+        f"this process Ray {ray.__version__} on Python {own_python}"
+    ), message
+    assert "\n" not in message and "ray start --head" in message
