@@ -50,6 +50,14 @@ def _missing_option(missing: str, options: list[str]) -> str:
     group, _, name = missing.rpartition("/")
     nearest = _nearest(name, options)
     guess = f" (did you mean {group}={nearest}?)" if nearest else ""
+    if group.startswith("hydra/"):  # a sweeper or launcher: Hydra's plugins add the choices
+        kind = group.rpartition("/")[2]
+        return (
+            f"{group}={name}: Hydra has no {kind} named {name!r}{guess} (the choices: "
+            f"{', '.join(options)}). {kind.capitalize()}s come from Hydra plugins: install the "
+            f"one that provides it, e.g. `pip install hydra-{name}-{kind}` (hparams_search=optuna "
+            "needs hydra-optuna-sweeper)."
+        )
     return (
         f"{group}={name}: there is no {group} config named {name!r}{guess}. The choices: "
         f"{', '.join(options)}. A config of your own goes in conf/{group}/{name}.yaml, or in a "

@@ -105,6 +105,11 @@ EXPLAINED = {
     "trainer.compile=maybe": "trainer.compile=maybe: 'maybe' is not true or false.",
     "logger.progress=fancy": "logger.progress=fancy is not one of auto, rich, plain, none.",
     "trainer.workers=[1,": "the command line could not be read (no viable alternative at input",
+    # A sweeper or launcher comes from a plugin (hparams_search=optuna without its plugin fails
+    # the same way, for hydra/sweeper=optuna).
+    "hydra/launcher=joblib": "hydra/launcher=joblib: Hydra has no launcher named 'joblib' "
+    "(the choices: basic). Launchers come from Hydra plugins: install the one that provides it, "
+    "e.g. `pip install hydra-joblib-launcher`",
 }
 
 
