@@ -77,10 +77,17 @@ def _unresolved(error: InterpolationResolutionError) -> str:
 
 def compose_job(*overrides: str) -> dict[str, Any]:
     """The job `distrain <overrides>` would run, resolved like the CLI resolves it (for tests,
-    benchmarks and notebooks that call `driver.train` themselves)."""
+    benchmarks and notebooks that call `driver.train` themselves); a mistake in the overrides
+    raises ConfigError with the CLI's paragraph."""
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return resolve(compose("config", overrides=list(overrides)))
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return resolve(compose("config", overrides=list(overrides)))
+    except Exception as error:  # a mistake in the overrides, named as the CLI names it
+        message = config_errors.explain(error)
+        if message is None:
+            raise
+        raise ConfigError(message) from error
 
 
 def _run(cfg: DictConfig) -> dict[str, Any] | None:

@@ -74,24 +74,18 @@ def test_bad_values_are_named(overrides: list[str], message: str) -> None:
 
 
 def test_wrong_types_and_unknown_keys_fail_at_composition() -> None:
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException):
-        compose_job("trainer.workers=two")
-    with pytest.raises(ConfigCompositionException):
-        compose_job("trainer.wrokers=2")
-    with pytest.raises(ConfigCompositionException):
-        compose_job("trainer.device=tpu")
+    for override in ("trainer.workers=two", "trainer.wrokers=2", "trainer.device=tpu"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            compose_job(override)
     # Choices are enums: the bad value and the allowed ones are named.
     for override, allowed in [
         ("logger.progress=fancy", "auto, rich, plain, none"),
         ("trainer.nan_policy=ignore", "stop, skip_step"),
         ("trainer.activation_checkpointing=all", "none, blocks"),
     ]:
-        with pytest.raises(ConfigCompositionException) as error:
+        with pytest.raises(ConfigError) as error:
             compose_job(override)
-        value = override.split("=")[1]
-        assert f"Invalid value '{value}', expected one of [{allowed}]" in str(error.value.__cause__)
+        assert str(error.value) == f"{override} is not one of {allowed}."
 
 
 # Each mistake Hydra or OmegaConf finds in the overrides, and the paragraph the CLI shows for it.
@@ -115,13 +109,11 @@ EXPLAINED = {
 
 @pytest.mark.parametrize("override", sorted(EXPLAINED))
 def test_a_composition_mistake_is_explained_in_one_paragraph(override: str) -> None:
-    from hydra.errors import HydraException
-
-    with pytest.raises(HydraException) as error:
+    """Hydra's or OmegaConf's report, rewritten (compose_job raises what the CLI prints)."""
+    with pytest.raises(ConfigError) as error:
         compose_job(override)
-    explained = config_errors.explain(error.value)
-    assert explained is not None and explained.startswith(EXPLAINED[override]), explained
-    assert "\n" not in explained and "HYDRA_FULL_ERROR" not in explained
+    assert str(error.value).startswith(EXPLAINED[override]), error.value
+    assert "\n" not in str(error.value) and "HYDRA_FULL_ERROR" not in str(error.value)
 
 
 def test_what_is_not_a_config_mistake_is_not_explained() -> None:
