@@ -307,6 +307,17 @@ def test_help_and_version_are_distrains(tmp_path: Path) -> None:
         assert package in second, second
 
 
+def test_shell_completion_offers_keys_and_group_options(tmp_path: Path) -> None:
+    """The Tab completion `--help` advertises (Hydra's), answered through distrain's entry."""
+    for line, expected in [
+        ("distrain trainer.wor", "trainer.workers="),
+        ("distrain experiment=gpt", "experiment=gpt2_small experiment=gpt_stdlib"),
+    ]:
+        result = run_cli("-sc", "query=bash", cwd=tmp_path, timeout_s=60, env={"COMP_LINE": line})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == expected.split(), result.stdout
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
