@@ -184,15 +184,20 @@ def client_server_died(address: str | None, error: BaseException) -> bool:
 def version_mismatch(address: str | None, report: str) -> str:
     """Ray's refusal of a driver whose Ray or Python differs from the cluster's (several lines
     of versions), as one paragraph that says what to do."""
-    (cluster_ray, cluster_python), (own_ray, own_python) = re.findall(
-        r"Ray: (\S+)\s+Python: (\S+)", report
-    )
+    sides = re.findall(r"Ray: (\S+)\s+Python: (\S+)", report)
+    if len(sides) == 2:
+        (cluster_ray, cluster_python), (own_ray, own_python) = sides
+        versions = (
+            f"it runs Ray {cluster_ray} on Python {cluster_python}, this process Ray {own_ray} "
+            f"on Python {own_python}"
+        )
+    else:  # a Ray that words it otherwise: its report, on one line
+        versions = " ".join(report.split())
     return (
-        f"could not join the Ray cluster at {address!r}: it runs Ray {cluster_ray} on Python "
-        f"{cluster_python}, this process Ray {own_ray} on Python {own_python}, and Ray joins a "
-        "driver to a cluster only when both match. Run distrain from the environment the "
-        "cluster was started in, or restart the cluster from this one (`ray stop`, then "
-        "`ray start --head` with this environment's ray)."
+        f"could not join the Ray cluster at {address!r}: {versions}, and Ray joins a driver to a "
+        "cluster only when both match. Run distrain from the environment the cluster was "
+        "started in, or restart the cluster from this one (`ray stop`, then `ray start --head` "
+        "with this environment's ray)."
     )
 
 

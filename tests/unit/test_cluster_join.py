@@ -68,3 +68,7 @@ def test_a_cluster_of_other_versions_is_named_in_one_paragraph() -> None:
         f"this process Ray {ray.__version__} on Python {own_python}"
     ), message
     assert "\n" not in message and "ray start --head" in message
+    # Worded otherwise by another Ray: still one paragraph, with Ray's words in it.
+    other = version_mismatch("auto", "Version mismatch:\n  cluster 2.9.3/3.10\n  here 2.60/3.11\n")
+    assert "Version mismatch: cluster 2.9.3/3.10 here 2.60/3.11, and Ray joins" in other
+    assert "\n" not in other
