@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import replace
 from typing import Any
@@ -15,6 +14,7 @@ from hydra.utils import instantiate
 
 from distrain import blocks, build, lm, mfu, network, shards, training_state
 from distrain import device as devices
+from distrain.aggregators import process_group
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
 from distrain.data.base import SharedSplits
@@ -81,12 +81,10 @@ class Worker:
         self.device = devices.worker_device(self.device_type, placement)
         devices.configure_math(self.device, self.precision, self.job.trainer.tf32)
 
-    def free_address(self) -> tuple[str, int]:
-        """This node's IP as Ray sees it, and a port free on it now (rank 0's rendezvous)."""
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+    def serve_rendezvous(self) -> dict[str, Any]:
+        """Rank 0's part of a rendezvous: the group's store, listening before the other ranks
+        are told its address (aggregators/process_group.py)."""
+        return process_group.serve(timeout_s=collective_timeout_s(self.job.trainer))
 
     def node(self) -> dict[str, Any]:
         context = ray.get_runtime_context()
@@ -135,9 +133,7 @@ class Worker:
             world_size=self.world_size,
             device=self.device,
             rendezvous=rendezvous,
-            # Twice the driver's hang timeout: the driver names the silent rank first, and a
-            # collective stuck on a dead peer still raises instead of waiting 30 minutes.
-            timeout_s=2 * trainer.step_timeout_s,
+            timeout_s=collective_timeout_s(trainer),
         )
         # While blocked on its peers the worker still reports, naming whom it waits for.
         aggregator.on_wait = self._waiting
@@ -391,6 +387,12 @@ class Worker:
             self._outbox, self._next_report_s = [], now + REPORT_EVERY_S
         if isinstance(record, EpochRecord) and self._unsaved_step >= 0:
             self._wait_saved()  # the epoch-end checkpoint, synchronous
+
+
+def collective_timeout_s(trainer: TrainerConfig) -> float:
+    """Twice the driver's hang timeout: the driver names the silent rank first, and a
+    collective stuck on a dead peer still raises instead of waiting 30 minutes."""
+    return 2 * trainer.step_timeout_s
 
 
 def heartbeat_s(trainer: TrainerConfig) -> float:

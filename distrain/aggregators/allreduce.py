@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 from contextlib import AbstractContextManager, nullcontext
-from datetime import timedelta
 from typing import Any
 
 import ray
@@ -28,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import ParamsT
 
-from distrain.aggregators import comm_hooks, shm_allreduce
+from distrain.aggregators import comm_hooks, process_group, shm_allreduce
 from distrain.aggregators.base import GradientAggregator, MakeOptimizer
 from distrain.aggregators.comm_timing import CommTimer
 from distrain.aggregators.shm_allreduce import ShmAllReduce
@@ -101,12 +100,10 @@ class AllReduce(GradientAggregator):
 
     @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
-        # As Ray Train does: rank 0's node IP as Ray sees it (not localhost, so other nodes can
-        # reach it) and a port that is free on that node right now.
+        # Rank 0's store, already listening on its node's IP (aggregators/process_group.py).
         if len(workers) == 1:
             return {}  # no group to join (see the module docstring)
-        host, port = ray.get(workers[0].free_address.remote())
-        return {"master_addr": host, "master_port": port}
+        return ray.get(workers[0].serve_rendezvous.remote())
 
     def connect(
         self,
@@ -127,14 +124,13 @@ class AllReduce(GradientAggregator):
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         # NCCL: `device_id` (torch >= 2.3) binds the communicator to this GPU and creates it now
         # (eager init), so a broken NCCL setup fails here, in setup, where group.py retries it.
-        bound = process_group_device(device)
-        dist.init_process_group(
-            backend=dist_backend(device.type),
-            init_method=f"tcp://{rendezvous['master_addr']}:{rendezvous['master_port']}",
+        process_group.join(
+            dist_backend(device.type),
+            rendezvous,
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-            **({"device_id": bound} if bound is not None else {}),
+            timeout_s=timeout_s,
+            device_id=process_group_device(device),
         )
         self.timeout_s = timeout_s
         if self.transport == "auto" and device.type == "cpu" and self.compression != "powersgd":

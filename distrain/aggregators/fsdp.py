@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from datetime import timedelta
 from typing import Any
 
 import ray
@@ -40,6 +39,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
+from distrain.aggregators import process_group
 from distrain.aggregators.base import GradientAggregator
 from distrain.blocks import find_blocks
 from distrain.config import Config, ConfigError
@@ -82,8 +82,7 @@ class FSDP(GradientAggregator):
     @classmethod
     def rendezvous(cls, workers: list[Any], config: dict[str, Any]) -> dict[str, Any]:
         # Even one worker joins a group (of one): fully_shard needs a process group.
-        host, port = ray.get(workers[0].free_address.remote())
-        return {"master_addr": host, "master_port": port}
+        return ray.get(workers[0].serve_rendezvous.remote())
 
     @classmethod
     def resume_key(cls, config: dict[str, Any]) -> Any:
@@ -100,12 +99,12 @@ class FSDP(GradientAggregator):
     ) -> None:
         self.device, self.rank, self.world_size = device, rank, world_size
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(
-            backend=dist_backend(device.type),
-            init_method=f"tcp://{rendezvous['master_addr']}:{rendezvous['master_port']}",
+        process_group.join(
+            dist_backend(device.type),
+            rendezvous,
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            timeout_s=timeout_s,
         )
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
