@@ -245,7 +245,9 @@ class WorkerGroup:
         self.workers = [self.workers[rank] for rank in sorted(failed)]
         try:
             healed.sink = healed._start_sink()
+            started = time.perf_counter()
             healed._take_ranks(sorted(failed))
+            actors_s = time.perf_counter() - started
             aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
             healed.rendezvous = aggregator.rendezvous(healed.workers, self.job.aggregator)
             healed._get(
@@ -258,6 +260,11 @@ class WorkerGroup:
                 self.job.trainer.setup_timeout_s,
                 "rejoin",
             )
+            # As `start` records: the replacements taking their places, then every rank rejoining.
+            healed.startup_s = {
+                "actors": actors_s,
+                "setup": time.perf_counter() - started - actors_s,
+            }
         except BaseException:
             healed.shutdown()  # the survivors too: the caller restarts from a checkpoint
             raise

@@ -186,7 +186,12 @@ def heal(
         survivors=survivors,
         from_spares=healed.taken_from_spares,
         replaced=sorted(failed),
-        phases_s={**clock.phases, "replaced_and_rejoined_s": clock.lap("")},
+        phases_s={
+            **clock.phases,
+            # A new actor's process start and imports, or nothing for a ready spare.
+            "replacements_started_s": round(healed.startup_s["actors"], 3),
+            "rejoined_s": round(clock.lap("") - healed.startup_s["actors"], 3),
+        },
     )
 
 

@@ -171,6 +171,15 @@ def assert_healed(
     ), stderr[-3000:]
     assert 0 <= failure["detection_s"] < failure["downtime_s"]
     assert failure["recovery_s"] < failure["downtime_s"]
+    # Where the healing time went, within the recovery.
+    phases = healed["phases_s"]
+    assert set(phases) == {
+        "survivors_stopped_s",
+        "state_captured_s",
+        "replacements_started_s",
+        "rejoined_s",
+    }, phases
+    assert min(phases.values()) >= 0 and sum(phases.values()) <= failure["recovery_s"] + 0.01
     survivor = 1 - rank
     assert after["workers"][survivor]["pid"] == before["workers"][survivor]["pid"]
     assert after["workers"][rank]["pid"] != before["workers"][rank]["pid"]
