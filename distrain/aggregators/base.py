@@ -9,10 +9,10 @@ The training step stays the textbook loop; a strategy only decides what happens 
     optimizer.step()
 
 Each strategy is a class named by `_target_` in `conf/aggregator/*.yaml`. Its driver-side
-`rendezvous()` runs once per worker group before the workers connect (e.g. rank 0's address and a
-free port for a process group, or starting parameter-server actors). Actors a strategy starts
-there are named by its `actors(rendezvous)`; the driver kills them with the workers when the job
-ends, however it ends.
+`rendezvous()` runs once per worker group before the workers connect (e.g. the address of rank
+0's process-group store, already listening, or starting parameter-server actors). Actors a
+strategy starts there are named by its `actors(rendezvous)`; the driver kills them with the
+workers when the job ends, however it ends.
 """
 
 from __future__ import annotations
