@@ -21,22 +21,22 @@ import ray
 import torch
 import torch.distributed as dist
 
-# The server `serve` opened in this process, by port, until rank 0 joins with it: the handoff
-# between two actor calls (the driver's rendezvous, then the worker's setup). One at a time: a
-# rendezvous whose group never formed (its setup failed) is dropped by the next.
-_served: dict[int, dist.TCPStore] = {}
+# The server `serve` opened in this process, until rank 0 joins with it: the handoff between two
+# actor calls (the driver's rendezvous, then the worker's setup). One at a time: a rendezvous
+# whose group never formed (its setup failed) is dropped by the next.
+_served: dist.TCPStore | None = None
 
 
 def serve(timeout_s: float) -> dict[str, Any]:
     """Rank 0's side, before the others are told: a TCPStore listening on this node's IP as
     Ray sees it (not localhost, so other nodes reach it), on a port the system picks."""
-    _served.clear()
+    global _served
     host = ray.util.get_node_ip_address()
-    store = dist.TCPStore(
+    _served = None  # the previous one closes
+    _served = dist.TCPStore(
         host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
     )
-    _served[store.port] = store
-    return {"master_addr": host, "master_port": store.port}
+    return {"master_addr": host, "master_port": _served.port}
 
 
 def join(
@@ -51,8 +51,11 @@ def join(
     """Join the default process group through the store `rendezvous` names. Rank 0 uses the
     server `serve` opened; without one (a group formed outside a Ray actor, as in unit tests)
     it opens it now, as `init_method="tcp://..."` would."""
+    global _served
     port = rendezvous["master_port"]
-    store = _served.pop(port, None) if rank == 0 else None
+    store = None
+    if rank == 0 and _served is not None and _served.port == port:
+        store, _served = _served, None
     if store is None:
         store = dist.TCPStore(
             rendezvous["master_addr"],
