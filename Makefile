@@ -26,11 +26,17 @@ install: $(STAMP) ## create .venv and install distrain with its dev extras
 train: $(STAMP) ## run the default job (digits MLP, 2 workers, embedded Ray); ARGS='trainer.epochs=3 ...'
 	$(VENV)/bin/distrain $(ARGS)
 
+# Two pytest processes, one test file each at a time (--dist loadfile keeps a file's module
+# fixtures, shared runs and network namespaces in one process): much of a test is waiting on
+# actors, processes and timeouts, so two keep both cores busy. Each process has its own Ray.
+# ARGS='-n 0' runs in one process.
+XDIST := -n 2 --dist loadfile
+
 test: $(STAMP) ## run the whole test suite (slow end-to-end tests included)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 test-fast: $(STAMP) ## run the suite without the slow end-to-end tests
-	$(PY) -m pytest -m 'not slow' $(ARGS)
+	$(PY) -m pytest $(XDIST) -m 'not slow' $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check .
