@@ -4,6 +4,7 @@ its checks run on the CPU (`--cpu-dry-run`): the script works before a GPU runs 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, make gpu-check runs the check")
 def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
     before = sorted((ROOT / "benchmarks" / "results").glob("gpu_check*"))
+    # Not the calling make's variables (it exports them): `make test ARGS=-x` must not pass `-x`
+    # to gpu_check.py.
+    callers = ("ARGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    env = {key: value for key, value in os.environ.items() if key not in callers}
     proc = subprocess.run(
         ["make", "-s", "--no-print-directory", "gpu-check"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
