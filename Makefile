@@ -29,8 +29,11 @@ train: $(STAMP) ## run the default job (digits MLP, 2 workers, embedded Ray); AR
 # Two pytest processes, one test file each at a time (--dist loadfile keeps a file's module
 # fixtures, shared runs and network namespaces in one process): much of a test is waiting on
 # actors, processes and timeouts, so two keep both cores busy. Each process has its own Ray.
+# Files go out in collection order (--no-loadscope-reorder), so the end-to-end files (tests/*.py)
+# start first and the quick unit files (tests/unit/) fill the end. xdist's default order (most
+# tests first) handed test_two_hosts.py (2 tests, ~55 s) out last: the other process sat idle.
 # ARGS='-n 0' runs in one process.
-XDIST := -n 2 --dist loadfile
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP) ## run the whole test suite (slow end-to-end tests included)
 	$(PY) -m pytest $(XDIST) $(ARGS)

@@ -24,9 +24,10 @@ TYPE_NAMES |= {"boolean": "true or false", "bool": "true or false"}
 
 def explain(error: BaseException) -> str | None:
     """One paragraph for a mistake in the overrides or the config files, or None."""
-    missing = getattr(error, "missing_cfg_file", None) or ""
-    if isinstance(error, MissingConfigException) and error.options is not None and "/" in missing:
-        return _missing_option(missing, error.options)  # an option of a group: group/option
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        missing = error.missing_cfg_file or ""
+        if "/" in missing:
+            return _missing_option(missing, error.options)  # an option of a group: group/option
     if isinstance(error, OverrideParseException):
         reason = "; ".join(line for line in str(error).splitlines() if "hydra.cc" not in line)
         return (

@@ -1,4 +1,4 @@
-"""One real Ray for the whole session; CLI tests join it as a cluster instead of starting their own.
+"""One real Ray per pytest process (`make test` runs two); CLI tests join it rather than start one.
 
 Ray is started by this (pytest) process and shut down at the end of the session, so every Ray
 process the suite starts is a child of ray.init here and goes away with ray.shutdown().
