@@ -29,10 +29,10 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 # Only what composing and checking a job needs is imported here: the driver (torch, Ray: ~2 s)
 # once the job is checked, so a mistake in it is named in well under a second.
-from distrain import config, config_errors, validation
+from distrain import config, config_errors, validation, versions
 from distrain.config import register_configs
 from distrain.errors import ConfigError, Interrupted, TrainingFailed
-from distrain.rundir import RunDirectory, git_revision
+from distrain.rundir import RunDirectory
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PATH_KEYS = ("root", "path", "val_root")  # data paths made absolute before workers see them
@@ -288,26 +288,6 @@ class _DeferredInterrupts:
 _interrupts = _DeferredInterrupts()
 
 
-def versions() -> str:
-    """`distrain --version`: distrain's version (and git revision, for a source checkout) and the
-    versions of what it runs on, for a bug report. Read from the installed packages' metadata:
-    nothing is imported, so it answers at once."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    revision = git_revision(CONF_DIR.parent) if (CONF_DIR.parent / ".git").exists() else None
-    stack = ", ".join(f"{p} {installed(p)}" for p in ("torch", "ray", "hydra-core", "tensorboard"))
-    return (
-        f"distrain {installed('distrain')}{f' (git {revision})' if revision else ''}\n"
-        f"python {sys.version.split()[0]}, {stack}"
-    )
-
-
 @contextlib.contextmanager
 def _mistakes_raised() -> Iterator[bool]:
     """Hydra raises the mistakes it finds while composing instead of printing its own report
@@ -325,7 +305,7 @@ def _mistakes_raised() -> Iterator[bool]:
 
 def main() -> None:
     if "--version" in sys.argv[1:] or sys.argv[1:] == ["-V"]:  # distrain's, not Hydra's
-        print(versions())
+        print(versions.describe(CONF_DIR.parent))
         return None
     if sys.argv[1:2] == ["export"]:  # subcommands, not jobs: no Hydra
         from distrain.export import main as export_main

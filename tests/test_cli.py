@@ -298,9 +298,8 @@ def test_help_and_version_are_distrains(tmp_path: Path) -> None:
     assert versions.returncode == 0, versions.stderr
     first, second = versions.stdout.splitlines()
     assert first.startswith(f"distrain {importlib.metadata.version('distrain')}"), first
-    torch_release = torch.__version__.split("+")[0]  # the wheel's metadata has no build tag
     for package in (
-        f"torch {torch_release}",
+        f"torch {torch.__version__},",  # with its build tag (+cu130), which the metadata lacks
         f"ray {ray.__version__}",
         f"hydra-core {hydra.__version__}",
     ):
