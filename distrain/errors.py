@@ -7,6 +7,7 @@ worth a restart, the second is not.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -63,3 +64,36 @@ class SetupTransportFailed(GroupFailed):
 class WorkerError(RuntimeError):
     """A worker's own code raised while setting up (a user class, a missing module): a restart
     would only repeat it."""
+
+
+# What torch.distributed, gloo and NCCL put in the messages of a transport failure.
+TRANSPORT_MARKERS = (
+    "NCCL",
+    "nccl",
+    "gloo",
+    "Gloo",
+    "c10d",
+    "EADDRINUSE",
+    "address already in use",
+    "Address already in use",
+    "Connection reset",
+    "Connection closed",
+    "Connection refused",
+    "shared-memory all-reduce",  # shm_allreduce: a peer's process exited, or never arrived
+)
+
+
+def is_transport_failure(error: BaseException) -> bool:
+    """A collective or the network under it failed (not the user's code): worth a new group.
+
+    torch raises DistError subclasses (DistNetworkError for a store that cannot bind or connect,
+    DistBackendError for NCCL); older paths raise a RuntimeError naming the backend.
+    """
+    import torch.distributed  # here: the CLI imports this module long before torch
+
+    if isinstance(error, torch.distributed.DistError | ConnectionError):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.EADDRINUSE, errno.ECONNREFUSED):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(m in text for m in TRANSPORT_MARKERS)

@@ -9,7 +9,6 @@ reservation with it, and the old one keeps only what failed.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 import uuid
@@ -17,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
-import torch
 from hydra.utils import get_object
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import (
@@ -25,7 +23,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from distrain import cluster, reservation
+from distrain import cluster, errors, reservation
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import Config, plain
@@ -38,37 +36,6 @@ from distrain.worker import Worker
 
 log = logging.getLogger("distrain")
 NAMESPACE = "distrain"  # worker actors are named, so `ray.get_actor(name, NAMESPACE)` finds them
-
-
-# What torch.distributed, gloo and NCCL put in the messages of the failures above.
-TRANSPORT_MARKERS = (
-    "NCCL",
-    "nccl",
-    "gloo",
-    "Gloo",
-    "c10d",
-    "EADDRINUSE",
-    "address already in use",
-    "Address already in use",
-    "Connection reset",
-    "Connection closed",
-    "Connection refused",
-    "shared-memory all-reduce",  # shm_allreduce: a peer's process exited, or never arrived
-)
-
-
-def is_transport_failure(error: BaseException) -> bool:
-    """A collective or the network under it failed (not the user's code): worth a new group.
-
-    torch raises DistError subclasses (DistNetworkError for a store that cannot bind or connect,
-    DistBackendError for NCCL); older paths raise a RuntimeError naming the backend.
-    """
-    if isinstance(error, torch.distributed.DistError | ConnectionError):
-        return True
-    if isinstance(error, OSError) and error.errno in (errno.EADDRINUSE, errno.ECONNREFUSED):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(m in text for m in TRANSPORT_MARKERS)
 
 
 @dataclass
@@ -358,7 +325,7 @@ class WorkerGroup:
             cause = error.cause
             if isinstance(cause, ConfigError):  # e.g. bf16 asked of a GPU without it
                 raise ConfigError(str(cause)) from None
-            if is_transport_failure(cause):
+            if errors.is_transport_failure(cause):
                 first = next((line for line in str(cause).splitlines() if line.strip()), "")
                 raise SetupTransportFailed(
                     f"a worker failed to {what}: {type(cause).__name__}: {first[:300]}"

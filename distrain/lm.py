@@ -1,4 +1,5 @@
-"""What the language-modelling task adds to the loop: a loss over every token, and sampling.
+"""What the language-modelling task adds to the loop: a loss over every token, tokens/s and MFU
+figures, and sampling.
 
 The task flows from the data (`Splits.task == "language_model"`): the configured loss (by default
 `loss=cross_entropy`) is applied to every position of the (B, T, V) logits against the (B, T)
@@ -7,9 +8,15 @@ targets, i.e. the mean cross-entropy over all B * T tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from distrain import mfu
+from distrain.config import LoggerConfig, TrainerConfig
+from distrain.step import Parts
 
 
 class PerTokenLoss(nn.Module):
@@ -53,3 +60,46 @@ def generate(
         idx = torch.cat([idx, nxt], dim=1)
     model.train(was_training)
     return idx[:, start:].tolist()
+
+
+def add_language_model_figures(
+    parts: Parts,
+    splits: Any,
+    logger: LoggerConfig,
+    trainer: TrainerConfig,
+    *,
+    device: torch.device,
+    lead: bool,
+) -> None:
+    """Tokens/s and MFU figures for every rank; on the `lead` rank the sampler (logger.sample_*)."""
+    block_size = splits.input_shape[0]
+    parts.tokens_per_sample = block_size
+    parts.flops_per_token = mfu.flops_per_token(parts.model, block_size)
+    parts.peak_flops_per_s = mfu.peak_flops_per_s(device, trainer.precision, trainer.peak_tflops)
+    parts.bytes_per_token = getattr(splits.val, "bytes_per_token", None)
+    prompt = getattr(splits.val, "prompt", None)
+    # Rank 0 samples; where the forward is a collective (FSDP) every rank runs it in step
+    # (the same generator, the same tokens) and only rank 0's lines are sent.
+    if not (lead or parts.aggregator.collective_forward):
+        return
+    if not logger.sample_tokens or prompt is None:
+        return
+    decode = getattr(splits.val, "decode", lambda ids: " ".join(map(str, ids)))
+    context = prompt(logger.sample_prompt_tokens).to(device)
+    generator = torch.Generator().manual_seed(trainer.seed)
+
+    def sample() -> list[str] | None:
+        with parts.autocast():
+            lines = generate(
+                parts.model,
+                context,
+                num_samples=logger.sample_count,
+                max_new_tokens=logger.sample_tokens,
+                block_size=block_size,
+                temperature=logger.sample_temperature,
+                top_k=logger.sample_top_k,
+                generator=generator,
+            )
+        return [decode(context.tolist()) + " ⟶ " + decode(ids) for ids in lines] if lead else None
+
+    parts.sample = sample

@@ -123,6 +123,13 @@ class RunRecorder:
                 "in that directory; open in https://ui.perfetto.dev)"
             )
 
+    def write_workers(self, group: WorkerGroup) -> None:
+        """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
+        spares = {"spares": group.spares_ready_s} if group.job.trainer.spare_workers else {}
+        self.run_dir.write_json(
+            self.run_dir.path / "workers.json", {"workers": group.describe(), **spares}
+        )
+
     def message(self, text: str) -> None:
         self.progress.message(text)
 

@@ -178,7 +178,7 @@ class Supervisor:
                     ) from None
                 time.sleep(1.0)
                 continue
-            self._write_workers(group)
+            self.recorder.write_workers(group)
             self.failures.recovered()
             if group.plan.world_size < self.plan.world_size:
                 self.recorder.message(
@@ -258,7 +258,7 @@ class Supervisor:
         count = len(self.failures)
         self.recorder.message(f"healed {count}/{self.trainer.max_failures}: {failure}; {healed}")
         self.recorder.restarted(count, healed.from_step, failure, how="healed")
-        self._write_workers(healed.group)
+        self.recorder.write_workers(healed.group)
         return healed.group
 
     def _recover(self, failure: GroupFailed) -> checkpoint.Checkpoint | None:
@@ -298,7 +298,7 @@ class Supervisor:
                     self._take(record, group, collector)
                 self.checkpoints.settle(wait=False, nodes=self.current_nodes)
                 if group.spares and group.spares_became_ready():
-                    self._write_workers(group)
+                    self.recorder.write_workers(group)
                 check_hang(
                     {refs[r] for r in pending},
                     last_seen_s,
@@ -341,13 +341,6 @@ class Supervisor:
                 )
             )
         return results
-
-    def _write_workers(self, group: WorkerGroup) -> None:
-        """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
-        spares = {"spares": group.spares_ready_s} if self.trainer.spare_workers else {}
-        self.run_dir.write_json(
-            self.run_dir.path / "workers.json", {"workers": group.describe(), **spares}
-        )
 
     def _grow_probe(self, group: WorkerGroup) -> elastic.GrowProbe | None:
         """For a group smaller than configured: what says the missing workers fit again. The

@@ -18,8 +18,8 @@ from typing import Any
 import ray
 
 from distrain import hangs
-from distrain.errors import ConfigError, GroupFailed, TrainingFailed
-from distrain.group import WorkerGroup, is_transport_failure
+from distrain.errors import ConfigError, GroupFailed, TrainingFailed, is_transport_failure
+from distrain.group import WorkerGroup
 from distrain.loop import NonFiniteError
 from distrain.records import RankResult
 

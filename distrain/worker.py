@@ -12,7 +12,7 @@ import ray
 import torch
 from hydra.utils import instantiate
 
-from distrain import blocks, build, lm, mfu, network, shards, training_state
+from distrain import blocks, build, lm, network, shards, training_state
 from distrain import device as devices
 from distrain.aggregators import process_group
 from distrain.aggregators.base import GradientAggregator
@@ -117,7 +117,14 @@ class Worker:
             self.splits = build.build_splits(self.job.data) if shared is None else shared.open()
         self.parts = self._build_parts(aggregator, self.splits)
         if self.splits.task == "language_model":
-            self._language_model(self.splits)
+            lm.add_language_model_figures(
+                self.parts,
+                self.splits,
+                self.job.logger,
+                self.job.trainer,
+                device=self.device,
+                lead=self.rank == 0,
+            )
         self.position = Position()
         if checkpoint:
             self.position = training_state.restore(
@@ -199,45 +206,6 @@ class Worker:
             num_outputs=splits.num_outputs,
             rank_seed=rank_seed,
         )
-
-    def _language_model(self, splits: Any) -> None:
-        """Tokens/s and MFU figures for every rank; on rank 0 the sampler (logger.sample_*)."""
-        parts, logger, block_size = self.parts, self.job.logger, splits.input_shape[0]
-        parts.tokens_per_sample = block_size
-        parts.flops_per_token = mfu.flops_per_token(parts.model, block_size)
-        parts.peak_flops_per_s = mfu.peak_flops_per_s(
-            self.device, self.precision, self.job.trainer.peak_tflops
-        )
-        parts.bytes_per_token = getattr(splits.val, "bytes_per_token", None)
-        prompt = getattr(splits.val, "prompt", None)
-        # Rank 0 samples; where the forward is a collective (FSDP) every rank runs it in step
-        # (the same generator, the same tokens) and only rank 0's lines are sent.
-        lead = self.rank == 0
-        if not (lead or parts.aggregator.collective_forward):
-            return
-        if not logger.sample_tokens or prompt is None:
-            return
-        decode = getattr(splits.val, "decode", lambda ids: " ".join(map(str, ids)))
-        context = prompt(logger.sample_prompt_tokens).to(self.device)
-        generator = torch.Generator().manual_seed(self.job.trainer.seed)
-
-        def sample() -> list[str] | None:
-            with parts.autocast():
-                lines = lm.generate(
-                    parts.model,
-                    context,
-                    num_samples=logger.sample_count,
-                    max_new_tokens=logger.sample_tokens,
-                    block_size=block_size,
-                    temperature=logger.sample_temperature,
-                    top_k=logger.sample_top_k,
-                    generator=generator,
-                )
-            return (
-                [decode(context.tolist()) + " ⟶ " + decode(ids) for ids in lines] if lead else None
-            )
-
-        parts.sample = sample
 
     def _at_boundary(self, position: Position, *, epoch_end: bool, final: bool) -> bool:
         stop, checkpoint = ray.get(self.sink.decide.remote(position.step, final))

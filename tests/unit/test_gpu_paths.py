@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, TensorDataset
 from distrain import device as devices
 from distrain.data.base import Splits
 from distrain.data.batches import ShardBatches
-from distrain.group import is_transport_failure
+from distrain.errors import is_transport_failure
 from distrain.histograms import BINS, model_histograms
 from distrain.metrics import MetricsCollector
 from distrain.records import StepRecord
