@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import ray
 
+from distrain import warm_workers
 from distrain.config import ClusterConfig, ConfigError
 
 log = logging.getLogger("distrain")
@@ -229,8 +230,9 @@ def _join(kwargs: dict[str, Any], address: str | None) -> None:
 
 
 @contextlib.contextmanager
-def connect(cluster: ClusterConfig, *, keep: bool = False) -> Iterator[None]:
-    """Join `cluster.address`, or start an embedded Ray that lives as long as this context.
+def connect(cluster: ClusterConfig, *, keep: bool = False) -> Iterator[bool]:
+    """Join `cluster.address`, or start an embedded Ray that lives as long as this context;
+    yields whether the Ray outlives it.
 
     A Ray already initialised in this process (a test session, a --multirun sweep that keeps one
     with `keep_connected`) is reused and left running. `keep=True` (a sweep's job) leaves the
@@ -239,11 +241,11 @@ def connect(cluster: ClusterConfig, *, keep: bool = False) -> Iterator[None]:
     if keep:
         keep_connected(cluster)
     if ray.is_initialized():
-        yield
+        yield True
         return
     _init(cluster)
     try:
-        yield
+        yield False
     finally:
         ray.shutdown()
 
@@ -278,6 +280,7 @@ def release() -> None:
     """Shut down the Ray kept by `keep_connected` (a no-op when none is kept)."""
     global _kept
     if _kept is not None and ray.is_initialized():
+        warm_workers.forget()  # their actors end with this Ray
         ray.shutdown()
     _kept = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -227,7 +228,27 @@ def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """This worker's peak memory: tensors allocated on its GPU, or the process's resident set
-    on a CPU (Linux reports `ru_maxrss` in KiB)."""
+    on a CPU."""
     if device.type == CUDA:
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"peak_memory_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set since it started or `reset_peak_memory`: Linux's VmHWM
+    (what `reset_peak_memory` resets), else `ru_maxrss` (KiB on Linux)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.MULTILINE)
+        if found:
+            return int(found.group(1)) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory figures afresh: a kept worker's next job (warm_workers.py) reports
+    its own peak, not the largest of the jobs this process ran."""
+    if device.type == CUDA:
+        torch.cuda.reset_peak_memory_stats(device)
+    # "5": reset the peak resident set (Linux >= 4.0).
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from distrain import cluster, config, reservation, simulate, validation
+from distrain import cluster, config, reservation, simulate, validation, warm_workers
 from distrain.errors import Interrupted
 from distrain.rundir import RunDirectory, git_revision
 
@@ -36,16 +36,30 @@ def train(
     overrides: list[str] | None = None,
     *,
     keep_cluster: bool = False,
+    keep_workers: bool = False,
 ) -> dict[str, Any]:
     """Run one job end to end from its plain values (a script's entry: `cli.compose_job`, then
     this); returns the metrics also written to metrics.json.
 
     `overrides` (the command line's, from Hydra) become HParams columns in TensorBoard.
-    `keep_cluster` (a sweep's jobs) leaves Ray running for the next job.
+    `keep_cluster` (a sweep's jobs) leaves Ray running for the next job, and its workers.
+    `keep_workers` (a script's jobs on the Ray it started) keeps the workers for the next job
+    of the same shape, which then starts without new processes; `release_workers()` frees them.
     """
     validation.validate(plain_job)
     # Typed once; below here no part reads the job by string keys.
-    return run(config.typed(plain_job), run_dir, overrides, keep_cluster=keep_cluster)
+    return run(
+        config.typed(plain_job),
+        run_dir,
+        overrides,
+        keep_cluster=keep_cluster,
+        keep_workers=keep_workers,
+    )
+
+
+def release_workers() -> None:
+    """Free the workers a job run with `keep_workers=True` kept (distrain/warm_workers.py)."""
+    warm_workers.release()
 
 
 def run(
@@ -54,6 +68,7 @@ def run(
     overrides: list[str] | None = None,
     *,
     keep_cluster: bool = False,
+    keep_workers: bool = False,
 ) -> dict[str, Any]:
     """Run one checked and typed job (`train` checks and types it; so does the CLI, before it
     imports this module)."""
@@ -62,7 +77,7 @@ def run(
     # An embedded Ray starts while the job is checked. A cluster is joined only after the
     # checks: a mistake in the data or model is reported before any connection is tried.
     checks = start_checks(job, background=job.cluster.address is None)
-    with cluster.connect(job.cluster, keep=keep_cluster):
+    with cluster.connect(job.cluster, keep=keep_cluster) as lasting:
         checked = checks.result()  # a mistake raises here; Ray is shut down on the way out
         # Imported by the checks (with torch) by now: these lines cost no import time.
         from distrain.device import choose_device_type
@@ -79,7 +94,15 @@ def run(
             gpus_per_worker=job.trainer.gpus_per_worker,
         )
         supervisor = Supervisor(
-            job, run_dir, splits, plan, device_type, overrides or [], slow_rank=slow_rank
+            job,
+            run_dir,
+            splits,
+            plan,
+            device_type,
+            overrides or [],
+            slow_rank=slow_rank,
+            # Kept only where Ray outlives this job: an embedded one ends with it.
+            keep_workers=lasting and (keep_cluster or keep_workers),
         )
         result = supervisor.run(resume, started)
     metrics = {

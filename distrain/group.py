@@ -4,7 +4,8 @@ A failure either heals the group (`replace`: the survivors stay, a spare or a ne
 failed rank; distrain/healing.py) or ends it, and the driver's supervisor starts a new one from
 the last checkpoint. Keeping the group's lifecycle in one place makes "no orphan actors" a
 property of `shutdown()`, called from a `finally`: a healed group takes its actors, spares and
-reservation with it, and the old one keeps only what failed.
+reservation with it, and the old one keeps only what failed; a finished group that `keep`s its
+workers for the next job hands them to distrain/warm_workers.py, which owns them from then on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
-from distrain import cluster, errors, reservation
+from distrain import cluster, errors, reservation, warm_workers
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import Config, plain
@@ -83,29 +84,35 @@ class WorkerGroup:
         spares: int = 0,
         *,
         scale_up: bool = False,
+        kept: warm_workers.KeptWorkers | None = None,
     ) -> None:
         """Reserve, start the actors, rendezvous, build; bounded by trainer.setup_timeout_s.
 
         `splits_ref`: the driver's in-memory data in the object store (None: workers build it).
         `spares`: warm spares to start once the group is set up (they warm up in the background).
         `scale_up`: the checked verdict that `need` fits only once the autoscaler adds nodes.
+        `kept`: the last job's workers, sink and reservation, to run this job on (warm_workers).
         """
         trainer = self.job.trainer
         self.need, self.splits_ref = need, splits_ref
-        self.placement_group = reservation.place(need, self.job.cluster, scale_up=scale_up)
-        started = time.perf_counter()
-        self.sink = self._start_sink()
-        made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]
-        self.workers, self.names = [w for w, _ in made], [n for _, n in made]
         self.bundles = list(range(self.world_size))
+        started = time.perf_counter()
+        if kept is None:
+            self.placement_group = reservation.place(need, self.job.cluster, scale_up=scale_up)
+            self.sink = self._start_sink()
+            made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]
+            self.workers, self.names = [w for w, _ in made], [n for _, n in made]
+            taken = []
+        else:
+            taken = self._take_kept(kept)
         timeout_s = trainer.setup_timeout_s
         # The sink answers before training starts: one slow to come up fails the start (which
         # is retried), not the first drain of a running group (which would count a restart).
         *self.nodes, self.sink_ip = self._get(
-            [*(w.node.remote() for w in self.workers), self.sink.node_ip.remote()],
+            [*taken, *(w.node.remote() for w in self.workers), self.sink.node_ip.remote()],
             timeout_s,
             "start",
-        )
+        )[len(taken) :]
         self._get(
             [w.place.remote(p) for w, p in zip(self.workers, self._placements())],
             timeout_s,
@@ -135,6 +142,40 @@ class WorkerGroup:
             )
         ).remote(self.job.trainer.checkpoint_min_interval_s)
 
+    def _take_kept(self, kept: warm_workers.KeptWorkers) -> list[Any]:
+        """Run on the last job's workers, sink and reservation: each worker drops that job and
+        takes this one (the refs of that, to wait on)."""
+        self.placement_group, self.sink = kept.placement_group, kept.sink
+        self.workers, self.names = kept.workers, kept.names
+        self.group_id, self._actors_made = kept.group_id, kept.actors_made
+        interval_s = self.job.trainer.checkpoint_min_interval_s
+        return [
+            self.sink.reset.remote(interval_s),
+            *(w.take_job.remote(*self._job_of(rank)) for rank, w in enumerate(self.workers)),
+        ]
+
+    def keep(self, shape: warm_workers.Shape) -> None:
+        """Hand the workers, sink and reservation to warm_workers for the next job of `shape`
+        (`shutdown` frees the rest), unless a spare took a rank: it sits outside the bundles."""
+        if self.bundles != list(range(self.world_size)) or self.placement_group is None:
+            return
+        warm_workers.keep(
+            warm_workers.KeptWorkers(
+                shape,
+                self.placement_group,
+                self.workers,
+                self.names,
+                self.sink,
+                self.group_id,
+                self._actors_made,
+            )
+        )
+        self.workers, self.sink, self.placement_group = [], None, None
+
+    def _job_of(self, rank: int) -> tuple[Any, ...]:
+        """What a worker for `rank` is given: `Worker.__init__`'s and `take_job`'s arguments."""
+        return rank, asdict(self.plan), plain(self.job), self.device_type, self.sink, self.slow_rank
+
     def _actor(self, rank: int, bundle: int | None) -> tuple[Any, str]:
         """A new worker actor for `rank` (-1: a spare) in `bundle` of the group's reservation, or
         (None) outside it, spread over the cluster's nodes; and its name."""
@@ -158,14 +199,7 @@ class WorkerGroup:
                 num_gpus=self.need.gpus,
                 scheduling_strategy=strategy,
             )
-            .remote(
-                rank,
-                asdict(self.plan),
-                plain(self.job),
-                self.device_type,
-                self.sink,
-                self.slow_rank,
-            )
+            .remote(*self._job_of(rank))
         )
         return handle, name
 

@@ -29,6 +29,10 @@ class MetricsSink:
         self._last_checkpoint_s = -math.inf
         self._saved_step = -1
 
+    def reset(self, checkpoint_min_interval_s: float) -> None:
+        """Start afresh for the next job of a sweep (distrain/warm_workers.py)."""
+        self.__init__(checkpoint_min_interval_s)  # type: ignore[misc]
+
     def push(self, record: Record) -> None:
         self._records.append(record)
 

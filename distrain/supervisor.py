@@ -24,7 +24,8 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, config, elastic, healing, preflight, reservation, simulate
+from distrain import checkpoint, elastic, healing, preflight, reservation, simulate, warm_workers
+from distrain.config import Config
 from distrain.data.base import SharedSplits, Splits
 from distrain.device import worker_gpus
 from distrain.early_stopping import EarlyStopping
@@ -62,17 +63,20 @@ class Supervisor:
 
     def __init__(
         self,
-        job: config.Config,
+        job: Config,
         run_dir: RunDirectory,
         splits: Splits,
         plan: StepPlan,
         device_type: str,
         overrides: list[str],
         slow_rank: simulate.SlowRank | None = None,  # DISTRAIN_SLOW_RANK (tests, demos)
+        *,
+        keep_workers: bool = False,  # for the next job of this process (warm_workers.py)
     ) -> None:
         self.job, self.run_dir, self.device_type = job, run_dir, device_type
         self.splits, self.plan, self.overrides = splits, plan, overrides
         self.trainer, self.task, self.slow_rank = job.trainer, splits.task, slow_rank
+        self.keep_workers = keep_workers
         self.recorder = RunRecorder(run_dir, job.logger.progress)
         self.history: list[EpochMetrics] = []
         self.failures = FailureLog(self.trainer.max_failures)
@@ -100,6 +104,8 @@ class Supervisor:
         small = self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
         shared = SharedSplits.of(self.splits) if small else None
         self.splits_ref = ray.put(shared) if shared is not None else None
+        # The last job's workers if they fit this one (any others are freed before the check).
+        self.kept = warm_workers.claim(self._shape(self.trainer.workers))
         planned = self._plan_group()  # a job the cluster cannot hold ends before any output
         self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
         healed: WorkerGroup | None = None
@@ -116,6 +122,8 @@ class Supervisor:
                         restore_from = self._grow_back(group)
                         continue
                     result = self._finish(group, results)
+                    if self.keep_workers:
+                        group.keep(self._shape(group.world_size))
                     self.recorder.finish(result, wall_s=time.perf_counter() - started)
                     return result
                 except GroupFailed as failure:
@@ -142,6 +150,10 @@ class Supervisor:
             worker_gpus(self.device_type, self.trainer.gpus_per_worker),
             excluded_nodes=self.failures.excluded_nodes,
         )
+
+    def _shape(self, world_size: int) -> warm_workers.Shape:
+        need = self._resources(world_size)
+        return warm_workers.Shape.of(need, self.job.cluster, self.device_type)
 
     def _start_group(
         self, restore_from: checkpoint.Checkpoint | None, planned: Planned | None
@@ -192,6 +204,7 @@ class Supervisor:
         """One attempt: a group planned, placed and set up, or shut down again on any error."""
         plan, scale_up = planned or self._plan_group()
         group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
+        kept, self.kept = self.kept, None  # the first attempt only
         try:
             group.start(
                 self._resources(plan.world_size),
@@ -199,6 +212,7 @@ class Supervisor:
                 self.splits_ref,
                 spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
                 scale_up=scale_up,
+                kept=kept,
             )
         except BaseException:
             group.shutdown()
@@ -209,6 +223,8 @@ class Supervisor:
         """The configured worker count (after a failure, the most that fit, >= min_workers),
         and whether they fit only once the autoscaler has added nodes: the cluster is checked
         here, once per group start, and `WorkerGroup.start` reserves on that verdict."""
+        if self.kept is not None:  # they fit: they hold their reservation
+            return self.plan, False
         placement = self.job.cluster.placement.value
         scale_up: dict[int, bool] = {}  # by world size: the last check's verdict
 

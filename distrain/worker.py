@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -55,6 +56,21 @@ class Worker:
         sink: Any,
         slow_rank: SlowRank | None = None,
     ):
+        self.take_job(rank, plan, job, device_type, sink, slow_rank)
+
+    def take_job(
+        self,
+        rank: int,
+        plan: dict[str, int],
+        job: dict[str, Any],
+        device_type: str,
+        sink: Any,
+        slow_rank: SlowRank | None = None,
+    ) -> None:
+        """Start on a job: when the actor is made, and again when a kept worker runs the next job
+        of a sweep (distrain/warm_workers.py). What the last job built is dropped first."""
+        if getattr(self, "parts", None) is not None:
+            self._drop_job()
         self.sink, self.slow_rank = sink, slow_rank
         self.plan, self.job = StepPlan(**plan), typed(job)
         self.world_size = self.plan.world_size
@@ -69,6 +85,19 @@ class Worker:
         self.precision = trainer.precision
         self.splits: Any = None  # built (or mapped) once: a healed group's survivors keep it
         self.position = Position()  # the last completed step, also after a failed one
+
+    def _drop_job(self) -> None:
+        """Free the last job's model, optimizer and data, and its compiled code (dynamo's caches
+        are keyed on code: a sweep of compiled jobs would otherwise hit its recompile limit and
+        quietly run eagerly); the next job's peak memory is its own."""
+        compiled, device = self.compiled, self.device
+        self.parts = self.splits = None
+        gc.collect()
+        if compiled:
+            torch._dynamo.reset()
+        if device.type == devices.CUDA:
+            torch.cuda.empty_cache()
+        devices.reset_peak_memory(device)
 
     def _name(self, rank: int) -> None:
         """Take `rank` (a spare has none, -1, until it replaces a worker)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ def ray_address() -> Any:
         ray.shutdown()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def free_kept_workers() -> Iterator[None]:
+    """The workers an in-process run kept (`keep_workers=True`) are freed after each file: the
+    next file's runs, and Ray calls of its own, find the session's CPUs free."""
+    yield
+    from distrain import warm_workers
+
+    warm_workers.release()
+
+
 def slowed(rank: int, step_delay_s: float, env: dict[str, str] | None = None) -> dict[str, str]:
     """`env` (this process's by default) with `rank` sleeping `step_delay_s` per step: a
     straggler made on purpose (distrain/simulate.py)."""
@@ -48,7 +59,12 @@ def slowed(rank: int, step_delay_s: float, env: dict[str, str] | None = None) ->
 def run_cli(
     *overrides: str, cwd: Path, timeout_s: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m distrain <overrides>` in a subprocess, output captured."""
+    """`python -m distrain <overrides>` in a subprocess, output captured. Workers this process
+    kept are freed first: a driver in another process cannot use them, and would find the CPUs
+    they hold taken."""
+    from distrain import warm_workers
+
+    warm_workers.release()
     return subprocess.run(
         [*DISTRAIN, *overrides],
         cwd=cwd,

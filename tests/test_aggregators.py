@@ -35,7 +35,7 @@ def run(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], dict[str, torc
     # Unique and within the file system's 255 bytes: the overrides' tail with their digest.
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
     run_dir = RunDirectory(tmp_path / f"{name[-120:]}-{digest}")
-    metrics = driver.train(compose_job(*overrides), run_dir)
+    metrics = driver.train(compose_job(*overrides), run_dir, keep_workers=True)
     return metrics, torch.load(run_dir.model_path, weights_only=True)
 
 

@@ -65,7 +65,7 @@ def plain_pytorch_loop(
 
 def distrain_run(tmp_path: Path, *overrides: str) -> dict[str, torch.Tensor]:
     run_dir = RunDirectory(tmp_path / "_".join(overrides))
-    metrics = driver.train(compose_job(*BASE, *overrides), run_dir)
+    metrics = driver.train(compose_job(*BASE, *overrides), run_dir, keep_workers=True)
     assert metrics["steps"] == STEPS
     return torch.load(run_dir.model_path, weights_only=True)
 

@@ -79,7 +79,7 @@ def reference() -> tuple[dict[str, torch.Tensor], list[float]]:
 
 def run(tmp_path: Path, *overrides: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     run_dir = RunDirectory(tmp_path / "_".join(overrides).replace("/", "-")[:200])
-    metrics = driver.train(compose_job(*BASE, *overrides), run_dir)
+    metrics = driver.train(compose_job(*BASE, *overrides), run_dir, keep_workers=True)
     return metrics, torch.load(run_dir.model_path, weights_only=True)
 
 
@@ -150,13 +150,14 @@ def test_fsdp_bf16_with_cpu_offload_converges_and_reports_memory(
 def _resume(tmp_path: Path, first: list[str], second: list[str]) -> dict[str, torch.Tensor]:
     """15 steps under `first`, then the same run resumed to step 30 under `second`."""
     run_dir = RunDirectory(tmp_path / "first")
-    driver.train(compose_job(*BASE, "trainer.max_steps=15", *first), run_dir)
+    driver.train(compose_job(*BASE, "trainer.max_steps=15", *first), run_dir, keep_workers=True)
     # Each worker wrote its own shard, and they divide the state: no rank held all of it.
     latest = checkpoint.CheckpointStore(run_dir.checkpoints, keep=3).latest()
     sizes = [shard.stat().st_size for shard in sorted(latest.glob("shard-*.safetensors"))]
     assert len(sizes) == 2 and max(sizes) < 0.65 * sum(sizes), sizes  # ZeRO-1: uneven
     resumed = RunDirectory(tmp_path / "second")
-    metrics = driver.train(compose_job(*BASE, f"resume={run_dir.path}", *second), resumed)
+    job = compose_job(*BASE, f"resume={run_dir.path}", *second)
+    metrics = driver.train(job, resumed, keep_workers=True)
     assert metrics["steps"] == STEPS
     return torch.load(resumed.model_path, weights_only=True)
 

@@ -69,7 +69,7 @@ def base(token_dir: Path) -> list[str]:
 
 def train(run_dir: Path, *overrides: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     run = RunDirectory(run_dir)
-    metrics = driver.train(compose_job(*overrides), run)
+    metrics = driver.train(compose_job(*overrides), run, keep_workers=True)
     return metrics, torch.load(run.model_path, weights_only=True)
 
 

@@ -80,8 +80,8 @@ def test_summary_rows_and_table(tmp_path: Path) -> None:
 EPOCHS = 4
 SWEEP = [
     "--multirun",
-    "optimizer.lr=0.05,0.1",
     "trainer.workers=1,2",
+    "optimizer.lr=0.05,0.1",
     f"trainer.epochs={EPOCHS}",
     "trainer.checkpoint_every_n_steps=10",
     "model.hidden_sizes=[32]",
@@ -102,8 +102,9 @@ def test_a_sweep_stopped_mid_job_continues_with_only_what_is_missing(
 ) -> None:
     """4 jobs; Ctrl-C while job 1 trains (after its first checkpoint): the sweep stops with exit
     code 130 and job 2 never starts. The same command again skips job 0 (finished), continues
-    job 1 from its checkpoint to the same step count in the same run dir, runs jobs 2 and 3,
-    then prints and writes the summary. A regression test: a Ctrl-C that reached a job used to
+    job 1 from its checkpoint to the same step count in the same run dir, runs jobs 2 and 3
+    (job 3 on the workers job 2 kept: the same shape), then prints and writes the summary.
+    A regression test: a Ctrl-C that reached a job used to
     be dropped when the job finished, and the sweep ran on to the end."""
     sweep_dir = tmp_path / "sweep"
     command = [*DISTRAIN, *SWEEP, f"cluster.address={ray_address}", f"hydra.sweep.dir={sweep_dir}"]
@@ -154,14 +155,19 @@ def test_a_sweep_stopped_mid_job_continues_with_only_what_is_missing(
         metrics = json.loads((sweep_dir / str(n) / "metrics.json").read_text())
         assert row["overrides"] == metrics["overrides"]
         assert row["val_accuracy"] == metrics["val_accuracy"]
-        assert metrics["workers"] == len(metrics["nodes"]) == (1 if n % 2 == 0 else 2)
+        assert metrics["workers"] == len(metrics["nodes"]) == (1 if n < 2 else 2)
         assert (sweep_dir / str(n) / "model.pt").exists()
     # Job numbers follow the overrides in order, so a continued sweep meets the same jobs.
-    expected = [(lr, w) for lr in ("0.05", "0.1") for w in ("1", "2")]
-    for n, (lr, workers) in enumerate(expected):
-        assert rows[n]["overrides"][:2] == [f"optimizer.lr={lr}", f"trainer.workers={workers}"]
+    expected = [(w, lr) for w in ("1", "2") for lr in ("0.05", "0.1")]
+    for n, (workers, lr) in enumerate(expected):
+        assert rows[n]["overrides"][:2] == [f"trainer.workers={workers}", f"optimizer.lr={lr}"]
+    pids = [
+        [w["pid"] for w in json.loads((sweep_dir / str(n) / "workers.json").read_text())["workers"]]
+        for n in (1, 2, 3)
+    ]
+    assert pids[2] == pids[1] and not set(pids[1]) & set(pids[0]), pids
     summary = (sweep_dir / "summary.md").read_text()
-    assert "optimizer.lr=0.1 trainer.workers=2" in summary
+    assert "trainer.workers=2 optimizer.lr=0.1" in summary
     assert "sweep " in again.stdout and "| 3   |" in again.stdout  # the table, printed
 
 

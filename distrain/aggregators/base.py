@@ -18,7 +18,6 @@ workers when the job ends, however it ends.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -32,7 +31,7 @@ from torch.optim.optimizer import ParamsT
 
 from distrain.blocks import find_blocks
 from distrain.config import Config, ConfigError
-from distrain.device import peak_memory
+from distrain.device import peak_memory, peak_rss_mb
 
 FIRST_STEPS = 8  # steps whose end times are kept for `first_step_extra_s`
 # Parameters, or param groups (build.param_groups): what a torch optimizer's constructor takes.
@@ -187,7 +186,7 @@ class GradientAggregator(ABC):
             **state_bytes(optimizer),
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             # This worker process's peak resident memory (Linux reports KiB).
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             **peak_memory(getattr(self, "device", None) or torch.device("cpu")),
         }
 
