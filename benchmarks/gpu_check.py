@@ -206,7 +206,9 @@ def train(overrides: list[str], run_dir: Path) -> tuple[dict[str, Any], dict]:
     from distrain.rundir import RunDirectory
 
     rundir = RunDirectory(run_dir)
-    metrics = driver.train(_compose(overrides), rundir)
+    # Kept workers (warm_workers.py): the next check of the same shape runs on the same
+    # processes, which proves that path on the GPU too (and saves each check a start-up).
+    metrics = driver.train(_compose(overrides), rundir, keep_workers=True)
     return metrics, torch.load(rundir.model_path, weights_only=True)
 
 
@@ -227,6 +229,10 @@ def correctness_check(
             "transport": metrics["aggregator"][0].get("transport", "-"),
             "val_accuracy": round(metrics.get("val_accuracy", float("nan")), 4),
             "reference_val_accuracy": round(reference_accuracy, 4),
+            # The same pids as the check before: it ran on the workers that check kept.
+            "worker_pids": [
+                w["pid"] for w in json.loads((run_dir / "workers.json").read_text())["workers"]
+            ],
         }
         kind, tolerance = compare
         distance = relative_distance(params, reference)

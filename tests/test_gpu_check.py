@@ -39,13 +39,13 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
 
 @pytest.mark.slow
 def test_the_checks_themselves_run_as_a_cpu_dry_run(ray_address: str, tmp_path: Path) -> None:
-    """The script a GPU machine runs, run here on the CPU (two of its checks, the profiled one
+    """The script a GPU machine runs, run here on the CPU (three of its checks, the profiled one
     included): a GPU session's minutes are not spent finding that the script itself is broken
     (it was: a config dict where the typed cluster config belongs)."""
     proc = subprocess.run(
         [
             sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-dry-run",
-            "--only", "correctness", "--match", "allreduce fp32, 1 worker", "--match", "profiled",
+            "--only", "correctness", "--match", "allreduce fp32", "--match", "profiled",
             "--ray-address", ray_address, "--results-dir", str(tmp_path),
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -54,6 +54,9 @@ def test_the_checks_themselves_run_as_a_cpu_dry_run(ray_address: str, tmp_path: 
     rows = json.loads((tmp_path / "gpu_check_cpu_dry_run.json").read_text())["checks"]
     assert [(row["check"], row["status"]) for row in rows] == [
         ("allreduce fp32, 1 worker", "pass"),
+        ("allreduce fp32", "pass"),
         ("profiled (logger.profile_steps)", "pass"),
     ]
-    assert rows[1]["profile_kernels"] == [0, 0]  # both ranks traced; no kernels on a CPU
+    assert rows[2]["profile_kernels"] == [0, 0]  # both ranks traced; no kernels on a CPU
+    # The checks keep their workers: the second 2-worker check ran on the first one's.
+    assert rows[2]["worker_pids"] == rows[1]["worker_pids"] != rows[0]["worker_pids"]
