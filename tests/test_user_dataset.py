@@ -91,7 +91,7 @@ def test_in_memory_data_is_built_once_and_sent_to_the_workers(ray_address: str, 
         **{key: job["data"][key] for key in ("batch_size", "micro_batch_size", "loader")},
         "num_workers": 0,
     }
-    metrics = driver.train(job, RunDirectory(tmp_path / "in_memory"))
+    metrics = driver.train(job, RunDirectory(tmp_path / "in_memory"), keep_workers=True)
     assert metrics["steps"] == 192 // 32 and metrics["val_accuracy"] > 0.5
     assert in_memory.read_text().split() == [str(os.getpid())]  # the check, on the driver
 
@@ -103,6 +103,6 @@ def test_in_memory_data_is_built_once_and_sent_to_the_workers(ray_address: str, 
         "data.batch_size=32",
         "logger.progress=none",
     )
-    driver.train(job, RunDirectory(tmp_path / "by_item"))
+    driver.train(job, RunDirectory(tmp_path / "by_item"), keep_workers=True)  # the same workers
     builders = by_item.read_text().split()
     assert builders[0] == str(os.getpid()) and len(set(builders[1:])) == 2, builders

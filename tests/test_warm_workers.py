@@ -105,11 +105,11 @@ def test_the_next_job_runs_on_the_kept_workers_and_ends_as_on_new_ones(
 def test_a_job_of_another_shape_frees_the_kept_workers_first(
     ray_address: str, tmp_path: Path
 ) -> None:
-    """Two kept workers hold 2 of the session's 4 CPUs; a 4-worker job fits only once they are
+    """Two kept workers hold 2 of the session's 4 CPUs; a 3-worker job fits only once they are
     freed, before its resource check."""
     two = train(tmp_path, "two", "trainer.workers=2")
-    four = train(tmp_path, "four", "trainer.workers=4", keep=False)
-    assert len(four["pids"]) == 4 and not set(four["pids"]) & set(two["pids"])
+    three = train(tmp_path, "three", "trainer.workers=3", "data.batch_size=66", keep=False)
+    assert len(three["pids"]) == 3 and not set(three["pids"]) & set(two["pids"])
     assert_gone(two["actors"])
 
 
