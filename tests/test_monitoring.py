@@ -168,7 +168,11 @@ def test_the_slowed_worker_is_reported_as_the_straggler(monitored_run: dict[str,
     events, metrics = monitored_run["events"], monitored_run["metrics"]
     reports = metrics["stragglers"]
     assert [r["rank"] for r in reports] == [1], reports
-    assert reports[0]["ratio"] > 1.3 and reports[0]["step"] == 2 * LOG_EVERY  # patience 2
+    # Declared after exactly `patience` (2) logged intervals above the threshold. Not always at
+    # step 10: under load rank 0's first steps can be as slow as the sleeping rank's, so the
+    # first interval may not count (seen once in a fresh clone's run: declared at step 15).
+    assert reports[0]["ratio"] > 1.3 and reports[0]["intervals"] == 2, reports
+    assert reports[0]["step"] >= 2 * LOG_EVERY and reports[0]["step"] % LOG_EVERY == 0
     message = reports[0]["message"]
     assert message.startswith(f"straggler: rank 1 on node {reports[0]['node_ip']} is ")
     assert message in monitored_run["stderr"]  # said in the terminal
