@@ -106,10 +106,10 @@ class Supervisor:
         self.splits_ref = ray.put(shared) if shared is not None else None
         # The last job's workers if they fit this one (any others are freed before the check).
         self.kept = warm_workers.claim(self._shape(self.trainer.workers))
-        planned = self._plan_group()  # a job the cluster cannot hold ends before any output
-        self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
-        healed: WorkerGroup | None = None
         try:
+            planned = self._plan_group()  # a job the cluster cannot hold ends before any output
+            self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
+            healed: WorkerGroup | None = None
             while True:
                 if healed is None:  # a new group: its figures start afresh, after the history
                     group, planned = self._start_group(restore_from, planned), None
@@ -140,6 +140,8 @@ class Supervisor:
                 finally:
                     group.shutdown()  # a healed group has taken everything but what failed
         finally:
+            if self.kept is not None:  # claimed, but the job ended before a group took them
+                warm_workers.free(self.kept)
             self.recorder.close()
 
     def _resources(self, world_size: int) -> reservation.WorkerResources:

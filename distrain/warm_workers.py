@@ -82,7 +82,7 @@ def claim(shape: Shape) -> KeptWorkers | None:
             return kept
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
             log.info("the kept workers are not all alive (%s); starting new ones", error)
-    _free(kept)
+    free(kept)
     return None
 
 
@@ -91,7 +91,7 @@ def release() -> None:
     global _kept
     kept, _kept = _kept, None
     if kept is not None:
-        _free(kept)
+        free(kept)
 
 
 def forget() -> None:
@@ -100,7 +100,7 @@ def forget() -> None:
     _kept = None
 
 
-def _free(kept: KeptWorkers) -> None:
+def free(kept: KeptWorkers) -> None:
     """Kill the actors and remove the reservation, then wait (boundedly) until Ray counts what
     they held as available: it frees them asynchronously, and the next job's resource check
     would otherwise find them still taken."""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray
 import torch
 
@@ -120,3 +121,27 @@ def test_a_kept_worker_that_died_meanwhile_is_not_used(ray_address: str, tmp_pat
     assert not set(again["pids"]) & set(first["pids"])  # the survivor was freed with it
     assert_gone(first["actors"])
     assert again["metrics"]["steps"] == 30 and again["metrics"]["restarts"] == 0
+
+
+def test_workers_claimed_by_a_job_that_fails_before_its_group_starts_are_freed(
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job takes the kept workers, then fails before it starts on them (here its TensorBoard
+    run cannot be opened): they are freed, not left holding the CPUs of the next job."""
+    from distrain.recording import RunRecorder
+
+    first = train(tmp_path, "first", "trainer.workers=2")
+
+    def unwritable(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError("the run dir is not writable")
+
+    monkeypatch.setattr(RunRecorder, "open", unwritable)
+    with pytest.raises(PermissionError):
+        train(tmp_path, "failed", "trainer.workers=2")
+    assert_gone(first["actors"])
+    # Their placement group too: it would hold 2 of the session's CPUs until the process ends.
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0.0) == total
