@@ -19,6 +19,8 @@ from distrain import driver, warm_workers
 from distrain.rundir import RunDirectory
 from tests.conftest import compose_job
 
+pytestmark = pytest.mark.slow  # every test here runs whole jobs
+
 # Dropout: each rank's random stream matters, so a kept process that carried its last job's
 # generator state into the next job would end elsewhere.
 JOB = [
