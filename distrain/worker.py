@@ -47,16 +47,8 @@ class Worker:
     named by the driver in one sentence, not while unpickling an argument (a traceback in the
     driver's output)."""
 
-    def __init__(
-        self,
-        rank: int,
-        plan: dict[str, int],
-        job: dict[str, Any],
-        device_type: str,
-        sink: Any,
-        slow_rank: SlowRank | None = None,
-    ):
-        self.take_job(rank, plan, job, device_type, sink, slow_rank)
+    def __init__(self, *job: Any) -> None:
+        self.take_job(*job)  # `take_job`'s arguments: the actor starts on its first job
 
     def take_job(
         self,
