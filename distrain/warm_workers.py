@@ -80,7 +80,7 @@ def claim(shape: Shape) -> KeptWorkers | None:
         try:
             ray.get([w.node.remote() for w in kept.workers], timeout=ALIVE_TIMEOUT_S)
             return kept
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
+        except ray.exceptions.RayError as error:  # a dead actor, or GetTimeoutError
             log.info("the kept workers are not all alive (%s); starting new ones", error)
     free(kept)
     return None
