@@ -1,5 +1,5 @@
 """conf/ as a user meets it: every data, model and loss config builds and trains a step; every
-experiment runs end to end through the CLI with 2 workers; bad input fails before any actor.
+experiment trains end to end with 2 workers; bad input fails through the CLI before any actor.
 
 MNIST, Fashion-MNIST and CIFAR-10 are tiny files in the real formats (tests/fakedata.py), read by
 torchvision's real loaders. CIFAR-10's loader checks the MD5s of the official release, which those
@@ -9,17 +9,16 @@ re-packed copies, which skips only that comparison (files must still exist and u
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from distrain import build, schedules
+from distrain import build, driver, schedules
 from distrain.config import DataConfig
 from distrain.data.batches import ShardBatches
+from distrain.rundir import RunDirectory
 from distrain.sharding import ShardSampler
 from distrain.validation import validate
 from tests.conftest import REPO, compose_job, run_cli
@@ -243,25 +242,22 @@ def test_every_experiment_composes_as_documented(root: Path) -> None:
 
 
 @pytest.mark.slow
+def train(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
+    """One job in this process, on the workers the last job of this file kept where it has the
+    same shape (2 workers, as most here): its metrics and run directory. The CLI composes the
+    same overrides with the same Hydra; tests/test_cli.py runs jobs through it."""
+    run_dir = RunDirectory(tmp_path / "run")
+    return driver.train(compose_job(*overrides), run_dir, keep_workers=True), run_dir.path
+
+
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
-def test_experiment_runs_through_the_cli_with_two_workers(
+def test_every_experiment_trains_end_to_end_with_two_workers(
     experiment: str, ray_address: str, root: Path, tmp_path: Path
 ) -> None:
-    run_dir = tmp_path / "run"
-    overrides = [o.format(root=root) for o in EXPERIMENTS[experiment]]
-    result = run_cli(
-        f"experiment={experiment}",
-        *overrides,
-        "trainer.workers=2",
-        f"cluster.address={ray_address}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-        timeout_s=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    overrides = [f"experiment={experiment}", *EXPERIMENTS[experiment], "trainer.workers=2"]
+    job = _compose(*overrides, root=root)
+    metrics, run_dir = train(tmp_path, *(o.format(root=root) for o in overrides))
     # Every step of every epoch ran, and accuracy is a count over the whole validation split.
-    job = _compose(f"experiment={experiment}", *EXPERIMENTS[experiment], root=root)
     splits = build.build_splits(DataConfig.of(job["data"]))
     steps_per_epoch = len(splits.train) // job["data"]["batch_size"]
     assert (
@@ -285,9 +281,11 @@ def test_experiment_runs_through_the_cli_with_two_workers(
 
 
 @pytest.mark.slow
-def test_regression_reports_loss_and_no_accuracy(ray_address: str, root: Path, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    result = run_cli(
+def test_regression_reports_loss_and_no_accuracy(
+    ray_address: str, root: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    metrics, run_dir = train(
+        tmp_path,
         "data=tensors",
         f"data.path={root}/regression.npz",
         "data.task=regression",
@@ -296,14 +294,10 @@ def test_regression_reports_loss_and_no_accuracy(ray_address: str, root: Path, t
         "model.hidden_sizes=[16]",
         "optimizer.lr=0.02",
         "trainer.epochs=4",
-        f"cluster.address={ray_address}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
+        "logger.progress=plain",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "val_accuracy" not in metrics and "best_val_accuracy" not in metrics
-    assert "val_accuracy" not in result.stderr
+    assert "val_accuracy" not in capfd.readouterr().err  # the progress lines name no accuracy
     series = scalars(run_dir)
     assert "epoch/val_accuracy" not in series
     val_loss = [value for _, value in series["epoch/val_loss"]]
@@ -314,22 +308,18 @@ def test_regression_reports_loss_and_no_accuracy(ray_address: str, root: Path, t
 @pytest.mark.slow
 def test_a_user_model_by_target(ray_address: str, tmp_path: Path) -> None:
     """The README's recipe: `~model +model._target_=my_package.MyNet +model.<arg>=...`."""
-    run_dir = tmp_path / "run"
-    result = run_cli(
+    # The workers import the user's package too: here the repository is on their PYTHONPATH
+    # (tests/conftest.py), like an install.
+    metrics, run_dir = train(
+        tmp_path,
         "~model",
         "+model._target_=tests.usermodel.TinyNet",
         "+model.width=24",
         "trainer.epochs=3",
-        f"cluster.address={ray_address}",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-        # The workers import the user's package too: here it is on PYTHONPATH, like an install.
-        env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert state["body.1.weight"].shape == (24, 64) and state["head.weight"].shape == (10, 24)
-    assert json.loads((run_dir / "metrics.json").read_text())["val_accuracy"] > 0.8
+    assert metrics["val_accuracy"] > 0.8
 
 
 @pytest.mark.slow
