@@ -48,22 +48,47 @@ RESUMED_FROM = re.compile(
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same job, uninterrupted, on 2 workers."""
-    run_dir = RunDirectory(tmp_path_factory.mktemp("reference"))
-    metrics = driver.train(compose_job(*JOB, "trainer.workers=2", "logger.progress=none"), run_dir)
-    assert metrics["steps"] == STEPS
-    return torch.load(run_dir.model_path, weights_only=True)
+# A wider MLP, so that writing a checkpoint (2 shards of ~17 MB) takes long enough to be hit.
+WIDE = ["trainer.epochs=2", "model.hidden_sizes=[2048,2048]", "trainer.checkpoint_every_n_steps=4"]
 
 
 @pytest.fixture(scope="module")
-def reference_dropout(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def references(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted runs the scenarios must equal, on 2 workers, one after another in this
+    process on the same (kept) workers, freed at the end for the scenarios' own runs:
+    - "plain": JOB;
+    - "dropout": the recovery scenarios' job, JOB with dropout;
+    - "synchronous": the background-write scenario's job, WIDE, with synchronous checkpoints
+      (its metrics too)."""
+    runs = {
+        "plain": [],
+        "dropout": [DROPOUT],
+        "synchronous": [*WIDE, "trainer.async_checkpoint=false"],
+    }
+    results: dict[str, Any] = {}
+    try:
+        for name, overrides in runs.items():
+            run_dir = RunDirectory(tmp_path_factory.mktemp(f"reference-{name}"))
+            job = compose_job(*JOB, *overrides, "trainer.workers=2", "logger.progress=none")
+            metrics = driver.train(job, run_dir, keep_workers=True)
+            results[name] = torch.load(run_dir.model_path, weights_only=True)
+            results[f"{name}_metrics"] = metrics
+    finally:
+        driver.release_workers()
+    assert results["plain_metrics"]["steps"] == results["dropout_metrics"]["steps"] == STEPS
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(references: dict[str, Any]) -> dict:
+    """JOB, uninterrupted, on 2 workers: its final parameters."""
+    return references["plain"]
+
+
+@pytest.fixture(scope="module")
+def reference_dropout(references: dict[str, Any]) -> dict:
     """The recovery scenarios' job (with dropout), uninterrupted, on 2 workers."""
-    run_dir = RunDirectory(tmp_path_factory.mktemp("reference-dropout"))
-    job = compose_job(*JOB, DROPOUT, "trainer.workers=2", "logger.progress=none")
-    assert driver.train(job, run_dir)["steps"] == STEPS
-    return torch.load(run_dir.model_path, weights_only=True)
+    return references["dropout"]
 
 
 def assert_resumed_from_a_checkpoint(stderr: str) -> None:
@@ -734,22 +759,15 @@ def test_node_lost_then_back_grows_back_to_the_configured_workers(
     assert_same_parameters(run_dir, reference)
 
 
-# A wider MLP, so that writing a checkpoint (2 shards of ~17 MB) takes long enough to be hit.
-WIDE = ["trainer.epochs=2", "model.hidden_sizes=[2048,2048]", "trainer.checkpoint_every_n_steps=4"]
-
-
 def test_worker_killed_during_a_background_write_recovers_to_the_synchronous_result(
-    ray_address: str, tmp_path: Path
+    ray_address: str, tmp_path: Path, references: dict[str, Any]
 ) -> None:
     """trainer.async_checkpoint=true (the default) ends with the parameters of a synchronous
     run; a worker SIGKILLed while the driver writes a checkpoint in the background leaves
     either that checkpoint complete or the previous one as the latest, and the run recovers
     from it to the same parameters."""
-    sync_dir = RunDirectory(tmp_path / "sync")
-    job = compose_job(*JOB, *WIDE, "trainer.async_checkpoint=false", "logger.progress=none")
-    sync = driver.train(job, sync_dir)
+    sync, expected = references["synchronous_metrics"], references["synchronous"]
     assert all(a["checkpoint_blocking_s"] > 0 for a in sync["aggregator"])
-    expected = torch.load(sync_dir.model_path, weights_only=True)
 
     run_dir = tmp_path / "run"
     proc = start(ray_address, run_dir, *WIDE, "trainer.heal=false")  # the checkpoint path
