@@ -60,11 +60,13 @@ def run_cli(
     *overrides: str, cwd: Path, timeout_s: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """`python -m distrain <overrides>` in a subprocess, output captured. Workers this process
-    kept are freed first: a driver in another process cannot use them, and would find the CPUs
-    they hold taken."""
+    kept are freed first if the run joins this process's Ray: a driver in another process
+    cannot use them, and would find the CPUs they hold taken. A run that ends before it joins
+    (bad input), or starts a Ray of its own, leaves them for this file's next in-process job."""
     from distrain import warm_workers
 
-    warm_workers.release()
+    if ray.is_initialized() and _joins(ray.get_runtime_context().gcs_address, overrides):
+        warm_workers.release()
     return subprocess.run(
         [*DISTRAIN, *overrides],
         cwd=cwd,
@@ -72,6 +74,14 @@ def run_cli(
         text=True,
         timeout=timeout_s,
         env={**os.environ, **(env or {})},
+    )
+
+
+def _joins(address: str, overrides: tuple[str, ...]) -> bool:
+    """Whether a CLI run with these overrides joins the Ray at `address` (a resumed run may take
+    it from the run it resumes)."""
+    return f"cluster.address={address}" in overrides or any(
+        o.startswith("resume=") for o in overrides
     )
 
 
