@@ -86,6 +86,11 @@ def claim(shape: Shape) -> KeptWorkers | None:
     return None
 
 
+def kept_actor_names() -> list[str]:
+    """The names of the workers kept now (none kept: empty), by rank."""
+    return list(_kept.names) if _kept is not None else []
+
+
 def release() -> None:
     """Free the kept workers, if any: their actors killed, their reservation removed."""
     global _kept

@@ -1,7 +1,9 @@
 """Never lose work: real Ray, real actors and processes killed, frozen and interrupted.
 
-Each scenario runs the real CLI against the session's Ray and compares the final parameters with
-one uninterrupted run of the same job.
+Each scenario compares the final parameters with one uninterrupted run of the same job. Those
+whose fault strikes the workers (killed, frozen, killed mid-write or mid-heal) run the job in this
+process, on the workers the last scenario kept, while a second thread strikes; those whose fault
+strikes the driver (Ctrl-C) or a node run the real CLI in a process of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +25,9 @@ import pytest
 import ray
 import torch
 
-from distrain import checkpoint, driver
+from distrain import checkpoint, driver, warm_workers
 from distrain.checkpoint import CheckpointStore
+from distrain.errors import TrainingFailed
 from distrain.rundir import RunDirectory
 from tests.conftest import DISTRAIN, compose_job, run_cli, slowed
 
@@ -91,6 +95,17 @@ def reference_dropout(references: dict[str, Any]) -> dict:
     return references["dropout"]
 
 
+@pytest.fixture
+def scenario(
+    ray_address: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> Scenario:
+    """A scenario run in this process, in tmp_path/run (see Scenario)."""
+    return Scenario(tmp_path / "run", monkeypatch, capfd)
+
+
 def assert_resumed_from_a_checkpoint(stderr: str) -> None:
     """The restart continued from a checkpoint taken mid-run, not from step 0 (a deterministic
     job restarted from scratch would end with the same parameters too)."""
@@ -142,6 +157,63 @@ def finish(proc: subprocess.Popen, timeout_s: float = 240) -> str:
             proc.kill()
 
 
+class Scenario:
+    """A job trained in this process (on the workers the last job kept) while `strike` runs on a
+    second thread: it waits for a moment of the run (`wait`) and breaks something. `run`
+    returns the job's metrics and what it printed, or raises what the job raised."""
+
+    def __init__(
+        self, run_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+    ) -> None:
+        self.run_dir, self._capfd = run_dir, capfd
+        self._monkeypatch = monkeypatch
+        self._ended = threading.Event()
+        self._errors: list[BaseException] = []
+
+    def wait(self, condition: Callable[[], bool], timeout_s: float = 120) -> None:
+        """Until `condition` holds; the run must still be going."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert not self._ended.is_set(), "the run ended first"
+            assert time.monotonic() < deadline, "timed out waiting"
+            time.sleep(0.05)
+
+    def run(
+        self, strike: Callable[[Scenario], None], *overrides: str, step_delay_s: float = 0.01
+    ) -> tuple[dict, str]:
+        # Rank 0 sleeps a little each step (the result does not change): see `start`.
+        self._monkeypatch.setenv("DISTRAIN_SLOW_RANK", f"0:{step_delay_s}")
+        self._capfd.readouterr()  # what earlier runs printed is not this one's
+
+        def striking() -> None:
+            try:
+                strike(self)
+            except BaseException as error:  # re-raised on the test's thread
+                self._errors.append(error)
+
+        thread = threading.Thread(target=striking, name="strike", daemon=True)
+        thread.start()
+        job = compose_job(*JOB, *overrides, "trainer.workers=2")
+        try:
+            metrics = driver.train(job, RunDirectory(self.run_dir), keep_workers=True)
+        finally:
+            self._ended.set()
+            thread.join(timeout=30)
+            if self._errors:  # the strike's failure first: it explains the job's
+                raise self._errors[0]
+        return metrics, self._capfd.readouterr().err
+
+
+def kill_rank(rank: int, sig: int = signal.SIGKILL) -> Callable[[Scenario], None]:
+    """A strike: once the first checkpoint is written, `sig` to rank `rank`'s process."""
+
+    def strike(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(scenario.run_dir))
+        os.kill(worker(scenario.run_dir, rank)["pid"], sig)
+
+    return strike
+
+
 def assert_same_parameters(run_dir: Path, reference: dict) -> None:
     final = torch.load(run_dir / "model.pt", weights_only=True)
     for key in reference:
@@ -149,18 +221,18 @@ def assert_same_parameters(run_dir: Path, reference: dict) -> None:
 
 
 def test_worker_actor_killed_restarts_from_a_checkpoint_to_the_same_parameters(
-    ray_address: str, tmp_path: Path, reference_dropout: dict
+    scenario: Scenario, reference_dropout: dict
 ) -> None:
     """The path every failure took before healing, and still takes where healing does not apply
     (no survivor, a lost node, sharded state): every worker restarts from the last checkpoint."""
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT, "trainer.heal=false")
-    wait_for(first_checkpoint(run_dir), proc)
-    ray.kill(ray.get_actor(worker(run_dir, 1)["actor"], namespace="distrain"))
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
+    run_dir = scenario.run_dir
+
+    def kill_actor(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(run_dir))
+        ray.kill(ray.get_actor(worker(run_dir, 1)["actor"], namespace="distrain"))
+
+    metrics, stderr = scenario.run(kill_actor, DROPOUT, "trainer.heal=false")
     assert "restart 1/3" in stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["steps"] == STEPS
     assert "rank 1" in metrics["failures"][0]["error"]
     failure = metrics["failures"][0]
@@ -224,9 +296,14 @@ def assert_every_epoch_logged(run_dir: Path) -> None:
 
 
 def assert_no_actor_left(*snapshots: dict) -> None:
-    """Every worker and spare named in these workers.json snapshots is gone once the run ends."""
+    """Every worker and spare named in these workers.json snapshots is gone once the run ends,
+    but the workers it kept for the next scenario (keep_workers=True): those are the last
+    snapshot's, or none."""
     names = {w["actor"] for snap in snapshots for w in snap["workers"]}
     names |= {name for snap in snapshots for name in snap.get("spares", {})}
+    kept = warm_workers.kept_actor_names()
+    assert kept in ([], [w["actor"] for w in snapshots[-1]["workers"]]), kept
+    names -= set(kept)
     deadline = time.monotonic() + 30  # ray.kill is asynchronous: the names go soon after
     while names and time.monotonic() < deadline:
         for name in list(names):
@@ -246,16 +323,17 @@ def assert_bitwise_equal(run_dir: Path, reference: dict) -> None:
 
 
 def test_worker_sigkilled_heals_in_place_from_a_survivor(
-    ray_address: str, tmp_path: Path, reference_dropout: dict
+    scenario: Scenario, reference_dropout: dict
 ) -> None:
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT, ONE_CHECKPOINT)
-    wait_for(first_checkpoint(run_dir), proc)
-    before = workers_now(run_dir)
-    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, seen = scenario.run_dir, {}
+
+    def kill(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(run_dir))
+        seen["before"] = before = workers_now(run_dir)
+        os.kill(before["workers"][1]["pid"], signal.SIGKILL)
+
+    metrics, stderr = scenario.run(kill, DROPOUT, ONE_CHECKPOINT)
+    before = seen["before"]
     assert metrics["restarts"] == 1 and metrics["steps"] == STEPS
     assert "restart 1/" not in stderr and "resuming from" not in stderr
     after = workers_now(run_dir)
@@ -267,23 +345,16 @@ def test_worker_sigkilled_heals_in_place_from_a_survivor(
 
 
 def test_a_heal_releases_a_survivor_waiting_for_a_synchronous_checkpoint(
-    ray_address: str, tmp_path: Path, reference_dropout: dict
+    scenario: Scenario, reference_dropout: dict
 ) -> None:
     """trainer.async_checkpoint=false: at a boundary the survivor waits until the checkpoint is on
     disk, which the dead rank's missing share never allows. A regression test: it used to wait
     out the heal's timeout (2 minutes) and restart from a checkpoint."""
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT, "trainer.async_checkpoint=false")
-    wait_for(first_checkpoint(run_dir), proc)
-    before = workers_now(run_dir)
-    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
+    metrics, stderr = scenario.run(kill_rank(1), DROPOUT, "trainer.async_checkpoint=false")
     assert HEALED.search(stderr), stderr[-3000:]
     assert "healing failed" not in stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and metrics["failures"][0]["healed"]["replaced"] == [1]
-    assert_bitwise_equal(run_dir, reference_dropout)
+    assert_bitwise_equal(scenario.run_dir, reference_dropout)
 
 
 def spares_ready(run_dir: Path, count: int = 1) -> Callable[[], bool]:
@@ -298,26 +369,25 @@ def spares_ready(run_dir: Path, count: int = 1) -> Callable[[], bool]:
 
 
 def test_warm_spares_take_the_place_of_two_killed_workers_in_a_row(
-    ray_address: str, tmp_path: Path, reference_dropout: dict
+    scenario: Scenario, reference_dropout: dict
 ) -> None:
     """trainer.spare_workers=1: a killed rank's place is taken by the spare (no start-up), a new
     spare warms up in the background, and it takes the place of the next failure too."""
-    run_dir = tmp_path / "run"
+    run_dir, seen = scenario.run_dir, []
+
+    def kill_twice(scenario: Scenario) -> None:
+        for rank in (0, 1):  # two failures, one after the other
+            scenario.wait(spares_ready(run_dir))
+            before = workers_now(run_dir)
+            os.kill(before["workers"][rank]["pid"], signal.SIGKILL)
+            scenario.wait(lambda old=before["workers"]: workers_now(run_dir)["workers"] != old)
+            seen.append((before, workers_now(run_dir)))
+
     # 50 ms a step on rank 0: a spare imports torch while both workers keep the two cores busy
     # (several seconds here), and the second must be ready before the run ends.
-    proc = start(
-        ray_address, run_dir, DROPOUT, ONE_CHECKPOINT, "trainer.spare_workers=1", step_delay_s=0.05
+    metrics, stderr = scenario.run(
+        kill_twice, DROPOUT, ONE_CHECKPOINT, "trainer.spare_workers=1", step_delay_s=0.05
     )
-    seen = []
-    for rank in (0, 1):  # two failures, one after the other
-        wait_for(spares_ready(run_dir), proc)
-        before = workers_now(run_dir)
-        os.kill(before["workers"][rank]["pid"], signal.SIGKILL)
-        wait_for(lambda old=before["workers"]: workers_now(run_dir)["workers"] != old, proc)
-        seen.append((before, workers_now(run_dir)))
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["restarts"] == 2 and metrics["steps"] == STEPS
     for rank, (failure, (before, after)) in enumerate(zip(metrics["failures"], seen)):
         assert_healed(stderr, failure, rank=rank, spare=True, before=before, after=after)
@@ -327,22 +397,23 @@ def test_warm_spares_take_the_place_of_two_killed_workers_in_a_row(
 
 
 def test_frozen_worker_is_detected_named_and_recovered(
-    ray_address: str, tmp_path: Path, reference_dropout: dict
+    scenario: Scenario, reference_dropout: dict
 ) -> None:
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT, ONE_CHECKPOINT, "trainer.step_timeout_s=4")
-    wait_for(first_checkpoint(run_dir), proc)
-    before = workers_now(run_dir)
-    frozen = before["workers"][1]
-    os.kill(frozen["pid"], signal.SIGSTOP)
+    run_dir, seen = scenario.run_dir, {}
+
+    def freeze(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(run_dir))
+        seen["before"] = workers_now(run_dir)
+        os.kill(seen["before"]["workers"][1]["pid"], signal.SIGSTOP)
+
     try:
-        stderr = finish(proc)
+        metrics, stderr = scenario.run(freeze, DROPOUT, ONE_CHECKPOINT, "trainer.step_timeout_s=4")
     finally:
-        # The group's teardown kills it; continue it in case it did not.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(frozen["pid"], signal.SIGCONT)
-    assert proc.returncode == 0, stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+        if "before" in seen:  # the heal kills it; continue it in case it did not
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(seen["before"]["workers"][1]["pid"], signal.SIGCONT)
+    before = seen["before"]
+    frozen = before["workers"][1]
     assert metrics["restarts"] == 1
     error = metrics["failures"][0]["error"]
     assert "trainer.step_timeout_s=4" in error
@@ -370,31 +441,31 @@ def test_frozen_worker_is_detected_named_and_recovered(
 
 
 def test_a_failure_while_healing_falls_back_to_the_checkpoint(
-    ray_address: str, tmp_path: Path, reference_dropout: dict
+    scenario: Scenario, reference_dropout: dict
 ) -> None:
     """Rank 1 is killed; while its replacement starts, the survivor is killed too: healing
     fails, and every worker restarts from the last checkpoint, still to the same parameters."""
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, DROPOUT)
-    wait_for(first_checkpoint(run_dir), proc)
-    before = workers_now(run_dir)
-    group = before["workers"][0]["actor"].rsplit("-", 2)[0]  # distrain-<group id>
-    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
+    run_dir, seen = scenario.run_dir, {}
 
-    def replacement_started() -> bool:  # the group's third actor: rank 1's replacement
-        try:
-            ray.get_actor(f"{group}-rank1-3", namespace="distrain")
-        except ValueError:
-            return False
-        return True
+    def kill_then_kill_the_survivor(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(run_dir))
+        seen["before"] = before = workers_now(run_dir)
+        rank1 = before["workers"][1]["actor"]  # distrain-<group id>-rank1-<n>
+        os.kill(before["workers"][1]["pid"], signal.SIGKILL)
 
-    wait_for(replacement_started, proc)
-    os.kill(before["workers"][0]["pid"], signal.SIGKILL)  # the survivor, mid-heal
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
+        def replacement_started() -> bool:  # another actor named for rank 1: its replacement
+            return any(
+                a["name"].startswith(rank1.rsplit("-", 1)[0] + "-") and a["name"] != rank1
+                for a in ray.util.list_named_actors(all_namespaces=True)
+            )
+
+        scenario.wait(replacement_started)
+        os.kill(before["workers"][0]["pid"], signal.SIGKILL)  # the survivor, mid-heal
+
+    metrics, stderr = scenario.run(kill_then_kill_the_survivor, DROPOUT)
+    before = seen["before"]
     assert "healing failed (" in stderr and "restarting from the last checkpoint" in stderr
     assert_resumed_from_a_checkpoint(stderr)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and "healed" not in metrics["failures"][0]
     assert_bitwise_equal(run_dir, reference_dropout)
     assert_no_actor_left(before, workers_now(run_dir))
@@ -469,19 +540,13 @@ def test_ctrl_c_in_the_last_epoch_exits_130_and_keeps_the_finished_run(
     assert (run_dir / "model.pt").exists()
 
 
-def test_too_many_failures_stop_with_the_last_checkpoint_intact(
-    ray_address: str, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, "trainer.max_failures=0")
-    wait_for(first_checkpoint(run_dir), proc)
-    os.kill(worker(run_dir, 1)["pid"], signal.SIGKILL)
-    stderr = finish(proc)
-    assert proc.returncode == 1, stderr[-3000:]
-    assert "gave up after trainer.max_failures=0 restarts" in stderr
-    assert "Traceback" not in stderr
+def test_too_many_failures_stop_with_the_last_checkpoint_intact(scenario: Scenario) -> None:
+    run_dir = scenario.run_dir
+    with pytest.raises(TrainingFailed) as failed:  # the CLI's exit 1
+        scenario.run(kill_rank(1), "trainer.max_failures=0")
+    assert "gave up after trainer.max_failures=0 restarts" in str(failed.value)
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
-    assert str(latest) in stderr
+    assert str(latest) in str(failed.value)
     assert checkpoint.load(latest).step > 0
 
 
@@ -621,29 +686,29 @@ def _nan_dataset(path: Path) -> None:
     np.savez(path, x=x, y=y)
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip_step"])
+@pytest.mark.parametrize("policy", ["skip_step", "stop"])
 def test_nan_in_the_data(ray_address: str, tmp_path: Path, policy: str) -> None:
     data = tmp_path / "nan.npz"
     _nan_dataset(data)
-    result = run_cli(
+    job = compose_job(
         "data._target_=distrain.data.tensors.tensors",
         f"+data.path={data}",
         "data.batch_size=64",
         "trainer.epochs=3",
         f"trainer.nan_policy={policy}",
-        f"cluster.address={ray_address}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        "logger.progress=none",
     )
+    run_dir = RunDirectory(tmp_path / "run")
     if policy == "stop":
-        assert result.returncode == 1
+        with pytest.raises(TrainingFailed) as failed:  # the CLI's exit 1
+            driver.train(job, run_dir, keep_workers=True)
         assert re.search(
-            r"by step \d+ \(epoch [1-3]\): the loss or the averaged gradient is NaN", result.stderr
-        ), result.stderr[-3000:]
-        assert "trainer.nan_policy=skip_step" in result.stderr
+            r"by step \d+ \(epoch [1-3]\): the loss or the averaged gradient is NaN",
+            str(failed.value),
+        ), str(failed.value)
+        assert "trainer.nan_policy=skip_step" in str(failed.value)
         return
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = driver.train(job, run_dir, keep_workers=True)
     # The NaN sample is in one batch per epoch, unless it fell in an epoch's left-over tail.
     assert 1 <= metrics["skipped_steps"] <= 3
     assert math.isfinite(metrics["val_loss"])  # the skipped steps did no harm
@@ -760,7 +825,7 @@ def test_node_lost_then_back_grows_back_to_the_configured_workers(
 
 
 def test_worker_killed_during_a_background_write_recovers_to_the_synchronous_result(
-    ray_address: str, tmp_path: Path, references: dict[str, Any]
+    scenario: Scenario, references: dict[str, Any]
 ) -> None:
     """trainer.async_checkpoint=true (the default) ends with the parameters of a synchronous
     run; a worker SIGKILLed while the driver writes a checkpoint in the background leaves
@@ -768,19 +833,17 @@ def test_worker_killed_during_a_background_write_recovers_to_the_synchronous_res
     from it to the same parameters."""
     sync, expected = references["synchronous_metrics"], references["synchronous"]
     assert all(a["checkpoint_blocking_s"] > 0 for a in sync["aggregator"])
-
-    run_dir = tmp_path / "run"
-    proc = start(ray_address, run_dir, *WIDE, "trainer.heal=false")  # the checkpoint path
+    run_dir = scenario.run_dir
     checkpoints = run_dir / "checkpoints"
 
     def writing() -> bool:  # a checkpoint exists, and the next one is being written
         return (checkpoints / "latest").exists() and any(checkpoints.glob(".step-*.tmp-*/shard-*"))
 
-    wait_for(writing, proc, timeout_s=180)
-    os.kill(worker(run_dir, 1)["pid"], signal.SIGKILL)  # while a write is in progress
-    stderr = finish(proc)
-    assert proc.returncode == 0, stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    def kill_while_writing(scenario: Scenario) -> None:
+        scenario.wait(writing, timeout_s=180)
+        os.kill(worker(run_dir, 1)["pid"], signal.SIGKILL)  # while a write is in progress
+
+    metrics, stderr = scenario.run(kill_while_writing, *WIDE, "trainer.heal=false")
     assert metrics["restarts"] == 1 and metrics["steps"] == sync["steps"]
     step = int(RESUMED_FROM.search(stderr).group(1))
     assert step % 4 == 0 or step % STEPS_PER_EPOCH == 0, step
