@@ -68,8 +68,15 @@ def assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 def test_the_next_job_runs_on_the_kept_workers_and_ends_as_on_new_ones(
     ray_address: str, tmp_path: Path
 ) -> None:
-    # A wide model first: its parameters, gradients and momentum take ~150 MB more per worker.
-    first = train(tmp_path, "first", "trainer.workers=2", "model.hidden_sizes=[3072,3072]")
+    # A wide model first: its parameters, gradients and momentum take ~150 MB more per worker
+    # from the first step on (3 steps: it is not there to learn).
+    first = train(
+        tmp_path,
+        "first",
+        "trainer.workers=2",
+        "model.hidden_sizes=[3072,3072]",
+        "trainer.max_steps=3",
+    )
     # Another job of the same shape (another seed, learning rate and model): the same processes
     # and actors take it.
     kept = train(
