@@ -59,7 +59,7 @@ WIDE = ["trainer.epochs=2", "model.hidden_sizes=[2048,2048]", "trainer.checkpoin
 @pytest.fixture(scope="module")
 def references(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The uninterrupted runs the scenarios must equal, on 2 workers, one after another in this
-    process on the same (kept) workers, freed at the end for the scenarios' own runs:
+    process on the same (kept) workers, which the first scenario run in this process takes:
     - "plain": JOB;
     - "dropout": the recovery scenarios' job, JOB with dropout;
     - "synchronous": the background-write scenario's job, WIDE, with synchronous checkpoints
@@ -70,15 +70,12 @@ def references(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> di
         "synchronous": [*WIDE, "trainer.async_checkpoint=false"],
     }
     results: dict[str, Any] = {}
-    try:
-        for name, overrides in runs.items():
-            run_dir = RunDirectory(tmp_path_factory.mktemp(f"reference-{name}"))
-            job = compose_job(*JOB, *overrides, "trainer.workers=2", "logger.progress=none")
-            metrics = driver.train(job, run_dir, keep_workers=True)
-            results[name] = torch.load(run_dir.model_path, weights_only=True)
-            results[f"{name}_metrics"] = metrics
-    finally:
-        driver.release_workers()
+    for name, overrides in runs.items():
+        run_dir = RunDirectory(tmp_path_factory.mktemp(f"reference-{name}"))
+        job = compose_job(*JOB, *overrides, "trainer.workers=2", "logger.progress=none")
+        metrics = driver.train(job, run_dir, keep_workers=True)
+        results[name] = torch.load(run_dir.model_path, weights_only=True)
+        results[f"{name}_metrics"] = metrics
     assert results["plain_metrics"]["steps"] == results["dropout_metrics"]["steps"] == STEPS
     return results
 
@@ -122,6 +119,8 @@ def assert_resumed_from_a_checkpoint(stderr: str) -> None:
 def start(
     ray_address: str, run_dir: Path, *overrides: str, step_delay_s: float = 0.01
 ) -> subprocess.Popen:
+    # The CLI joins this process's Ray: the workers a scenario kept would hold its CPUs.
+    driver.release_workers()
     cli = [*DISTRAIN, *JOB, f"cluster.address={ray_address}"]
     return subprocess.Popen(
         [*cli, f"hydra.run.dir={run_dir}", *overrides],
