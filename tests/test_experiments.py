@@ -241,7 +241,6 @@ def test_every_experiment_composes_as_documented(root: Path) -> None:
         )
 
 
-@pytest.mark.slow
 def train(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
     """One job in this process, on the workers the last job of this file kept where it has the
     same shape (2 workers, as most here): its metrics and run directory. The CLI composes the
@@ -250,6 +249,7 @@ def train(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
     return driver.train(compose_job(*overrides), run_dir, keep_workers=True), run_dir.path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 def test_every_experiment_trains_end_to_end_with_two_workers(
     experiment: str, ray_address: str, root: Path, tmp_path: Path
