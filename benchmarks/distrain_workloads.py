@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from benchmarks.workloads import make_workload
+from benchmarks.workloads import make_workload, model_builder
 from distrain.data.base import Splits
 
 
@@ -26,4 +26,6 @@ def splits(name: str, seed: int = 0, val_samples: int = 256) -> Splits:
 
 
 def model(name: str, seed: int = 0) -> nn.Module:
-    return make_workload(name, seed).model_fn()
+    # The model alone: building the workload's data here would cost every worker what the
+    # driver already did (for digits, importing scikit-learn and reading its files).
+    return model_builder(name, seed)()

@@ -10,7 +10,6 @@ from functools import partial
 from itertools import pairwise
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from benchmarks.workload_specs import SPECS, WORKLOADS
@@ -51,6 +50,11 @@ def _cnn() -> nn.Sequential:
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    # Imported here, not at the top: scikit-learn (scipy with it) costs a process about 1.3 s of
+    # CPU, and distrain's workers import this module for the model alone (its driver builds the
+    # data once and ships it), so only the processes that load the digits should pay for it.
+    from sklearn.datasets import load_digits
+
     x, y = load_digits(return_X_y=True)
     # Standardise per feature; constant pixels (std 0) stay 0 instead of dividing by zero.
     std = x.std(axis=0)
@@ -88,29 +92,49 @@ def _resnet18() -> nn.Module:
     return resnet18((3, 32, 32), 10)
 
 
-def make_workload(name: str, seed: int = 0) -> Workload:
-    """Build workload `name`; data and initial weights depend only on `seed`."""
-    gen = torch.Generator().manual_seed(seed)
+# Each workload's model; `model_builder` reseeds before building it.
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "digits_mlp": partial(_mlp, 64, 256, 256, 10),
+    "mlp6m": partial(_mlp, 784, 2048, 2048, 10),
+    "cnn": _cnn,
+    "resnet18": _resnet18,  # GPU-sized: gpu_check.py runs it, make bench does not
+}
+
+
+def _check_name(name: str) -> None:
     if name not in SPECS:
         raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
-    spec = SPECS[name]
-    if name == "digits_mlp":
-        x, y = _digits()
-        build = partial(_mlp, 64, 256, 256, 10)
-    elif name == "mlp6m":
-        x, y = _teacher_data(spec.train_samples, gen)
-        build = partial(_mlp, 784, 2048, 2048, 10)
-    elif name == "cnn":
-        x, y = _template_images(spec.train_samples, gen)
-        build = _cnn
-    else:  # resnet18, GPU-sized: gpu_check.py runs it, make bench does not
-        x, y = _template_rgb(spec.train_samples, gen)
-        build = _resnet18
-    assert len(x) == spec.train_samples, (name, len(x))
+
+
+def model_builder(name: str, seed: int = 0) -> Callable[[], nn.Module]:
+    """Workload `name`'s model, built from `seed` alone, without its data: a distrain worker
+    needs only this (its driver builds the data once and ships it to the workers)."""
+    _check_name(name)
+    build = MODELS[name]
 
     def model_fn() -> nn.Module:
         # Reseed so every process and every baseline starts from identical weights.
         torch.manual_seed(seed)
         return build()
 
-    return Workload(name, model_fn, x, y, spec.lr, spec.batch_per_worker)
+    return model_fn
+
+
+def _data(name: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = SPECS[name].train_samples
+    if name == "digits_mlp":
+        return _digits()
+    if name == "mlp6m":
+        return _teacher_data(samples, gen)
+    if name == "cnn":
+        return _template_images(samples, gen)
+    return _template_rgb(samples, gen)
+
+
+def make_workload(name: str, seed: int = 0) -> Workload:
+    """Build workload `name`; data and initial weights depend only on `seed`."""
+    _check_name(name)
+    spec = SPECS[name]
+    x, y = _data(name, torch.Generator().manual_seed(seed))
+    assert len(x) == spec.train_samples, (name, len(x))
+    return Workload(name, model_builder(name, seed), x, y, spec.lr, spec.batch_per_worker)

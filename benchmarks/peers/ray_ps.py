@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.peers import common
-from benchmarks.workloads import make_workload
+from benchmarks.workload_specs import SPECS
+from benchmarks.workloads import make_workload, model_builder
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
@@ -38,9 +39,8 @@ def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
 class ParameterServer:
     def __init__(self, workload: str, seed: int, threads: int) -> None:
         torch.set_num_threads(threads)
-        wl = make_workload(workload, seed)
-        self.model = wl.model_fn()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=wl.lr)
+        self.model = model_builder(workload, seed)()  # a server holds no data
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=SPECS[workload].lr)
 
     def apply_gradients(self, *gradients: list[np.ndarray]) -> dict[str, np.ndarray]:
         mean_grads = [np.stack(g).mean(axis=0) for g in zip(*gradients, strict=True)]
