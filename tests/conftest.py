@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,9 @@ def slowed(rank: int, step_delay_s: float, env: dict[str, str] | None = None) ->
 def run_cli(
     *overrides: str, cwd: Path, timeout_s: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m distrain <overrides>` in a subprocess, output captured. Workers this process
-    kept are freed first if the run joins this process's Ray: a driver in another process
-    cannot use them, and would find the CPUs they hold taken. A run that ends before it joins
-    (bad input), or starts a Ray of its own, leaves them for this file's next in-process job."""
-    from distrain import warm_workers
-
-    if ray.is_initialized() and _joins(ray.get_runtime_context().gcs_address, overrides):
-        warm_workers.release()
+    """`python -m distrain <overrides>` in a subprocess, output captured, after
+    `free_kept_workers_before` it."""
+    free_kept_workers_before(overrides)
     return subprocess.run(
         [*DISTRAIN, *overrides],
         cwd=cwd,
@@ -82,7 +77,18 @@ def run_cli(
     )
 
 
-def _joins(address: str, overrides: tuple[str, ...]) -> bool:
+def free_kept_workers_before(overrides: Sequence[str]) -> None:
+    """Before a CLI run (its command line's `overrides`) starts: the workers this process kept
+    are freed if the run joins this process's Ray, as a driver in another process cannot use
+    them and would find the CPUs they hold taken. A run that ends before it joins (bad input),
+    or starts a Ray of its own, leaves them for this file's next in-process job."""
+    from distrain import warm_workers
+
+    if ray.is_initialized() and _joins(ray.get_runtime_context().gcs_address, overrides):
+        warm_workers.release()
+
+
+def _joins(address: str, overrides: Sequence[str]) -> bool:
     """Whether a CLI run with these overrides joins the Ray at `address` (a resumed run may take
     it from the run it resumes)."""
     return f"cluster.address={address}" in overrides or any(

@@ -29,7 +29,7 @@ from distrain import checkpoint, driver, warm_workers
 from distrain.checkpoint import CheckpointStore
 from distrain.errors import TrainingFailed
 from distrain.rundir import RunDirectory
-from tests.conftest import DISTRAIN, compose_job, run_cli, slowed
+from tests.conftest import DISTRAIN, compose_job, free_kept_workers_before, run_cli, slowed
 
 # 12 epochs x 22 steps: long enough to be interrupted, short enough for a test.
 EPOCHS = 12
@@ -119,11 +119,10 @@ def assert_resumed_from_a_checkpoint(stderr: str) -> None:
 def start(
     ray_address: str, run_dir: Path, *overrides: str, step_delay_s: float = 0.01
 ) -> subprocess.Popen:
-    # The CLI joins this process's Ray: the workers a scenario kept would hold its CPUs.
-    driver.release_workers()
-    cli = [*DISTRAIN, *JOB, f"cluster.address={ray_address}"]
+    command = [*DISTRAIN, *JOB, f"cluster.address={ray_address}", f"hydra.run.dir={run_dir}"]
+    free_kept_workers_before([*command, *overrides])
     return subprocess.Popen(
-        [*cli, f"hydra.run.dir={run_dir}", *overrides],
+        [*command, *overrides],
         cwd=run_dir.parent,
         stderr=subprocess.PIPE,
         text=True,
@@ -513,16 +512,18 @@ def test_ctrl_c_in_the_last_epoch_exits_130_and_keeps_the_finished_run(
     reached the end anyway, and the run exited 0. Now it exits 130 and says so, and the
     finished run is recorded in full (nothing to resume)."""
     run_dir = tmp_path / "run"
+    command = [
+        *DISTRAIN,
+        "trainer.epochs=2",
+        "trainer.workers=2",
+        "model.hidden_sizes=[32]",
+        "logger.progress=plain",
+        f"cluster.address={ray_address}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    free_kept_workers_before(command)
     proc = subprocess.Popen(
-        [
-            *DISTRAIN,
-            "trainer.epochs=2",
-            "trainer.workers=2",
-            "model.hidden_sizes=[32]",
-            "logger.progress=plain",
-            f"cluster.address={ray_address}",
-            f"hydra.run.dir={run_dir}",
-        ],
+        command,
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,

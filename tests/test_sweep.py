@@ -14,7 +14,7 @@ import pytest
 
 from distrain.config import ConfigError
 from distrain.sweep import RESUME, RUN, SKIP, job_row, markdown_table, plan
-from tests.conftest import DISTRAIN, run_cli, slowed
+from tests.conftest import DISTRAIN, free_kept_workers_before, run_cli, slowed
 
 FINISHED = {"wall_s": 12.5, "val_accuracy": 0.9, "samples_per_s": 1000.0, "steps": 22}
 
@@ -108,6 +108,7 @@ def test_a_sweep_stopped_mid_job_continues_with_only_what_is_missing(
     be dropped when the job finished, and the sweep ran on to the end."""
     sweep_dir = tmp_path / "sweep"
     command = [*DISTRAIN, *SWEEP, f"cluster.address={ray_address}", f"hydra.sweep.dir={sweep_dir}"]
+    free_kept_workers_before(command)
     proc = subprocess.Popen(
         command,
         cwd=tmp_path,
