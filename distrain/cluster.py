@@ -1,7 +1,8 @@
 """Ray: start an embedded one or join a cluster (`connect`), keep one for a sweep's jobs.
 
-A cluster's address is checked in seconds (a TCP connect, then a gRPC handshake) before Ray's own
-connect, which on a dead address retries for a minute. Reserving the workers on the cluster
+A cluster's address is checked in seconds (a TCP connect, a gRPC handshake, then whether it asks
+for a token: `ray_auth.py`) before Ray's own connect, which on a dead address retries for a
+minute and without a token it needs for 20 s or more. Reserving the workers on the cluster
 is `reservation.py`'s.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import grpc
 import ray
 
-from distrain import warm_workers
+from distrain import ray_auth, warm_workers
 from distrain.config import ClusterConfig, ConfigError
 
 log = logging.getLogger("distrain")
@@ -49,10 +50,13 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
-    """A plain TCP connect, then a gRPC handshake: ray.init on a dead address retries for a
-    minute or more, and on a port that is not Ray's it waits for minutes."""
+    """A plain TCP connect, a gRPC handshake, then the token: ray.init on a dead address retries
+    for a minute or more, on a port that is not Ray's it waits for minutes, and without a token
+    the cluster asks for it retries for 20 s or more."""
     target = _host_port(address)
     if target is None:
+        if (gcs := _auto_address()) is not None and not gcs.startswith("ray://"):
+            ray_auth.check_token(address, gcs, timeout_s)
         return
     try:
         with socket.create_connection(target, timeout=timeout_s):
@@ -65,6 +69,20 @@ def check_reachable(address: str, timeout_s: float) -> None:
             "to start an embedded local Ray."
         ) from None
     _check_speaks_grpc(address, target, timeout_s)
+    if not address.startswith("ray://"):  # Ray Client's server checks tokens itself
+        ray_auth.check_token(address, f"{target[0]}:{target[1]}", timeout_s)
+
+
+def _auto_address() -> str | None:
+    """The GCS `cluster.address=auto` stands for (RAY_ADDRESS, or the cluster `ray start`
+    started on this machine), as ray.init finds it; None if none, or if this Ray finds it
+    otherwise: ray.init then reports it."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # a private helper of Ray's: any failure means "not known here"
+        return None
 
 
 def _check_speaks_grpc(address: str, target: tuple[str, int], timeout_s: float) -> None:
@@ -121,13 +139,6 @@ def describe_worker_error(error: BaseException) -> str:
     return text
 
 
-RAY_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
-
-
 def _init(cluster: ClusterConfig) -> None:
     address = cluster.address
     kwargs: dict[str, Any] = {
@@ -140,7 +151,9 @@ def _init(cluster: ClusterConfig) -> None:
         # start. This Ray is private to the job: keep Ray's secure default, drop the notice.
         # (Setting RAY_AUTH_MODE=token here instead would skip Ray's refresh of its cached
         # config and break the start: the notice is filtered, nothing else changes.)
-        logging.getLogger(RAY_TOKEN_SETUP_LOGGER).addFilter(_drop_token_auth_notice)
+        logging.getLogger(ray_auth.RAY_TOKEN_SETUP_LOGGER).addFilter(
+            ray_auth.drop_token_auth_notice
+        )
         # "local" always starts a new Ray, even when another one runs on this machine.
         kwargs |= {
             "address": "local",
