@@ -6,9 +6,12 @@ process the suite starts is a child of ray.init here and goes away with ray.shut
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,3 +135,40 @@ def one_node_run(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The pids of the processes whose command line contains `text`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_ray_started_here(
+    started: Sequence[subprocess.Popen], ray_tmp: Path, signal_: int = signal.SIGTERM
+) -> list[int]:
+    """Stop the Ray a test started with `ray start --block` (which stops the processes it
+    started on `signal_`), last started first, by pid; then wait up to 30 s for every process
+    whose command line names `ray_tmp` (the test's own Ray temp dir: ours alone) and SIGKILL any
+    left. Returns those left, for the test to assert there were none."""
+    for proc in reversed(started):
+        proc.send_signal(signal_)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftover = processes_mentioning(str(ray_tmp))
+    for pid in leftover:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return leftover

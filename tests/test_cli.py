@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distrain import cli
-from tests.conftest import DISTRAIN, run_cli, slowed
+from tests.conftest import DISTRAIN, processes_mentioning, run_cli, slowed
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -322,19 +322,6 @@ def test_shell_completion_offers_keys_and_group_options(tmp_path: Path) -> None:
         assert result.stdout.split() == expected.split(), result.stdout
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.mark.slow  # an embedded Ray starts: ~10 s
 def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -> None:
     """The default path: the job is checked while its embedded Ray starts. A mistake only the
@@ -353,9 +340,9 @@ def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -
     assert "Traceback" not in result.stderr, result.stderr
     assert any(ray_tmp.iterdir()), "no Ray was started: the test shows nothing"
     deadline = time.monotonic() + 20
-    while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+    while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _processes_mentioning(str(ray_tmp)) == []
+    assert processes_mentioning(str(ray_tmp)) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -380,7 +367,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
                 break
         # A newcomer's default run prints nothing they must learn to ignore.
         assert not any("authentication" in line.lower() for line in lines), "".join(lines)
-        assert _processes_mentioning(str(ray_tmp)), "".join(lines)
+        assert processes_mentioning(str(ray_tmp)), "".join(lines)
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[1]
     finally:
@@ -389,7 +376,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
     deadline = time.monotonic() + 20
-    while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+    while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _processes_mentioning(str(ray_tmp)) == []
+    assert processes_mentioning(str(ray_tmp)) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import TWO_WORKER_JOB, run_cli
-from tests.test_cli import _processes_mentioning
+from tests.conftest import TWO_WORKER_JOB, processes_mentioning, run_cli
 
 # Runs in the no-distrain venv: starts the two nodes, reports them, waits for stdin to close.
 # The second node gets a temp dir of its own, as a second host has its own disk: with a shared
@@ -112,9 +111,9 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         except subprocess.TimeoutExpired:
             host.kill()
         deadline = time.monotonic() + 30
-        while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+        while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        leftover = _processes_mentioning(str(ray_tmp))
+        leftover = processes_mentioning(str(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
         assert leftover == [], f"cluster processes left behind: {leftover}"
 

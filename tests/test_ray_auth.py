@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DISTRAIN, REPO
-from tests.test_cli import _processes_mentioning
+from tests.conftest import DISTRAIN, REPO, stop_ray_started_here
 from tests.test_cluster import _free_port
 
 pytestmark = pytest.mark.slow  # a Ray head of its own starts: ~10 s
@@ -61,18 +60,7 @@ def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         _wait_until_up(address, home, head)
         yield {"address": address, "home": home}
     finally:
-        head.send_signal(signal.SIGINT)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        deadline = time.monotonic() + 30
-        while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftover = _processes_mentioning(str(ray_tmp))
-        for pid in leftover:  # ours: their command lines name our Ray temp dir
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        leftover = stop_ray_started_here([head], ray_tmp, signal.SIGINT)
         assert leftover == [], f"processes left behind by the head: {leftover}"
 
 

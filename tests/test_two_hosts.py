@@ -10,11 +10,9 @@ here is stopped by pid.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,8 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import DISTRAIN, REPO, TWO_WORKER_JOB, run_cli, slowed
-from tests.test_cli import _processes_mentioning
+from tests.conftest import DISTRAIN, REPO, TWO_WORKER_JOB, run_cli, slowed, stop_ray_started_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -116,19 +113,7 @@ def two_hosts() -> Iterator[dict[str, Any]]:
         # A link a test cut is restored first: a node cut off from its head takes half a minute
         # to stop, its processes retrying the head before they give up.
         subprocess.run(["ip", "-n", node_ns, "link", "set", node_if, "up"], capture_output=True)
-        for proc in reversed(nodes):  # `ray start --block` stops the processes it started
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        deadline = time.monotonic() + 30
-        while _processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftover = _processes_mentioning(str(ray_tmp))
-        for pid in leftover:  # ours: their command lines name our Ray temp dir
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        leftover = stop_ray_started_here(nodes, ray_tmp)
         for ns in (head_ns, node_ns):  # removing a namespace removes its end of the veth pair
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
