@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         _wait_until_up(address, home, head)
         yield {"address": address, "home": home}
     finally:
-        leftover = stop_ray_started_here([head], ray_tmp, signal.SIGINT)
+        leftover = stop_ray_started_here([head], ray_tmp)
         assert leftover == [], f"processes left behind by the head: {leftover}"
 
 
