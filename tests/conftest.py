@@ -155,19 +155,25 @@ def stop_ray_started_here(
     started: Sequence[subprocess.Popen], ray_tmp: Path, signal_: int = signal.SIGTERM
 ) -> list[int]:
     """Stop the Ray a test started with `ray start --block` (which stops the processes it
-    started on `signal_`), last started first, by pid; then wait up to 30 s for every process
-    whose command line names `ray_tmp` (the test's own Ray temp dir: ours alone) and SIGKILL any
-    left. Returns those left, for the test to assert there were none."""
+    started on `signal_`), last started first, by pid; then `reap_processes_mentioning(ray_tmp)`:
+    the pids left behind, for the test to assert there were none."""
     for proc in reversed(started):
         proc.send_signal(signal_)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    deadline = time.monotonic() + 30
-    while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
+    return reap_processes_mentioning(str(ray_tmp), timeout_s=30)
+
+
+def reap_processes_mentioning(text: str, *, timeout_s: float) -> list[int]:
+    """Wait up to `timeout_s` for every process whose command line contains `text` (a test's
+    own temp dir: ours alone) to exit, then SIGKILL any left, so a failing test leaves no stray
+    behind. Returns the pids that were left, for the test to assert there were none."""
+    deadline = time.monotonic() + timeout_s
+    while processes_mentioning(text) and time.monotonic() < deadline:
         time.sleep(0.5)
-    leftover = processes_mentioning(str(ray_tmp))
+    leftover = processes_mentioning(text)
     for pid in leftover:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

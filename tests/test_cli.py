@@ -17,7 +17,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distrain import cli
-from tests.conftest import DISTRAIN, processes_mentioning, run_cli, slowed
+from tests.conftest import (
+    DISTRAIN,
+    processes_mentioning,
+    reap_processes_mentioning,
+    run_cli,
+    slowed,
+)
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -339,10 +345,7 @@ def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -
     assert "data.val_fraction must be in (0, 1), got 1.5" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert any(ray_tmp.iterdir()), "no Ray was started: the test shows nothing"
-    deadline = time.monotonic() + 20
-    while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert processes_mentioning(str(ray_tmp)) == []
+    assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -375,8 +378,5 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
-    deadline = time.monotonic() + 20
-    while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert processes_mentioning(str(ray_tmp)) == []
+    assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import TWO_WORKER_JOB, processes_mentioning, run_cli
+from tests.conftest import TWO_WORKER_JOB, reap_processes_mentioning, run_cli
 
 # Runs in the no-distrain venv: starts the two nodes, reports them, waits for stdin to close.
 # The second node gets a temp dir of its own, as a second host has its own disk: with a shared
@@ -110,10 +110,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             host.wait(timeout=60)
         except subprocess.TimeoutExpired:
             host.kill()
-        deadline = time.monotonic() + 30
-        while processes_mentioning(str(ray_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftover = processes_mentioning(str(ray_tmp))
+        leftover = reap_processes_mentioning(str(ray_tmp), timeout_s=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         assert leftover == [], f"cluster processes left behind: {leftover}"
 
