@@ -60,7 +60,24 @@ def build_splits(data: DataConfig) -> Splits:
 def build_model(model: dict[str, Any], splits: Splits) -> nn.Module:
     """Input and output sizes come from the data, passed to models that take them."""
     sizes = model_sizes(model, splits.task, splits.input_shape, splits.num_outputs)
+    if "vocab_size" not in sizes and "vocab_size" not in model:
+        _check_needs_no_vocabulary(model["_target_"], splits.task)
     return instantiate(model, **sizes, _convert_="all")
+
+
+def _check_needs_no_vocabulary(target: str, task: str) -> None:
+    """A language model on data that is not token windows would fail in its constructor with
+    Python's "missing 1 required positional argument: 'vocab_size'": say what to change."""
+    try:
+        parameter = inspect.signature(get_object(target)).parameters.get("vocab_size")
+    except (TypeError, ValueError):
+        return
+    if parameter is not None and parameter.default is parameter.empty:
+        raise ConfigError(
+            f"model._target_={target} is a language model: it takes vocab_size from token data, "
+            f"and this data is a {task} set, which has none. Train it on token windows "
+            "(data=text or data=tokens; experiment=gpt_stdlib is a whole job)."
+        )
 
 
 def model_sizes(

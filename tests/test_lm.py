@@ -290,6 +290,19 @@ def test_model_output_check_is_a_config_error(token_dir: Path) -> None:
         preflight.dry_build(config.typed(job))
 
 
+def test_a_language_model_on_classification_data_is_a_config_error() -> None:
+    """model=gpt with the default (digits) data: one sentence saying what to change, not
+    Python's "missing 1 required positional argument: 'vocab_size'"."""
+    job = compose_job("model=gpt")
+    with pytest.raises(config.ConfigError) as error:
+        preflight.dry_build(config.typed(job))
+    assert str(error.value) == (
+        "model._target_=distrain.models.gpt.GPT is a language model: it takes vocab_size from "
+        "token data, and this data is a classification set, which has none. Train it on token "
+        "windows (data=text or data=tokens; experiment=gpt_stdlib is a whole job)."
+    )
+
+
 # ---------------------------------------------------------------- experiments
 
 
