@@ -127,6 +127,8 @@ def _explain(group: str, make: Callable[[], Any]) -> Any:
         raise
     except Exception as error:  # the user's class or file: say which group and what it said
         cause = error.__cause__ or error
+        if isinstance(cause, config.ConfigError):  # raised in a constructor Hydra called
+            raise cause from None
         raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
 
 

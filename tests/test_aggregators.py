@@ -8,7 +8,6 @@ digits at a global batch of 64, two workers.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -225,13 +224,21 @@ def _check(*overrides: str) -> None:
         ),
         (["aggregator.compression=int4"], "aggregator.compression='int4' is not one of"),
         (["aggregator.transport=tcp"], "aggregator.transport='tcp' is not one of auto, backend"),
-        (["aggregator=fsdp", "trainer.shard_optimizer=true"], "is redundant with aggregator=fsdp"),
-        (["aggregator=fsdp", "trainer.precision=16"], "not supported by aggregator=fsdp"),
+        (
+            ["aggregator=fsdp", "trainer.shard_optimizer=true"],
+            "trainer.shard_optimizer=true is redundant",
+        ),
+        (
+            ["aggregator=fsdp", "trainer.precision=16"],
+            "trainer.precision=16 is not supported by aggregator=fsdp",
+        ),
     ],
 )
 def test_aggregator_mistakes_are_config_errors(overrides: list[str], message: str) -> None:
-    with pytest.raises(config.ConfigError, match=re.escape(message)):
+    with pytest.raises(config.ConfigError) as error:
         _check(*overrides)
+    # The sentence itself, not one wrapped in where it was raised ("aggregator: ConfigError: ").
+    assert str(error.value).startswith(message), str(error.value)
 
 
 def test_accepted_aggregator_settings_pass() -> None:
