@@ -84,3 +84,23 @@ def test_model_argument_errors():
         RNNClassifier(input_shape=(5,), num_outputs=2)
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         resnet18(input_shape=(32, 32), num_outputs=2)
+
+
+@pytest.mark.parametrize("hidden_sizes", [[0], [-3, 4], [1.5], "abc", [True]])
+def test_mlp_hidden_sizes_must_be_widths(hidden_sizes):
+    # A zero width used to train a constant model without a word; a string, one layer a letter.
+    with pytest.raises(ValueError, match=r"hidden_sizes must be a list of whole numbers >= 1"):
+        MLP(input_shape=(4,), num_outputs=2, hidden_sizes=hidden_sizes)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_mlp_dropout_must_be_a_probability_below_one(dropout):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        MLP(input_shape=(4,), num_outputs=2, dropout=dropout)
+
+
+def test_mlp_with_no_hidden_layer_is_one_linear_map():
+    assert [type(m) for m in MLP(input_shape=(4,), num_outputs=2, hidden_sizes=[])] == [
+        nn.Flatten,
+        nn.Linear,
+    ]
