@@ -129,6 +129,8 @@ def _explain(group: str, make: Callable[[], Any]) -> Any:
         cause = error.__cause__ or error
         if isinstance(cause, config.ConfigError):  # raised in a constructor Hydra called
             raise cause from None
+        if str(cause).startswith(f"{group}."):  # it names the key already (model.n_head=...)
+            raise config.ConfigError(str(cause)) from error
         raise config.ConfigError(f"{group}: {type(cause).__name__}: {cause}") from error
 
 

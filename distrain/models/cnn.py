@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from distrain.models.sizes import check_counts, check_dropout, check_widths
+
 
 class CNN(nn.Module):
     def __init__(
@@ -36,6 +38,9 @@ class CNN(nn.Module):
             raise ValueError(f"CNN needs images of at least 8x8 pixels, got {height}x{width}")
         if not channels:
             raise ValueError("CNN needs at least one conv block in `channels`")
+        check_widths("model.channels", channels, "the output channels of each conv block")
+        check_counts("model.hidden", hidden, "the width of the head's hidden layer")
+        check_dropout(dropout)
         if height >> len(channels) < 1 or width >> len(channels) < 1:
             raise ValueError(
                 f"{len(channels)} conv blocks each halve the image; {height}x{width} pixels "

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distrain.models.sizes import check_counts, check_dropout
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
@@ -80,6 +82,16 @@ class GPT(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        for name, value, meaning in (
+            ("vocab_size", vocab_size, "token ids are 0 .. vocab_size - 1"),
+            ("block_size", block_size, "tokens per window"),
+            ("n_head", n_head, "attention heads per layer"),
+            ("n_embd", n_embd, "the width of every layer"),
+        ):
+            check_counts(f"model.{name}", value, meaning)
+        if n_layer < 0:
+            raise ValueError(f"model.n_layer must be >= 0 (transformer blocks), got {n_layer}")
+        check_dropout(dropout)
         if n_embd % n_head:
             raise ValueError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head}")
         self.block_size, self.n_layer, self.n_embd = block_size, n_layer, n_embd

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from distrain.models.sizes import check_dropout, check_widths
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
@@ -25,15 +27,8 @@ class MLP(nn.Sequential):
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(hidden_sizes, str) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_sizes
-        ):
-            raise ValueError(
-                "hidden_sizes must be a list of whole numbers >= 1 (one width per hidden layer; "
-                f"[] for none), got {hidden_sizes!r}"
-            )
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1) (a probability of zeroing), got {dropout}")
+        check_widths("model.hidden_sizes", hidden_sizes, "one width per hidden layer; [] for none")
+        check_dropout(dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for hidden in hidden_sizes:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
+from distrain import preflight
+from distrain.config import ConfigError, typed
 from distrain.models.cnn import CNN
+from distrain.models.gpt import GPT
 from distrain.models.mlp import MLP
 from distrain.models.resnet import resnet18
 from distrain.models.rnn import RNNClassifier
+from tests.conftest import compose_job
 
 CASES = {
     "mlp": (MLP, (10,), {"hidden_sizes": (16,)}),
@@ -89,13 +95,13 @@ def test_model_argument_errors():
 @pytest.mark.parametrize("hidden_sizes", [[0], [-3, 4], [1.5], "abc", [True]])
 def test_mlp_hidden_sizes_must_be_widths(hidden_sizes):
     # A zero width used to train a constant model without a word; a string, one layer a letter.
-    with pytest.raises(ValueError, match=r"hidden_sizes must be a list of whole numbers >= 1"):
+    with pytest.raises(ValueError, match=r"model.hidden_sizes must be a list of whole numbers"):
         MLP(input_shape=(4,), num_outputs=2, hidden_sizes=hidden_sizes)
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
 def test_mlp_dropout_must_be_a_probability_below_one(dropout):
-    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"model.dropout must be in \[0, 1\)"):
         MLP(input_shape=(4,), num_outputs=2, dropout=dropout)
 
 
@@ -104,3 +110,34 @@ def test_mlp_with_no_hidden_layer_is_one_linear_map():
         nn.Flatten,
         nn.Linear,
     ]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: CNN(input_shape=(1, 28, 28), num_outputs=2, channels=(0, 8)), "model.channels"),
+        (lambda: CNN(input_shape=(1, 28, 28), num_outputs=2, hidden=0), "model.hidden must"),
+        (lambda: CNN(input_shape=(1, 28, 28), num_outputs=2, dropout=1.0), "model.dropout"),
+        (lambda: GPT(vocab_size=10, block_size=0), "model.block_size must be"),
+        (lambda: GPT(vocab_size=10, block_size=8, n_head=0, n_embd=8), "model.n_head must"),
+        (lambda: GPT(vocab_size=0, block_size=8), "model.vocab_size must be"),
+        (lambda: GPT(vocab_size=10, n_layer=-1), "model.n_layer must be >= 0"),
+    ],
+)
+def test_sizes_that_build_a_broken_model_are_named(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.hidden_sizes=[0]", "model.hidden_sizes must be a list of whole numbers >= 1"),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+    ],
+)
+def test_the_driver_reports_a_size_mistake_as_the_sentence_naming_the_key(override, message):
+    """Not as "model: ValueError: model.hidden_sizes ...": the sentence names the key already."""
+    with pytest.raises(ConfigError) as error:
+        preflight.dry_build(typed(compose_job(override)))
+    assert str(error.value).startswith(message), str(error.value)
