@@ -48,7 +48,9 @@ def export(run_dir: Path, out: Path | None = None, *, best: bool = False) -> Pat
     state, config = model_state(run_dir, best=best), model_config(run_dir)
     # safetensors refuses tensors that share memory and wants them contiguous.
     tensors = {name: t.detach().clone().contiguous() for name, t in state.items()}
-    out = (out or run_dir / "model.safetensors").expanduser().resolve()
+    # The best checkpoint's weights get a name of their own: exporting both keeps both.
+    default = run_dir / ("model-best.safetensors" if best else "model.safetensors")
+    out = (out or default).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"format": "pt"})
     out.with_suffix(".json").write_text(json.dumps({"model": config}, indent=2, default=str) + "\n")
@@ -136,7 +138,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--best", action="store_true", help="the best checkpoint's weights (lowest val loss)"
     )
-    parser.add_argument("--out", type=Path, help="output file (default: RUN/model.safetensors)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output file (default: RUN/model.safetensors, with --best RUN/model-best.safetensors)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(args.run, args.out, best=args.best)

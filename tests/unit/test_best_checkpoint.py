@@ -86,6 +86,15 @@ def test_export_best_gathers_the_best_checkpoints_weights_from_its_shards(
     x = torch.randn(5, 8, 8)
     torch.testing.assert_close(fresh(x), models[0](x), rtol=0, atol=0)
     assert not torch.equal(fresh(x), models[1](x))  # the best, not the latest
+    # Without --out, the final model and the best one go to files of their own.
+    torch.save(models[1].state_dict(), run_dir / "model.pt")
+    assert distrain_cli(monkeypatch, "export", str(run_dir), "--best") == 0
+    assert distrain_cli(monkeypatch, "export", str(run_dir)) == 0
+    for name, model in (("model-best", models[0]), ("model", models[1])):
+        exported = load_file(run_dir / f"{name}.safetensors")
+        assert (run_dir / f"{name}.json").exists(), name
+        for key, value in model.state_dict().items():
+            assert torch.equal(exported[key], value), (name, key)
 
 
 def test_a_resumed_run_keeps_the_best_checkpoint_it_had_at_the_resumed_step(
