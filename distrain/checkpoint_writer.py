@@ -199,7 +199,7 @@ def write_failure(
     (full, read-only) fails the run: a restart would not fix it."""
     error, step = result.error, result.step
     if isinstance(error, ShareTimeout):
-        noticed_s = time.monotonic()  # the probe below waits up to 10 s more on a cut-off node
+        noticed_s = time.monotonic()  # the probe below waits up to 5 s more on a cut-off node
         return GroupFailed(
             f"checkpoint of step {step}: the workers' shares did not arrive within "
             f"trainer.step_timeout_s={step_timeout_s:g} s (a node unreachable from the driver?)",

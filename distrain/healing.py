@@ -40,7 +40,6 @@ from distrain.errors import GroupFailed
 from distrain.group import WorkerGroup
 
 log = logging.getLogger("distrain")
-NODE_PROBE_TIMEOUT_S = 5.0  # a failed rank's other node must run a task within this to heal
 NEVER_WRITTEN_STEP = 2**62  # "every checkpoint is written", to release ranks waiting for one
 
 
@@ -123,7 +122,7 @@ def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None
     # A node lost moments ago still counts as alive: a replacement placed there would never
     # start. The driver's own node needs no asking.
     remote = nodes - {ray.get_runtime_context().get_node_id()}
-    if remote and hangs.unreachable(remote, timeout_s=NODE_PROBE_TIMEOUT_S):
+    if remote and hangs.unreachable(remote):
         return "a failed rank's node does not answer"
     return None
 

@@ -70,3 +70,31 @@ def test_a_node_that_cannot_run_a_task_is_unreachable(ray_address: str) -> None:
     here = ray.get_runtime_context().get_node_id()
     gone = bytes.fromhex(here)[::-1].hex()  # a well-formed node id no raylet holds
     assert hangs.unreachable({here, gone}, timeout_s=30) == {gone}
+
+
+def test_stacks_are_not_waited_for_on_a_node_that_misses_the_probe(
+    ray_address: str, tmp_path: Path
+) -> None:
+    """dump_stacks: the rank on a reachable node is dumped; the rank on a node that cannot run
+    the probe is named as such, and its node as unreachable."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    gone = bytes.fromhex(here)[::-1].hex()
+    script = tmp_path / "frozen.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        ranks = [
+            {"rank": 0, "node_id": here, "pid": proc.pid},
+            {"rank": 1, "node_id": gone, "pid": proc.pid},
+        ]
+        stacks, lost = hangs.dump_stacks(ranks, tmp_path / "hangs")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert lost == {gone}
+    assert "wait_for_peer" in stacks[0], stacks[0]
+    assert stacks[1] == "(no stack: its node did not run a probe within 5 s)\n"
+    assert (tmp_path / "hangs" / "rank1.txt").read_text() == stacks[1]
