@@ -209,11 +209,14 @@ def test_a_cut_link_is_detected_within_the_timeout_and_training_goes_on(
     failure = metrics["failures"][0]
     # Bounded by the step timeout (plus the probes' few seconds), not by Ray's node-death wait.
     assert failure["detection_s"] < 2 * 10, failure
-    # The stacks: the rank on the cut host's was not waited for once its node missed a probe.
-    stacks = sorted((run_dir / "hangs" / "failure-1").glob("rank*.txt"))
-    assert len(stacks) == 2, stacks
-    missed = [p.name for p in stacks if p.read_text().startswith("(no stack: its node did not run")]
-    assert len(missed) == 1, [p.read_text()[:200] for p in stacks]
+    # Noticed by the silence (the driver's usual path), every rank's stack was dumped, and the
+    # rank on the cut host's was not waited for once its node missed a probe. (Under load the
+    # checkpoint shares that did not arrive may notice it first: then no stack is dumped.)
+    if failure["error"].startswith("no progress within"):
+        stacks = sorted((run_dir / "hangs" / "failure-1").glob("rank*.txt"))
+        assert len(stacks) == 2, stacks
+        missed = [p for p in stacks if p.read_text().startswith("(no stack: its node did not run")]
+        assert len(missed) == 1, [p.read_text()[:200] for p in stacks]
     single = run_cli(
         f"cluster.address={ray_address}",
         *CUT_JOB,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distrain.models.sizes import check_counts, check_dropout, check_widths
+from distrain.models.sizes import check_count, check_dropout, check_widths
 
 
 class CNN(nn.Module):
@@ -39,7 +39,7 @@ class CNN(nn.Module):
         if not channels:
             raise ValueError("CNN needs at least one conv block in `channels`")
         check_widths("model.channels", channels, "the output channels of each conv block")
-        check_counts("model.hidden", hidden, "the width of the head's hidden layer")
+        check_count("model.hidden", hidden, "the width of the head's hidden layer")
         check_dropout(dropout)
         if height >> len(channels) < 1 or width >> len(channels) < 1:
             raise ValueError(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distrain.models.sizes import check_counts, check_dropout
+from distrain.models.sizes import check_count, check_dropout
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,7 +88,7 @@ class GPT(nn.Module):
             ("n_head", n_head, "attention heads per layer"),
             ("n_embd", n_embd, "the width of every layer"),
         ):
-            check_counts(f"model.{name}", value, meaning)
+            check_count(f"model.{name}", value, meaning)
         if n_layer < 0:
             raise ValueError(f"model.n_layer must be >= 0 (transformer blocks), got {n_layer}")
         check_dropout(dropout)

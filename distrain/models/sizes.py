@@ -4,15 +4,16 @@ here with the value named (the driver reports it as a configuration error)."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
 def is_count(value: Any) -> bool:
-    """A whole number >= 1 (not a bool, which Python counts as an int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """A whole number >= 1: a Python or numpy integer, not a bool (which Python counts as one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
-def check_counts(name: str, value: Any, meaning: str) -> None:
+def check_count(name: str, value: Any, meaning: str) -> None:
     if not is_count(value):
         raise ValueError(f"{name} must be a whole number >= 1 ({meaning}), got {value!r}")
 

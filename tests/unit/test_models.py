@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -141,3 +142,9 @@ def test_the_driver_reports_a_size_mistake_as_the_sentence_naming_the_key(overri
     with pytest.raises(ConfigError) as error:
         preflight.dry_build(typed(compose_job(override)))
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_numpy_integers_are_sizes_too():
+    """A size computed with numpy (a vocabulary from a token file's maximum) is a whole number."""
+    MLP(input_shape=(4,), num_outputs=2, hidden_sizes=[np.int64(3)])
+    GPT(vocab_size=np.int64(10), block_size=np.int32(8), n_layer=1, n_head=2, n_embd=8)
