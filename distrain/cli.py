@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 # Only what composing and checking a job needs is imported here: the driver (torch, Ray: ~2 s)
 # once the job is checked, so a mistake in it is named in well under a second.
-from distrain import config, config_errors, validation, versions
+from distrain import config, config_errors, resume_command, validation, versions
 from distrain.config import register_configs
 from distrain.errors import ConfigError, Interrupted, TrainingFailed
 from distrain.rundir import RunDirectory
@@ -220,36 +219,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return None if metrics is None else metrics.get("val_loss")
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """`distrain resume=RUN [overrides]` runs RUN's own overrides plus the new ones, into RUN.
-
-    Done on the command line before Hydra starts because Hydra fixes the config and the run
-    directory at startup: the resumed run must compose exactly like the original (same groups,
-    same values) and keep writing into the original run dir, where its event files and
-    checkpoints are. The original .hydra/ record is kept; the resume's goes to .hydra/resume-*.
-    """
-    resume = [a for a in argv if _key(a) == "resume"]
-    if not resume or "--multirun" in argv or "-m" in argv:
-        return argv
-    target = Path(resume[-1].split("=", 1)[1]).expanduser().resolve()
-    run_dir = target.parent.parent if target.is_file() else target
-    if run_dir.name == "checkpoints":
-        run_dir = run_dir.parent
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    original = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
-    given = {_key(a) for a in argv if not a.startswith("-")}
-    kept = [o for o in original if _key(o) not in given and not _key(o).startswith("hydra.")]
-    extra = []
-    if "hydra.run.dir" not in given:
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        extra = [f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
-    return [*kept, *argv, *extra]
-
-
 class _DeferredInterrupts:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt only inside distrain's own code.
 
@@ -317,7 +286,7 @@ def main() -> None:
         return sample_main(sys.argv[2:])
     register_configs()
     _interrupts.install()
-    sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *resume_command.resume_argv(sys.argv[1:])]
     try:
         with _mistakes_raised() as hydras_reports:
             _hydra_main()
