@@ -50,12 +50,14 @@ def _record_that_wrote(run_dir: Path, written_s: float | None) -> Path | None:
     own, or a later resume's (`.hydra/resume-*/`) when one trained and checkpointed, so
     `resume=RUN` again keeps e.g. the `trainer.epochs=30` a first resume gave. A resume that
     ended before writing a checkpoint (a mistake on its command line, a kill at start-up) is
-    newer than the checkpoint and passed over. None: no record."""
-    records = [run_dir / ".hydra" / "overrides.yaml"]
-    if written_s is not None:
-        records += (run_dir / ".hydra").glob("resume-*/overrides.yaml")
-    older = [r for r in records if r.is_file() and (written_s is None or _mtime(r) <= written_s)]
-    return max(older, key=_mtime, default=None)
+    newer than the checkpoint and passed over. The run's own record when no record is older
+    (a run directory copied without its times); None: no record at all."""
+    own = run_dir / ".hydra" / "overrides.yaml"
+    if written_s is None:
+        return own if own.is_file() else None
+    records = [own, *(run_dir / ".hydra").glob("resume-*/overrides.yaml")]
+    older = [r for r in records if r.is_file() and _mtime(r) <= written_s]
+    return max(older, key=_mtime, default=own if own.is_file() else None)
 
 
 def _written_s(target: Path) -> float | None:

@@ -74,6 +74,10 @@ def test_a_checkpoint_from_before_a_resume_resumes_with_the_runs_own_overrides(
     _record(fresh, ".hydra", ["trainer.epochs=10"], at_s=1000)
     _checkpoint(fresh, 50, at_s=1100)
     assert _composed([f"resume={fresh}"]) == ["trainer.epochs=10", f"resume={fresh}"]
+    # A run directory copied without its times (every record newer): still the run's own.
+    _record(fresh, ".hydra", ["trainer.epochs=10"], at_s=2000)
+    _record(fresh, ".hydra/resume-a", ["trainer.epochs=30"], at_s=2000)
+    assert _composed([f"resume={fresh}"]) == ["trainer.epochs=10", f"resume={fresh}"]
 
 
 @pytest.mark.parametrize(
