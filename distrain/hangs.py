@@ -92,8 +92,8 @@ def dump_stacks(nodes: list[dict[str, Any]], directory: Path) -> tuple[dict[int,
     of the nodes that did not answer (unreachable: a cut link, a frozen machine).
 
     `nodes` are the group's worker records (rank, node_id, node_ip, pid). The other nodes are
-    probed first (a probe is sent before the dumps, so it needs no worker a dump took): one
-    silent for NODE_PROBE_TIMEOUT_S is not waited on for the rest of DUMP_TIMEOUT_S.
+    sent a probe just before the dumps: a node whose probe does not run within
+    NODE_PROBE_TIMEOUT_S is not waited on for the rest of DUMP_TIMEOUT_S.
     """
     started = time.monotonic()
     by_node: dict[str, list[dict[str, Any]]] = {}
