@@ -1,13 +1,16 @@
 """The real command line: `python -m distrain ...` in a subprocess, then its outputs read back."""
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -355,28 +358,57 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     # A Ray temp dir of our own, so its processes are recognisable; short, as Ray's unix socket
     # paths inside it must stay under 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
-    proc = subprocess.Popen(
-        [*DISTRAIN, "trainer.epochs=1000", "logger.progress=plain", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path,
-        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lines = []
-        for line in proc.stderr:  # wait until training is really under way
-            lines.append(line)
-            if line.startswith("epoch 2/"):
-                break
-        # A newcomer's default run prints nothing they must learn to ignore.
-        assert not any("authentication" in line.lower() for line in lines), "".join(lines)
-        assert processes_mentioning(str(ray_tmp)), "".join(lines)
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # Ray's default dashboard-agent port taken, as by another Ray on this machine (or by this
+    # one already): the embedded Ray's agent must not wait for it (ray_agent_port.py).
+    with _port_taken(DEFAULT_AGENT_PORT):
+        proc = subprocess.Popen(
+            [
+                *DISTRAIN,
+                "trainer.epochs=1000",
+                "logger.progress=plain",
+                f"hydra.run.dir={tmp_path}",
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines = _lines_until(proc, "epoch 2/")
+            # A newcomer's default run prints nothing they must learn to ignore.
+            assert not any("authentication" in line.lower() for line in lines), "".join(lines)
+            assert processes_mentioning(str(ray_tmp)), "".join(lines)
+            proc.send_signal(signal.SIGINT)
+            rest = proc.communicate(timeout=60)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
     assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
+    (agent_log,) = ray_tmp.glob("ray/session_[0-9]*/logs/dashboard_agent.log")
+    assert "failed to bind" not in agent_log.read_text(), agent_log.read_text()[-2000:]
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+DEFAULT_AGENT_PORT = 52365  # Ray's, for every node's dashboard agent
+
+
+@contextlib.contextmanager
+def _port_taken(port: int) -> Iterator[None]:
+    """`port` listened on for the block, by this test or (already) by another process."""
+    with socket.socket() as listener:
+        with contextlib.suppress(OSError):  # taken already: the same for the test
+            listener.bind(("0.0.0.0", port))
+            listener.listen()
+        yield
+
+
+def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """`proc`'s stderr lines up to the first that starts with `prefix` (or its end)."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith(prefix):
+            break
+    return lines

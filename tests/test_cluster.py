@@ -37,7 +37,8 @@ HOST = """
 import json, sys
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 2, "include_dashboard": False, "ray_client_server_port": int(sys.argv[1])})
+    "num_cpus": 2, "include_dashboard": False, "ray_client_server_port": int(sys.argv[1]),
+    "dashboard_agent_listen_port": 0})  # Ray's default port may be another Ray's
 cluster.add_node(num_cpus=2, temp_dir=sys.argv[2])
 cluster.wait_for_nodes()
 nodes = [n.node_id for n in [cluster.head_node, *cluster.worker_nodes]]

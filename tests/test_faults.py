@@ -760,7 +760,13 @@ def two_nodes() -> object:
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_NODE_DEATH}
+        initialize_head=True,
+        # The agent on a free port: Ray's default one may be another Ray's (ray_agent_port.py).
+        head_node_args={
+            "num_cpus": 1,
+            "_system_config": FAST_NODE_DEATH,
+            "dashboard_agent_listen_port": 0,
+        },
     )
     try:
         yield cluster
