@@ -17,6 +17,7 @@ import hydra
 import pytest
 import ray
 import torch
+from ray._private import ray_constants
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distrain import cli
@@ -360,7 +361,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
     # Ray's default dashboard-agent port taken, as by another Ray on this machine (or by this
     # one already): the embedded Ray's agent must not wait for it (ray_agent_port.py).
-    with _port_taken(DEFAULT_AGENT_PORT):
+    with _port_taken(ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT):
         proc = subprocess.Popen(
             [
                 *DISTRAIN,
@@ -389,9 +390,6 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     (agent_log,) = ray_tmp.glob("ray/session_[0-9]*/logs/dashboard_agent.log")
     assert "failed to bind" not in agent_log.read_text(), agent_log.read_text()[-2000:]
     shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-DEFAULT_AGENT_PORT = 52365  # Ray's, for every node's dashboard agent
 
 
 @contextlib.contextmanager
