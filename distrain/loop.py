@@ -317,6 +317,7 @@ class _Interval:
             interval_s=now_s - self.started_s,
             skipped_steps=pos.skipped_steps,
             phases_s=clock.pop(),
+            cpu_wait_s=clock.pop_cpu_wait(),
             throughput=_throughput(parts, samples),
         )
         self.loss.zero_()

@@ -23,11 +23,7 @@ from distrain.records import (
     Throughput,
     ValidationSums,
 )
-from distrain.timing import PHASES
-
-# What a worker spends of a step on its own (not waiting for the others): comparing it across
-# workers shows a straggler, since in synchronous training every worker's wall time is the same.
-BUSY_PHASES = ("data_s", "forward_backward_s", "optimizer_s")
+from distrain.timing import BUSY_PHASES, PHASES
 
 R = TypeVar("R", StepRecord, EpochRecord, EvalRecord)  # the records that every rank reports
 
@@ -41,6 +37,7 @@ class WorkerFigures:
     phases_s: dict[str, float]  # seconds per step in each phase of distrain/timing.py
     tokens_per_s: float | None = None  # language models: local tokens / busy time
     mfu: float | None = None  # model FLOPs / busy time / this worker's peak FLOP/s
+    cpu_wait_s: float | None = None  # of busy_s, waiting for a CPU core others held (timing.py)
 
 
 @dataclass
@@ -351,6 +348,7 @@ def _worker_figures(record: StepRecord) -> WorkerFigures:
         busy_s=busy_s,
         samples_per_s=record.samples / steps / max(busy_s, 1e-9),
         phases_s=phases_s,
+        cpu_wait_s=None if record.cpu_wait_s is None else record.cpu_wait_s / steps,
     )
     throughput = record.throughput
     if throughput is not None:

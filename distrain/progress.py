@@ -237,11 +237,13 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         top5 = final_best("val_top5_accuracy", "best_val_top5_accuracy")
         rows.append(("val accuracy (top-5)", top5))
     for straggler in metrics.get("stragglers", []):
+        starved = straggler.get("cause") == "cpu_contention"
         rows.append(
             (
                 "straggler",
                 f"rank {straggler['rank']} on {straggler['node_ip']}, "
-                f"{straggler['ratio']:.2f}x at step {straggler['step']}",
+                f"{straggler['ratio']:.2f}x at step {straggler['step']}"
+                + (" (waiting for a CPU core)" if starved else ""),
             )
         )
     early = metrics.get("early_stopped")

@@ -44,6 +44,7 @@ class StepRecord:
     skipped_steps: int  # non-finite steps skipped so far (trainer.nan_policy=skip_step)
     phases_s: dict[str, float]  # seconds in each phase of distrain/timing.py, summed
     throughput: Throughput | None = None
+    cpu_wait_s: float | None = None  # busy phases' wait for a CPU core, summed (timing.py)
     rank: int = NO_RANK
 
 

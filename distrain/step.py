@@ -100,7 +100,12 @@ def train_step(
     aggregator.synchronize()
     clock.lap("aggregation_wait_s")
     # DDP all-reduces inside backward: the time backward sat waiting for it is waiting too.
-    clock.shift("forward_backward_s", "aggregation_wait_s", aggregator.backward_wait_s())
+    clock.shift(
+        "forward_backward_s",
+        "aggregation_wait_s",
+        aggregator.backward_wait_s(),
+        cpu_wait_s=aggregator.backward_cpu_wait_s(),
+    )
     if inspect is not None:
         inspect()
         clock.restart()  # logging work is nobody's step time

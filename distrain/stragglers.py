@@ -11,6 +11,12 @@ few milliseconds to the OS scheduler now and then, which is 1.5x of a 1 ms step.
 must also have cost real time: over its `patience` intervals its compute must exceed the others'
 median by at least `min_excess_s` in total (default 0.1 s, well above scheduling jitter of a few
 ms per interval, far below what a slow GPU or an overloaded node costs).
+
+Why it is slower is told too: on a CPU the step clock counts how long the worker waited, ready to
+run, for a core that other processes held (`cpu_wait_s`, distrain/timing.py). When that wait
+accounts for at least half of its extra compute, the report says the worker is starved of CPU on
+its node (`cause="cpu_contention"`: too many processes there) rather than slow at its own work
+(`cause="compute"`: a slower device, a bigger shard, a throttled core).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 from distrain.metrics import StepMetrics
 
 MIN_EXCESS_S = 0.1  # seconds of extra compute over `patience` intervals (see the docstring)
+CONTENTION_SHARE = 0.5  # of the extra compute, waiting for a core: the node is oversubscribed
 
 
 @dataclass
@@ -33,17 +40,35 @@ class Straggler:
     others_busy_s: float
     step: int  # the logged step at which it was declared
     intervals: int  # consecutive logged intervals above the threshold
+    cpu_wait_s: float | None = None  # of busy_s, waiting for a CPU core; None where unknown
+    others_cpu_wait_s: float | None = None
+
+    @property
+    def cause(self) -> str:
+        """ "cpu_contention" when waiting for a core explains its lag, else "compute"."""
+        if self.cpu_wait_s is None or self.others_cpu_wait_s is None:
+            return "compute"
+        extra_wait_s = self.cpu_wait_s - self.others_cpu_wait_s
+        contended = extra_wait_s >= CONTENTION_SHARE * (self.busy_s - self.others_busy_s)
+        return "cpu_contention" if contended else "compute"
 
     @property
     def message(self) -> str:
+        why = ""
+        if self.cause == "cpu_contention":
+            why = (
+                f"; {self.cpu_wait_s * 1e3:.1f} ms of it waiting for a CPU core that other "
+                "processes on its node held"
+            )
         return (
             f"straggler: rank {self.rank} on node {self.node_ip} is {self.ratio:.2f}x slower than "
             f"the other workers ({self.busy_s * 1e3:.1f} ms vs {self.others_busy_s * 1e3:.1f} ms "
-            f"of compute per step) for {self.intervals} logged intervals, up to step {self.step}"
+            f"of compute per step{why}) for {self.intervals} logged intervals, up to step "
+            f"{self.step}"
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "message": self.message}
+        return {**asdict(self), "cause": self.cause, "message": self.message}
 
 
 class StragglerDetector:
@@ -94,15 +119,19 @@ class StragglerDetector:
         if self._excess_s < self.min_excess_s:  # scheduling noise on tiny steps, not a straggler
             return None
         self.flagged, self._below = slowest, 0
-        others = [v for r, v in busy.items() if r != slowest]
+        waits = {rank: w.cpu_wait_s for rank, w in metrics.workers.items()}
+        others_waits = [v for r, v in waits.items() if r != slowest]
+        known = waits[slowest] is not None and None not in others_waits
         report = Straggler(
             rank=slowest,
             node_ip=self.node_ips[slowest],
             ratio=ratios[slowest],
             busy_s=busy[slowest],
-            others_busy_s=statistics.median(others),
+            others_busy_s=others_s,
             step=metrics.step,
             intervals=self._above[slowest],
+            cpu_wait_s=waits[slowest] if known else None,
+            others_cpu_wait_s=statistics.median(others_waits) if known else None,
         )
         self.reports.append(report)
         return report

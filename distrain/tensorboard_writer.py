@@ -93,6 +93,8 @@ class TensorBoardWriter:
                 values[f"workers/rank{rank}/mfu"] = worker.mfu
             values[f"workers/rank{rank}/samples_per_s"] = worker.samples_per_s
             values[f"workers/rank{rank}/step_s"] = worker.busy_s
+            if worker.cpu_wait_s is not None:
+                values[f"workers/rank{rank}/cpu_wait_s"] = worker.cpu_wait_s
             for phase in PHASES:
                 values[f"workers/rank{rank}/{phase}"] = worker.phases_s[phase]
         skipped = max(r.skipped_steps for r in metrics.per_rank.values())
@@ -115,7 +117,7 @@ class TensorBoardWriter:
         self._layout_ranks = set(ranks)
         charts = {
             name: ["Multiline", [f"workers/rank{r}/{name}" for r in ranks]]
-            for name in ("step_s", "samples_per_s", *PHASES)
+            for name in ("step_s", "samples_per_s", *PHASES, "cpu_wait_s")
         }
         self.writer.add_custom_scalars({"workers (one line per rank)": charts})
 

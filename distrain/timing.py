@@ -11,11 +11,20 @@ the current stream at each lap and reads the elapsed GPU time between them only 
 log step, after that step's loss has synchronized the device: no synchronization is added to the
 step. There, backward's wait for DDP's all-reduce is the GPU time from the last bucket's launch
 (an event the comm hook records, `SinceEvent`) to the end of backward.
+
+On a CPU the clock also counts `cpu_wait_s`: how long the training thread, during the busy phases,
+was ready to run but waited for a core that another thread or process held (Linux's run-queue
+delay, /proc/<pid>/task/<tid>/schedstat). It tells a worker starved of CPU on a crowded node from
+one that is slow at its own work (distrain/stragglers.py). Read with `pread` on a kept file
+descriptor: about a microsecond per lap.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,34 +34,75 @@ import torch
 from distrain.device import timing_event
 
 PHASES = ("data_s", "forward_backward_s", "aggregation_wait_s", "optimizer_s")
+# What a worker spends of a step on its own (not waiting for the others): comparing it across
+# workers shows a straggler, since in synchronous training every worker's wall time is the same.
+BUSY_PHASES = ("data_s", "forward_backward_s", "optimizer_s")
+
+
+class RunQueueWait:
+    """The calling thread's total time runnable but not running, in seconds (Linux only)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def of_this_thread(cls) -> RunQueueWait | None:
+        path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        try:  # fields: time on a CPU, time waiting on a run queue (both ns), time slices
+            return cls(os.open(path, os.O_RDONLY))
+        except OSError:  # not Linux, or a kernel without scheduler statistics
+            return None
+
+    def read_s(self) -> float:
+        return int(os.pread(self._fd, 64, 0).split()[1]) / 1e9
 
 
 class StepClock:
-    """Laps of a monotonic clock added to named phases."""
+    """Laps of a monotonic clock added to named phases; the busy phases' run-queue wait beside."""
 
     def __init__(self) -> None:
         self.totals = dict.fromkeys(PHASES, 0.0)
+        self._queue = RunQueueWait.of_this_thread()
+        self._cpu_wait_s = 0.0
         self._mark = time.perf_counter()
+        self._queued_s = self._queue.read_s() if self._queue else 0.0
 
     def restart(self) -> None:
         """Start the next lap now; the time since the last lap belongs to no phase."""
         self._mark = time.perf_counter()
+        self._queued_s = self._queue.read_s() if self._queue else 0.0
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.totals[phase] += now - self._mark
         self._mark = now
+        if self._queue is not None:
+            queued_s = self._queue.read_s()
+            if phase in BUSY_PHASES:
+                self._cpu_wait_s += queued_s - self._queued_s
+            self._queued_s = queued_s
 
-    def shift(self, source: str, target: str, seconds: float) -> None:
-        """Move `seconds` already counted in `source` to `target` (e.g. waiting inside backward)."""
+    def shift(self, source: str, target: str, seconds: float, *, cpu_wait_s: float = 0.0) -> None:
+        """Move `seconds` already counted in `source` to `target` (e.g. waiting inside backward),
+        and `cpu_wait_s` of run-queue wait within them out of the busy phases' count."""
         seconds = min(max(seconds, 0.0), self.totals[source])
         self.totals[source] -= seconds
         self.totals[target] += seconds
+        if source in BUSY_PHASES and target not in BUSY_PHASES:
+            self._cpu_wait_s -= min(max(cpu_wait_s, 0.0), seconds, self._cpu_wait_s)
 
     def pop(self) -> dict[str, float]:
         """The interval's sums; the clock starts a new interval."""
         totals, self.totals = self.totals, dict.fromkeys(PHASES, 0.0)
         return totals
+
+    def pop_cpu_wait(self) -> float | None:
+        """The interval's run-queue wait in the busy phases (seconds); None where unknown."""
+        if self._queue is None:
+            return None
+        cpu_wait_s, self._cpu_wait_s = self._cpu_wait_s, 0.0
+        return cpu_wait_s
 
 
 @dataclass
@@ -76,6 +126,7 @@ class EventClock(StepClock):
         self._laps: list[tuple[str, Any, Any]] = []
         self._shifts: list[tuple[str, str, Any, float | SinceEvent]] = []
         self._mark = self._record()
+        self._queue = None  # GPU time is compared across workers; host run-queue waits are not
 
     def _record(self) -> Any:
         event = self._free.pop() if self._free else self._make_event()
@@ -91,8 +142,11 @@ class EventClock(StepClock):
         self._laps.append((phase, self._mark, now))
         self._mark = now
 
-    def shift(self, source: str, target: str, seconds: float | SinceEvent) -> None:
-        """As StepClock.shift; a SinceEvent is resolved against the last `source` lap's end."""
+    def shift(
+        self, source: str, target: str, seconds: float | SinceEvent, *, cpu_wait_s: float = 0.0
+    ) -> None:
+        """As StepClock.shift; a SinceEvent is resolved against the last `source` lap's end.
+        `cpu_wait_s` is ignored: GPU time has no run queue."""
         end = next((lap[2] for lap in reversed(self._laps) if lap[0] == source), None)
         self._shifts.append((source, target, end, seconds))
 

@@ -78,9 +78,12 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
     assert metrics["workers"] == 2 and len(metrics["nodes"]) == 2
     assert metrics["val_accuracy"] > 0.9
     assert metrics["overrides"][0].startswith("cluster.address=")
-    # Two workers with equal work: what a loaded machine's scheduler does to 1 ms steps for
-    # less than 30 steps is not reported as a slow worker (one slowed on purpose shows 10-30x).
-    assert all(s["ratio"] < 3 for s in metrics["stragglers"]), metrics["stragglers"]
+    # Two workers with equal work: neither is reported slow at its own work (one slowed on
+    # purpose shows 10-30x, test_monitoring.py). The suite's other process can starve one of
+    # them of a core for the whole run (a fresh clone's run: rank 1 at 5.05x for 66 steps);
+    # that report must say so: its extra time was spent waiting for a core.
+    for report in metrics["stragglers"]:
+        assert report["ratio"] < 3 or report["cause"] == "cpu_contention", report
     assert (run_dir / ".hydra" / "config.yaml").exists()
 
     series = scalars(run_dir)

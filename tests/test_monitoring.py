@@ -112,7 +112,7 @@ ITERATION_TAGS = [
     *(
         f"workers/rank{rank}/{name}"
         for rank in range(WORKERS)
-        for name in ("samples_per_s", "step_s", *PHASES)
+        for name in ("samples_per_s", "step_s", *PHASES, "cpu_wait_s")
     ),
 ]
 EPOCH_TAGS = [
@@ -175,6 +175,8 @@ def test_the_slowed_worker_is_reported_as_the_straggler(monitored_run: dict[str,
     assert reports[0]["step"] >= 2 * LOG_EVERY and reports[0]["step"] % LOG_EVERY == 0
     message = reports[0]["message"]
     assert message.startswith(f"straggler: rank 1 on node {reports[0]['node_ip']} is ")
+    # Its extra time is a sleep: slow at its own work, not starved of a core.
+    assert reports[0]["cause"] == "compute", reports
     assert message in monitored_run["stderr"]  # said in the terminal
     flagged = [e.value for e in events.Scalars("workers/straggler_rank")]
     assert flagged[0] == -1 and flagged[-1] == 1
@@ -184,6 +186,12 @@ def test_the_slowed_worker_is_reported_as_the_straggler(monitored_run: dict[str,
     assert min(e.value for e in events.Scalars("workers/rank1/step_s")[1:]) > 0.03
     waits = [e.value for e in events.Scalars("workers/rank0/aggregation_wait_s")[1:]]
     assert min(waits) > 0.02, waits
+    # Waiting for a core is part of the compute time, never more: rank 0's wait for rank 1
+    # inside backward (DDP) left busy time with the core it yielded meanwhile.
+    for rank in range(WORKERS):
+        busy = [e.value for e in events.Scalars(f"workers/rank{rank}/step_s")]
+        cpu_waits = [e.value for e in events.Scalars(f"workers/rank{rank}/cpu_wait_s")]
+        assert all(w <= b + 1e-4 for w, b in zip(cpu_waits, busy, strict=True)), (rank, cpu_waits)
 
 
 @pytest.mark.slow

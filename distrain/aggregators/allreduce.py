@@ -196,6 +196,9 @@ class AllReduce(GradientAggregator):
     def backward_wait_s(self) -> float:
         return self.comm_timer.pop_wait_s()
 
+    def backward_cpu_wait_s(self) -> float:
+        return self.comm_timer.last_cpu_wait_s
+
     def sync_if(self, sync: bool) -> AbstractContextManager:
         # DDP decides in forward whether backward all-reduces; no_sync() accumulates locally.
         return nullcontext() if sync or self.ddp is None else self.ddp.no_sync()

@@ -143,6 +143,11 @@ class GradientAggregator(ABC):
         """
         return 0.0
 
+    def backward_cpu_wait_s(self) -> float:
+        """Of the wait `backward_wait_s()` just returned, the seconds the training thread was
+        ready to run but had no CPU core (distrain/timing.py's `cpu_wait_s`)."""
+        return 0.0
+
     # True where the model's forward is itself a collective (FSDP): every rank must run each
     # forward (evaluation, sampling) in step.
     collective_forward = False

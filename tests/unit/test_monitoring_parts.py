@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +25,15 @@ from distrain.progress import PlainProgress, print_summary
 from distrain.records import EvalRecord, StepRecord, ValidationSums
 from distrain.stragglers import StragglerDetector
 from distrain.tensorboard_writer import hparams_of
-from distrain.timing import PHASES, StepClock
+from distrain.timing import PHASES, RunQueueWait, StepClock
 from tests.conftest import compose_job
 
 
-def step_record(rank: int, step: int, busy_s: float, wait_s: float = 0.0) -> StepRecord:
-    """A worker's record of a 10-step interval with `busy_s` of compute per step."""
+def step_record(
+    rank: int, step: int, busy_s: float, wait_s: float = 0.0, cpu_wait_s: float | None = None
+) -> StepRecord:
+    """A worker's record of a 10-step interval with `busy_s` of compute per step, `cpu_wait_s`
+    of it waiting for a core."""
     steps = 10
     return StepRecord(
         rank=rank,
@@ -46,15 +52,19 @@ def step_record(rank: int, step: int, busy_s: float, wait_s: float = 0.0) -> Ste
             "aggregation_wait_s": wait_s * steps,
             "optimizer_s": 0.1 * busy_s * steps,
         },
+        cpu_wait_s=None if cpu_wait_s is None else cpu_wait_s * steps,
     )
 
 
-def interval(step: int, busy_by_rank: dict[int, float]) -> StepMetrics:
+def interval(
+    step: int, busy_by_rank: dict[int, float], cpu_wait_by_rank: dict[int, float] | None = None
+) -> StepMetrics:
     collector = MetricsCollector(len(busy_by_rank), "classification")
     slowest = max(busy_by_rank.values())
     out = None
     for rank, busy_s in busy_by_rank.items():
-        out = collector.add(step_record(rank, step, busy_s, wait_s=slowest - busy_s))
+        cpu_wait_s = None if cpu_wait_by_rank is None else cpu_wait_by_rank[rank]
+        out = collector.add(step_record(rank, step, busy_s, slowest - busy_s, cpu_wait_s))
     assert isinstance(out, StepMetrics)
     return out
 
@@ -121,6 +131,73 @@ def test_scheduling_noise_on_tiny_steps_is_not_a_straggler() -> None:
     assert found[2] is not None and found[2].rank == 1
 
 
+def test_a_worker_starved_of_cpu_is_told_from_a_slow_one() -> None:
+    """Both are reported (either holds the others back); the report says which it is: the
+    extra compute spent waiting for a core (a crowded node), or doing the work (a slow device)."""
+    busy = {0: 0.010, 1: 0.010, 2: 0.030}
+    starved = {0: 0.001, 1: 0.001, 2: 0.015}  # 14 ms more waiting of its 20 ms more compute
+    slow = {0: 0.001, 1: 0.001, 2: 0.005}  # 4 ms of 20 ms: the work itself is slower
+    for waits, cause in ((starved, "cpu_contention"), (slow, "compute"), (None, "compute")):
+        detector = StragglerDetector(["a", "b", "c"], threshold=1.3, patience=2)
+        found = [detector.update(interval(10 * i, busy, waits)) for i in (1, 2)]
+        report = found[1]
+        assert report is not None and report.rank == 2 and report.cause == cause, (cause, report)
+        assert report.as_dict()["cause"] == cause
+        if cause == "cpu_contention":
+            assert report.cpu_wait_s == pytest.approx(0.015)
+            assert report.others_cpu_wait_s == pytest.approx(0.001)
+            expected = "30.0 ms vs 10.0 ms of compute per step; 15.0 ms of it waiting for a CPU"
+            assert expected in report.message
+        else:
+            assert "waiting" not in report.message
+
+
+def _spin(cpu_s: float) -> None:
+    start = time.thread_time()
+    while time.thread_time() - start < cpu_s:
+        pass
+
+
+@pytest.mark.skipif(RunQueueWait.of_this_thread() is None, reason="Linux's schedstat only")
+def test_step_clock_counts_the_wait_for_a_core_and_only_that() -> None:
+    """Real competitors for the test's core (two spinning processes pinned to the same CPU):
+    the time the training thread was ready but not running is counted in busy phases; sleeping
+    is not waiting for a core, and a wait shifted out of compute takes its share with it."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    spin = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread only (pid 0: the calling thread)
+        time.sleep(0.2)  # the competitor is spinning on the same core
+        clock = StepClock()
+        started_s, cpu_started_s = time.perf_counter(), time.thread_time()
+        _spin(0.1)
+        clock.lap("forward_backward_s")
+        off_cpu_s = (time.perf_counter() - started_s) - (time.thread_time() - cpu_started_s)
+        time.sleep(0.1)  # blocked, not runnable: no wait for a core
+        clock.lap("data_s")
+        _spin(0.02)
+        clock.lap("aggregation_wait_s")  # waiting for the others is not busy time
+    finally:
+        os.sched_setaffinity(0, before)
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    totals, cpu_wait_s = clock.pop(), clock.pop_cpu_wait()
+    assert cpu_wait_s is not None and clock.pop_cpu_wait() == 0.0  # popped: a new interval
+    # Sharing one core three ways, the 0.1 s of computing took about three times as long; all
+    # of the difference (not the 0.1 s on the core) was spent waiting for it: nothing blocks.
+    assert off_cpu_s > 0.15, off_cpu_s
+    assert cpu_wait_s == pytest.approx(off_cpu_s, rel=0.25, abs=0.01), (cpu_wait_s, off_cpu_s)
+    assert totals["data_s"] >= 0.1
+    shifted = StepClock()
+    shifted._cpu_wait_s = 0.03  # as if the last lap of compute had waited 30 ms for a core
+    shifted.totals["forward_backward_s"] = 0.05
+    shifted.shift("forward_backward_s", "aggregation_wait_s", 0.02, cpu_wait_s=0.01)
+    assert shifted.pop_cpu_wait() == pytest.approx(0.02)
+
+
 def test_step_clock_shifts_waiting_out_of_compute() -> None:
     clock = StepClock()
     time.sleep(0.02)
@@ -160,13 +237,17 @@ def test_plain_summary_names_results_and_the_tensorboard_command(capsys) -> None
         "best_val_loss": 0.25,
         "val_accuracy": 0.9,
         "best_val_accuracy": 0.95,
-        "stragglers": [{"rank": 1, "node_ip": "10.0.0.2", "ratio": 2.5, "step": 30}],
+        "stragglers": [
+            {"rank": 1, "node_ip": "10.0.0.2", "ratio": 2.5, "step": 30, "cause": "compute"},
+            {"rank": 0, "node_ip": "10.0.0.1", "ratio": 1.4, "step": 90, "cause": "cpu_contention"},
+        ],
         "run_dir": "/runs/a",
     }
     print_summary(metrics, "plain")
     err = capsys.readouterr().err
     assert "val accuracy (top-1): 0.9000  (best 0.9500)" in err
-    assert "rank 1 on 10.0.0.2, 2.50x at step 30" in err
+    assert "rank 1 on 10.0.0.2, 2.50x at step 30\n" in err
+    assert "rank 0 on 10.0.0.1, 1.40x at step 90 (waiting for a CPU core)" in err
     assert "tensorboard --logdir /runs/a" in err
     assert "\x1b[" not in err  # no control characters off a terminal
 
