@@ -24,12 +24,17 @@ Either way each element is summed in the same order on every rank, so every rank
 bitwise-equal gradients. The barrier is a sequence number per rank, each written only by its
 rank, so no atomic read-modify-write is needed; x86's store ordering makes the slot data visible
 before the flag that announces it, hence x86-64 only. A waiting rank spins briefly, then yields
-the core (the workers may share cores with each other and with Ray), calls `on_wait` with the
-missing ranks every `beat_s` (the worker turns that into a heartbeat, so the driver's hang report
-names the rank that stopped, not the ones waiting for it), and raises after `timeout_s` if a peer
-never arrives: the same contract as a gloo collective. A peer whose process is gone (killed) is
-noticed within `LIVENESS_CHECK_S` instead, as gloo notices a closed socket, so the survivors can
-heal the group at once (distrain/healing.py) rather than wait out the timeout.
+the core (the workers may share cores with each other and with Ray) for up to `YIELD_FOR_S`;
+a longer wait (a slower peer, a peer in its evaluation or checkpoint) naps instead, each nap at
+most a tenth of the wait so far and at most 1 ms, so a rank waiting for a straggler does not burn
+a core the straggler or the node's other processes could use (a yield loop returns at once on an
+idle core: it spent 100 % of one), at a cost of at most 10 % of such a wait. It calls
+`on_wait` with the missing ranks every `beat_s` (the worker turns that into a heartbeat, so the
+driver's hang report names the rank that stopped, not the ones waiting for it), and raises after
+`timeout_s` if a peer never arrives: the same contract as a gloo collective. A peer whose
+process is gone (killed) is noticed within `LIVENESS_CHECK_S` instead, as gloo notices a closed
+socket, so the survivors can heal the group at once (distrain/healing.py) rather than wait out
+the timeout.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ import torch.distributed as dist
 
 CACHE_LINE = 64
 SPINS_BEFORE_YIELD = 200
+YIELD_FOR_S = 0.002  # then nap: the wait is long (see the module docstring)
+NAP_SHARE, MAX_NAP_S = 0.1, 0.001  # a nap: this share of the wait so far, at most MAX_NAP_S
 SMALL_BYTES = 1 << 20  # up to this, the one-barrier path
 LIVENESS_CHECK_S = 0.05  # while waiting: how often the late peers' processes are looked up
 
@@ -145,17 +152,21 @@ class ShmAllReduce:
         self.sequence += 1
         flags, sequence = self.flags, self.sequence
         flags[self.rank] = sequence
-        spins, deadline, beat, check = 0, math.inf, math.inf, math.inf
+        spins, started, deadline, beat, check = 0, 0.0, math.inf, math.inf, math.inf
         for rank in range(self.world_size):
             while flags[rank] < sequence:
                 spins += 1
                 if spins < SPINS_BEFORE_YIELD:
                     continue
-                os.sched_yield()  # let a peer that shares this core run
                 now = time.monotonic()
                 if deadline == math.inf:
-                    deadline, beat = now + self.timeout_s, now + self.beat_s
+                    started, deadline, beat = now, now + self.timeout_s, now + self.beat_s
                     check = now + LIVENESS_CHECK_S
+                waited_s = now - started
+                if waited_s < YIELD_FOR_S:
+                    os.sched_yield()  # let a peer that shares this core run
+                else:
+                    time.sleep(min(MAX_NAP_S, NAP_SHARE * waited_s))
                 if now > check:
                     self._raise_if_exited(sequence)
                     check = now + LIVENESS_CHECK_S

@@ -77,6 +77,22 @@ def _exiting_rank(rank: int, world: int, port: int, out: str) -> None:
     os._exit(0)  # the group has a dead member: nothing to tear down collectively
 
 
+def _slow_peer(rank: int, world: int, port: int, out: str) -> None:
+    import time
+
+    _init(rank, world, port)
+    shm = ShmAllReduce(1024, timeout_s=30)
+    tensor = torch.full((8,), float(rank + 1))
+    if rank == 1:
+        time.sleep(0.5)  # a straggler: rank 0 waits for it
+    started_s, cpu_started_s = time.monotonic(), time.thread_time()
+    shm.all_reduce_sum_(tensor)
+    waited = {"wall_s": time.monotonic() - started_s, "cpu_s": time.thread_time() - cpu_started_s}
+    Path(out, f"rank{rank}.json").write_text(json.dumps({**waited, "sum": tensor.tolist()}))
+    shm.close()
+    dist.destroy_process_group()
+
+
 def _no_room(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     try:
@@ -110,6 +126,16 @@ def test_a_missing_rank_raises_after_the_timeout_instead_of_hanging(tmp_path: Pa
     # While it waited, rank 0 said whom it was waiting for, about every beat_s (0.2 s).
     waits = json.loads((tmp_path / "waits.json").read_text())
     assert 3 <= len(waits) <= 6 and all(w == [1] for w in waits)
+
+
+def test_a_rank_waiting_for_a_slow_peer_does_not_burn_a_core(tmp_path: Path) -> None:
+    """Half a second behind a straggler: a yield loop spends it all on the CPU (as the transport
+    did); napping after the first milliseconds spends a few percent of it."""
+    mp.spawn(_slow_peer, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    waiting = json.loads((tmp_path / "rank0.json").read_text())
+    assert waiting["sum"] == [3.0] * 8
+    assert waiting["wall_s"] > 0.3, waiting  # it did wait for rank 1
+    assert waiting["cpu_s"] < 0.1 * waiting["wall_s"], waiting
 
 
 def test_no_room_for_the_segment_is_the_same_error_on_every_rank(tmp_path: Path) -> None:
