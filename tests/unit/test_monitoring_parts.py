@@ -198,6 +198,24 @@ def test_step_clock_counts_the_wait_for_a_core_and_only_that() -> None:
     assert shifted.pop_cpu_wait() == pytest.approx(0.02)
 
 
+@pytest.mark.skipif(RunQueueWait.of_this_thread() is None, reason="Linux's schedstat only")
+def test_a_run_queue_reader_outlives_its_thread() -> None:
+    """DDP's hook thread can end before the step clock reads it again: no error, no new wait."""
+    import threading
+
+    readers: list[tuple[RunQueueWait | None, float]] = []
+
+    def hook_thread() -> None:
+        reader = RunQueueWait.of_this_thread()
+        readers.append((reader, reader.read_s() if reader else -1.0))
+
+    thread = threading.Thread(target=hook_thread)
+    thread.start()
+    thread.join()
+    reader, last_s = readers[0]
+    assert reader is not None and reader.read_s() == reader.read_s() == last_s >= 0.0
+
+
 def test_step_clock_shifts_waiting_out_of_compute() -> None:
     clock = StepClock()
     time.sleep(0.02)
