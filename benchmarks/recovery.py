@@ -43,6 +43,9 @@ JOB = [
     "logger.log_every_n_steps=1",  # the first step after the failure is seen as it completes
     "model.dropout=0.2",  # the result depends on each rank's random stream
 ]
+# A heal's recovery, in order (distrain/healing.py): the survivors leave the broken step, one
+# captures the training state, the replacements start, the new group forms and takes the state.
+HEAL_PHASES = ("survivors_stopped_s", "state_captured_s", "replacements_started_s", "rejoined_s")
 MODES = {
     "healed, warm spare": ["trainer.spare_workers=1"],
     "healed, no spare": [],
@@ -107,6 +110,14 @@ def main() -> None:
                 f"  {mode:27} {median['detection_s']:9.2f} {median['recovery_s']:9.2f} "
                 f"{median['downtime_s']:9.2f}  {diff:.3g}"
             )
+        for mode in ("healed, warm spare", "healed, no spare"):  # where a heal's time went
+            phases = [r["healed"]["phases_s"] for r in figures[mode] if "healed" in r]
+            if phases:
+                split = ", ".join(
+                    f"{k.removesuffix('_s')} {statistics.median(p[k] for p in phases):.2f}"
+                    for k in HEAL_PHASES
+                )
+                lines.append(f"  {mode}, recovery by phase (median): {split}")
         restart = statistics.median(r["downtime_s"] for r in figures["restarted from checkpoint"])
         for mode in ("healed, warm spare", "healed, no spare"):
             healed = statistics.median(r["downtime_s"] for r in figures[mode])
