@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import ray
 
-from distrain import ray_agent_port, ray_auth, warm_workers
+from distrain import ray_auth, ray_startup, warm_workers
 from distrain.config import ClusterConfig, ConfigError
 
 log = logging.getLogger("distrain")
@@ -167,11 +167,10 @@ def _init(cluster: ClusterConfig) -> None:
     # ray.init replaces the SIGTERM handler with sys.exit; distrain's own (stop like Ctrl-C,
     # with a checkpoint) must stay, so a scheduler's SIGTERM during start-up still stops cleanly.
     sigterm = signal.getsignal(signal.SIGTERM)
-    # An embedded Ray's dashboard agent on a free port: beside another Ray on this machine,
-    # its default one is taken and the start waits 3.4 s for it (ray_agent_port.py).
-    starts = (
-        ray_agent_port.agent_on_any_free_port() if address is None else contextlib.nullcontext()
-    )
+    # An embedded Ray without two of Ray's start-up waits: its dashboard agent on a free port
+    # (beside another Ray on this machine, the default one is taken: 3.4 s), and no dashboard
+    # process (started and waited for even with include_dashboard=False) (ray_startup.py).
+    starts = ray_startup.embedded_start() if address is None else contextlib.nullcontext()
     try:
         with starts:
             _join(kwargs, address)

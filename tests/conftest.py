@@ -20,7 +20,7 @@ import pytest
 import ray
 
 from distrain.cli import CONF_DIR, compose_job  # noqa: F401 (tests import it from here)
-from distrain.ray_agent_port import agent_on_any_free_port
+from distrain.ray_startup import embedded_start
 
 REPO = Path(__file__).resolve().parent.parent
 DISTRAIN = [sys.executable, "-m", "distrain"]
@@ -40,9 +40,10 @@ def ray_address() -> Any:
     # 0.8 % of a core for the whole session: measured 0.25 CPU-s per 30 s, two per Ray. Set in
     # the environment, it reaches every Ray the suite starts (this one, the CLI's, the clusters').
     os.environ["RAY_prestart_worker_first_driver"] = "0"  # noqa: SIM112 (Ray's spelling)
-    # Its dashboard agent on a free port, as distrain's embedded Ray's: the other pytest
-    # process's Ray, or a test's, may hold Ray's default one (ray_agent_port.py).
-    with agent_on_any_free_port():
+    # Started as distrain's embedded Ray is: its dashboard agent on a free port (the other
+    # pytest process's Ray, or a test's, may hold Ray's default one), no dashboard process
+    # (ray_startup.py).
+    with embedded_start():
         ray.init(
             address="local",
             num_cpus=SESSION_CPUS,

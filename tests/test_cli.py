@@ -363,7 +363,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     # paths inside it must stay under 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
     # Ray's default dashboard-agent port taken, as by another Ray on this machine (or by this
-    # one already): the embedded Ray's agent must not wait for it (ray_agent_port.py).
+    # one already): the embedded Ray's agent must not wait for it (ray_startup.py).
     with _port_taken(ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT):
         proc = subprocess.Popen(
             [
@@ -392,6 +392,8 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
     (agent_log,) = ray_tmp.glob("ray/session_[0-9]*/logs/dashboard_agent.log")
     assert "failed to bind" not in agent_log.read_text(), agent_log.read_text()[-2000:]
+    # Nor did Ray start its dashboard process (and wait for it) for an embedded Ray.
+    assert not list(ray_tmp.glob("ray/session_[0-9]*/logs/dashboard.*"))
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -761,7 +761,7 @@ def two_nodes() -> object:
 
     cluster = Cluster(
         initialize_head=True,
-        # The agent on a free port: Ray's default one may be another Ray's (ray_agent_port.py).
+        # The agent on a free port: Ray's default one may be another Ray's (ray_startup.py).
         head_node_args={
             "num_cpus": 1,
             "_system_config": FAST_NODE_DEATH,
