@@ -45,7 +45,7 @@ class Straggler:
 
     @property
     def cause(self) -> str:
-        """ "cpu_contention" when waiting for a core explains its lag, else "compute"."""
+        """Why it lags: "cpu_contention" when waiting for a core explains it, else "compute"."""
         if self.cpu_wait_s is None or self.others_cpu_wait_s is None:
             return "compute"
         extra_wait_s = self.cpu_wait_s - self.others_cpu_wait_s

@@ -102,7 +102,8 @@ class TensorBoardWriter:
             values["faults/skipped_steps"] = skipped
         self._add_scalars(values, metrics.step)
         if set(metrics.workers) != self._layout_ranks:
-            self._add_worker_layout(sorted(metrics.workers))
+            cpu_wait = any(w.cpu_wait_s is not None for w in metrics.workers.values())
+            self._add_worker_layout(sorted(metrics.workers), cpu_wait=cpu_wait)
 
     def _add_scalars(self, values: dict[str, float], step: int) -> None:
         """All of a step's scalars in one event: the driver shares the CPUs with the workers, and
@@ -112,13 +113,12 @@ class TensorBoardWriter:
         )
         self.writer.file_writer.add_summary(summary, step)
 
-    def _add_worker_layout(self, ranks: list[int]) -> None:
-        """Custom Scalars: each per-worker figure with one line per rank on one chart."""
+    def _add_worker_layout(self, ranks: list[int], *, cpu_wait: bool) -> None:
+        """Custom Scalars: each per-worker figure with one line per rank on one chart (the wait
+        for a CPU core only where it is measured: not on GPUs, no empty chart)."""
         self._layout_ranks = set(ranks)
-        charts = {
-            name: ["Multiline", [f"workers/rank{r}/{name}" for r in ranks]]
-            for name in ("step_s", "samples_per_s", *PHASES, "cpu_wait_s")
-        }
+        names = ("step_s", "samples_per_s", *PHASES, *(("cpu_wait_s",) if cpu_wait else ()))
+        charts = {name: ["Multiline", [f"workers/rank{r}/{name}" for r in ranks]] for name in names}
         self.writer.add_custom_scalars({"workers (one line per rank)": charts})
 
     def log_epoch(self, metrics: EpochMetrics) -> None:

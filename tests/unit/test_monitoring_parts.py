@@ -152,6 +152,30 @@ def test_a_worker_starved_of_cpu_is_told_from_a_slow_one() -> None:
             assert "waiting" not in report.message
 
 
+@pytest.mark.parametrize("measured", [True, False])
+def test_the_per_worker_charts_show_the_cpu_wait_only_where_measured(
+    tmp_path: Path, measured: bool
+) -> None:
+    """CPU workers report their wait for a core; GPU workers do not (no empty chart there)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from distrain.tensorboard_writer import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path)
+    waits = {0: 0.001, 1: 0.002} if measured else None
+    writer.log_step(interval(10, {0: 0.010, 1: 0.012}, waits))
+    writer.writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    titles = [chart.title for category in layout.category for chart in category.chart]
+    assert titles[:3] == ["step_s", "samples_per_s", "data_s"]
+    assert ("cpu_wait_s" in titles) is measured
+    assert ("workers/rank1/cpu_wait_s" in events.Tags()["scalars"]) is measured
+
+
 def _spin(cpu_s: float) -> None:
     start = time.thread_time()
     while time.thread_time() - start < cpu_s:
