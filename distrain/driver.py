@@ -13,15 +13,17 @@ CPU, and starting Ray is seconds of other processes starting, so the two overlap
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 
 from distrain import cluster, config, reservation, simulate, validation, warm_workers
-from distrain.errors import Interrupted
+from distrain.errors import ConfigError, Interrupted
 from distrain.rundir import RunDirectory, git_revision
 
 if TYPE_CHECKING:
@@ -74,25 +76,19 @@ def run(
     imports this module)."""
     started = time.perf_counter()
     slow_rank = simulate.slow_rank_from_env(job.trainer.workers)  # a straggler made on purpose
+    check_delay_s = simulate.check_delay_s_from_env()  # a slow dry build made on purpose
     # An embedded Ray starts while the job is checked. A cluster is joined only after the
     # checks: a mistake in the data or model is reported before any connection is tried.
-    checks = start_checks(job, background=job.cluster.address is None)
+    checks = start_checks(job, background=job.cluster.address is None, delay_s=check_delay_s)
     with cluster.connect(job.cluster, keep=keep_cluster) as lasting:
-        checked = checks.result()  # a mistake raises here; Ray is shut down on the way out
+        # The workers start while the dry build runs, on a Ray this job started (early_start.py).
+        ahead = _start_ahead(job, checks) if not lasting and checks.background else None
+        checked = checks.done.result()  # a mistake raises here; Ray is shut down on the way out
         # Imported by the checks (with torch) by now: these lines cost no import time.
-        from distrain.device import choose_device_type
         from distrain.supervisor import Supervisor
 
         splits, plan, resume = checked.splits, checked.plan, checked.resume
-        auto = job.trainer.device == "auto"
-        limits = reservation.autoscaler_limits() if auto else None
-        device_type = choose_device_type(
-            job.trainer.device,
-            ray.cluster_resources().get("GPU", 0.0),
-            workers=job.trainer.workers,
-            autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
-            gpus_per_worker=job.trainer.gpus_per_worker,
-        )
+        device_type = choose_device_type(job)
         supervisor = Supervisor(
             job,
             run_dir,
@@ -103,6 +99,7 @@ def run(
             slow_rank=slow_rank,
             # Kept only where Ray outlives this job: an embedded one ends with it.
             keep_workers=lasting and (keep_cluster or keep_workers),
+            started_ahead=ahead,
         )
         result = supervisor.run(resume, started)
     metrics = {
@@ -129,26 +126,72 @@ def run(
     return metrics
 
 
-def _check(job: config.Config) -> Checked:
-    """torch and the job's code imported, the seed set, then `preflight.check`."""
+def choose_device_type(job: config.Config) -> str:
+    """trainer.device on the cluster Ray is connected to: "cpu" or "cuda"."""
+    from distrain import device
+
+    trainer = job.trainer
+    limits = reservation.autoscaler_limits() if trainer.device == "auto" else None
+    return device.choose_device_type(
+        trainer.device,
+        ray.cluster_resources().get("GPU", 0.0),
+        workers=trainer.workers,
+        autoscaler_gpus=limits.total.get("GPU", 0.0) if limits else 0.0,
+        gpus_per_worker=trainer.gpus_per_worker,
+    )
+
+
+def _start_ahead(job: config.Config, checks: Checks) -> warm_workers.KeptWorkers | None:
+    """The workers, started once the job's settings have passed the checks that build nothing
+    (None if they did not, or if the workers would not fit: the checks and the group's start
+    then say why, in their order)."""
+    from distrain import early_start
+
+    while not checks.settings_passed.wait(0.02):
+        if checks.done.done():  # a mistake in the settings: no worker starts
+            return None
+    if checks.done.done() and checks.done.exception() is not None:
+        return None  # the build found a mistake before Ray was up
+    try:
+        return early_start.start(job, choose_device_type(job))
+    except ConfigError:
+        return None
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The checks before any training (`_check`), running or done."""
+
+    done: Future[Checked]
+    settings_passed: threading.Event  # the checks that build nothing have passed
+    background: bool  # on a thread, beside an embedded Ray's start
+
+
+def _check(job: config.Config, settings_passed: threading.Event, delay_s: float) -> Checked:
+    """torch and the job's code imported, the seed set, then `preflight.check`'s two parts
+    (the build `delay_s` late: simulate.py)."""
     import torch
 
     from distrain import preflight
 
     torch.manual_seed(job.trainer.seed)
-    return preflight.check(job)
+    preflight.check_settings(job)
+    settings_passed.set()
+    time.sleep(delay_s)
+    return preflight.check_build(job)
 
 
-def start_checks(job: config.Config, *, background: bool) -> Future[Checked]:
+def start_checks(job: config.Config, *, background: bool, delay_s: float = 0.0) -> Checks:
     """`_check`, now (a mistake raises here) or on a thread while the main thread starts an
     embedded Ray (ray.init must run on the main thread: Ray ties its daemons' lives to the
-    thread that started them). Nothing else starts until the result is taken, so a mistake
-    still ends the run before any actor."""
+    thread that started them). Only workers with no job (`_start_ahead`) start before the
+    result is taken, so a mistake still ends the run before any training starts."""
+    settings_passed = threading.Event()
     if not background:
         done: Future[Checked] = Future()
-        done.set_result(_check(job))
-        return done
+        done.set_result(_check(job, settings_passed, delay_s))
+        return Checks(done, settings_passed, background)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distrain-preflight")
-    future = executor.submit(_check, job)
+    future = executor.submit(_check, job, settings_passed, delay_s)
     executor.shutdown(wait=False)  # the thread ends with the check
-    return future
+    return Checks(future, settings_passed, background)

@@ -19,24 +19,17 @@ from typing import Any
 import ray
 from hydra.utils import get_object
 from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import (
-    NodeAffinitySchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
-)
 
-from distrain import cluster, errors, reservation, warm_workers
+from distrain import actors, cluster, errors, reservation, warm_workers
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.config import Config, plain
 from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
 from distrain.plan import StepPlan
 from distrain.records import Record
-from distrain.reporting import MetricsSink
 from distrain.simulate import SlowRank
-from distrain.worker import Worker
 
 log = logging.getLogger("distrain")
-NAMESPACE = "distrain"  # worker actors are named, so `ray.get_actor(name, NAMESPACE)` finds them
 
 
 @dataclass
@@ -66,6 +59,7 @@ class WorkerGroup:
         self.placement_group: Any = None
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
+        self.started = "with the group"  # or how its workers came ready (KeptWorkers.origin)
         self.grow_probe: Any = None  # elastic.GrowProbe of a group smaller than configured
         self.need: reservation.WorkerResources | None = None
         self.splits_ref: Any = None
@@ -99,12 +93,13 @@ class WorkerGroup:
         started = time.perf_counter()
         if kept is None:
             self.placement_group = reservation.place(need, self.job.cluster, scale_up=scale_up)
-            self.sink = self._start_sink()
+            self.sink = actors.start_sink(trainer.checkpoint_min_interval_s)
             made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]
             self.workers, self.names = [w for w, _ in made], [n for _, n in made]
             taken = []
         else:
             taken = self._take_kept(kept)
+            self.started = kept.origin
         timeout_s = trainer.setup_timeout_s
         # The sink answers before training starts: one slow to come up fails the start (which
         # is retried), not the first drain of a running group (which would count a restart).
@@ -131,16 +126,6 @@ class WorkerGroup:
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
         for _ in range(spares):
             self._add_spare(bundle=None)
-
-    def _start_sink(self) -> Any:
-        # The sink lives on the driver's node: losing another node must not take the metrics.
-        # Pinned (soft=False): it needs no CPU, so it always fits there, and a soft preference
-        # could let Ray place it on a node that is cut off but not yet declared dead.
-        return MetricsSink.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False
-            )
-        ).remote(self.job.trainer.checkpoint_min_interval_s)
 
     def _take_kept(self, kept: warm_workers.KeptWorkers) -> list[Any]:
         """Run on the last job's workers, sink and reservation: each worker drops that job and
@@ -183,23 +168,8 @@ class WorkerGroup:
         self._actors_made += 1
         label = f"rank{rank}" if rank >= 0 else "spare"
         name = f"distrain-{self.group_id}-{label}-{self._actors_made}"
-        strategy: Any = (
-            PlacementGroupSchedulingStrategy(
-                placement_group=self.placement_group, placement_group_bundle_index=bundle
-            )
-            if bundle is not None
-            else "SPREAD"
-        )
-        handle = (
-            ray.remote(Worker)
-            .options(
-                name=name,
-                namespace=NAMESPACE,
-                num_cpus=self.need.cpus,
-                num_gpus=self.need.gpus,
-                scheduling_strategy=strategy,
-            )
-            .remote(*self._job_of(rank))
+        handle = actors.start_worker(
+            name, self.need, self.placement_group, bundle, *self._job_of(rank)
         )
         return handle, name
 
@@ -238,6 +208,7 @@ class WorkerGroup:
         """
         healed = WorkerGroup(self.job, self.plan, self.device_type, self.slow_rank)
         healed.need, healed.splits_ref = self.need, self.splits_ref
+        healed.started = self.started
         healed.group_id, healed._actors_made = self.group_id, self._actors_made
         healed.placement_group, self.placement_group = self.placement_group, None
         healed.spares, self.spares = self.spares, []
@@ -245,7 +216,7 @@ class WorkerGroup:
         healed.nodes, healed.bundles = list(self.nodes), list(self.bundles)
         self.workers = [self.workers[rank] for rank in sorted(failed)]
         try:
-            healed.sink = healed._start_sink()
+            healed.sink = actors.start_sink(self.job.trainer.checkpoint_min_interval_s)
             started = time.perf_counter()
             healed._take_ranks(sorted(failed))
             actors_s = time.perf_counter() - started

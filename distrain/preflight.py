@@ -31,8 +31,18 @@ class Checked:
 
 
 def check(job: config.Config) -> Checked:
-    """The aggregator's own check, the dry build, then the resume checkpoint checked."""
+    """`check_settings`, then `check_build`."""
+    check_settings(job)
+    return check_build(job)
+
+
+def check_settings(job: config.Config) -> None:
+    """The checks that build nothing: the aggregator's own."""
     check_aggregator(job)
+
+
+def check_build(job: config.Config) -> Checked:
+    """The dry build, then the resume checkpoint checked against it."""
     splits, plan, group_sizes = dry_build(job)
     resume = load_resume(job)
     if resume is not None:

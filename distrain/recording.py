@@ -127,7 +127,8 @@ class RunRecorder:
         """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
         spares = {"spares": group.spares_ready_s} if group.job.trainer.spare_workers else {}
         self.run_dir.write_json(
-            self.run_dir.path / "workers.json", {"workers": group.describe(), **spares}
+            self.run_dir.path / "workers.json",
+            {"workers": group.describe(), "started": group.started, **spares},
         )
 
     def message(self, text: str) -> None:
@@ -173,6 +174,7 @@ class RunRecorder:
             "workers": group.world_size,
             "nodes": [n["node_id"] for n in group.nodes],
             "startup_s": group.startup_s,
+            "workers_started": group.started,
             "skipped_steps": rank0.skipped_steps,
             "stragglers": self.stragglers,
             # Each rank's aggregator counters (bytes sent, staleness, optimizer-state bytes, ...).

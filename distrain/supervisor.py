@@ -8,10 +8,11 @@ apply (a lost node, sharded state), tears it down and starts a new one from the 
 on fewer workers if the cluster shrank and `trainer.min_workers` allows it; up to
 `trainer.max_failures` times.
 
-This module keeps the restart loop; beside it: `preflight` (checks before any actor), `healing`
-(a failed rank replaced in place), `elastic` (a smaller group), `watch` (results, failures,
-silent ranks, Ctrl-C), `failures` (their count and timings), `saving` (checkpoint records to
-writes, the restart point), `recording` (TensorBoard, the terminal, the summary).
+This module keeps the restart loop; beside it: `preflight` (checks before any training),
+`starting` (a group planned, placed and started, retried), `healing` (a failed rank replaced in
+place), `elastic` (a smaller group), `watch` (results, failures, silent ranks, Ctrl-C),
+`failures` (their count and timings), `saving` (checkpoint records to writes, the restart
+point), `recording` (TensorBoard, the terminal, the summary).
 """
 
 from __future__ import annotations
@@ -24,19 +25,11 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, elastic, healing, preflight, reservation, simulate, warm_workers
+from distrain import checkpoint, elastic, healing, preflight, simulate, warm_workers
 from distrain.config import Config
 from distrain.data.base import SharedSplits, Splits
-from distrain.device import worker_gpus
 from distrain.early_stopping import EarlyStopping
-from distrain.errors import (
-    ConfigError,
-    GroupFailed,
-    Interrupted,
-    SetupTransportFailed,
-    TrainingFailed,
-    WorkerError,
-)
+from distrain.errors import GroupFailed, Interrupted
 from distrain.failures import FailureLog
 from distrain.group import WorkerGroup
 from distrain.metrics import EpochMetrics, MetricsCollector
@@ -45,6 +38,7 @@ from distrain.recording import RunRecorder
 from distrain.records import CheckpointRecord, EpochRecord, RankResult, Record, StepRecord
 from distrain.rundir import RunDirectory
 from distrain.saving import Checkpoints
+from distrain.starting import GroupStarter
 from distrain.watch import StopAtBoundary, StopRequest, check_hang, first_line, rank_result
 
 log = logging.getLogger("distrain")
@@ -54,8 +48,6 @@ POLL_S = 0.25  # how often the driver drains metrics and checks on the workers
 # node holds one copy, which its workers map. Larger data stays out of the object store (Ray's
 # default share of memory is 30 %); each worker builds it, as it does data read item by item.
 SHIP_SPLITS_MAX_BYTES = 512 * 2**20
-GROW_SETTLE_S = 10.0  # growing back: how long the configured count may take to fit again
-Planned = tuple[StepPlan, bool]  # a group's plan; whether it fits once the autoscaler adds nodes
 
 
 class Supervisor:
@@ -72,14 +64,17 @@ class Supervisor:
         slow_rank: simulate.SlowRank | None = None,  # DISTRAIN_SLOW_RANK (tests, demos)
         *,
         keep_workers: bool = False,  # for the next job of this process (warm_workers.py)
+        started_ahead: warm_workers.KeptWorkers | None = None,  # early_start.py
     ) -> None:
-        self.job, self.run_dir, self.device_type = job, run_dir, device_type
+        self.job, self.run_dir = job, run_dir
         self.splits, self.plan, self.overrides = splits, plan, overrides
-        self.trainer, self.task, self.slow_rank = job.trainer, splits.task, slow_rank
+        self.trainer, self.task = job.trainer, splits.task
         self.keep_workers = keep_workers
+        self.started_ahead = started_ahead
         self.recorder = RunRecorder(run_dir, job.logger.progress)
         self.history: list[EpochMetrics] = []
         self.failures = FailureLog(self.trainer.max_failures)
+        self.starter = GroupStarter(job, plan, device_type, slow_rank, self.failures, self.recorder)
         self.checkpoints = Checkpoints(
             run_dir.checkpoints,
             self.trainer,
@@ -89,7 +84,6 @@ class Supervisor:
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
-        self.growing_back = False  # the next group is the configured count again
         self.early_stopping = EarlyStopping(
             self.trainer.early_stopping_patience, self.checkpoints.val_losses
         )
@@ -103,16 +97,15 @@ class Supervisor:
             self.history = [EpochMetrics(**e) for e in resume.meta.get("history", [])]
         small = self.splits.tensor_bytes <= SHIP_SPLITS_MAX_BYTES
         shared = SharedSplits.of(self.splits) if small else None
-        self.splits_ref = ray.put(shared) if shared is not None else None
-        # The last job's workers if they fit this one (any others are freed before the check).
-        self.kept = warm_workers.claim(self._shape(self.trainer.workers))
+        self.starter.splits_ref = ray.put(shared) if shared is not None else None
+        self.starter.claim(self.started_ahead)
         try:
-            planned = self._plan_group()  # a job the cluster cannot hold ends before any output
+            planned = self.starter.plan()  # a job the cluster cannot hold ends before any output
             self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
             healed: WorkerGroup | None = None
             while True:
                 if healed is None:  # a new group: its figures start afresh, after the history
-                    group, planned = self._start_group(restore_from, planned), None
+                    group, planned = self.starter.start(restore_from, planned), None
                     collector = MetricsCollector(group.world_size, self.task, self.history)
                 else:  # the same ranks: steps a failed rank had reported still complete
                     group, healed = healed, None
@@ -123,7 +116,7 @@ class Supervisor:
                         continue
                     result = self._finish(group, results)
                     if self.keep_workers:
-                        group.keep(self._shape(group.world_size))
+                        group.keep(self.starter.shape(group.world_size))
                     self.recorder.finish(result, wall_s=time.perf_counter() - started)
                     return result
                 except GroupFailed as failure:
@@ -140,107 +133,8 @@ class Supervisor:
                 finally:
                     group.shutdown()  # a healed group has taken everything but what failed
         finally:
-            if self.kept is not None:  # claimed, but the job ended before a group took them
-                warm_workers.free(self.kept)
+            self.starter.release()  # workers claimed but never taken by a group
             self.recorder.close()
-
-    def _resources(self, world_size: int) -> reservation.WorkerResources:
-        """What a group of `world_size` workers needs from the cluster."""
-        return reservation.WorkerResources(
-            world_size,
-            self.trainer.cpus_per_worker,
-            worker_gpus(self.device_type, self.trainer.gpus_per_worker),
-            excluded_nodes=self.failures.excluded_nodes,
-        )
-
-    def _shape(self, world_size: int) -> warm_workers.Shape:
-        need = self._resources(world_size)
-        return warm_workers.Shape.of(need, self.job.cluster, self.device_type)
-
-    def _start_group(
-        self, restore_from: checkpoint.Checkpoint | None, planned: Planned | None
-    ) -> WorkerGroup:
-        """Start a worker group (on `planned`, if the cluster was just checked for it); after a
-        failure, keep trying for trainer.setup_timeout_s.
-
-        Right after a node is lost Ray still counts it (and its freed CPUs) for a while, until
-        its heartbeats are missed: placing the group can fail a few times before the cluster's
-        view settles, and that is not a configuration error.
-        """
-        ref = None
-        if restore_from is not None:  # each shard in the object store once; a worker takes its rows
-            shards = [ray.put(read()) for read in restore_from.shards]
-            ref = ray.put({"meta": restore_from.meta, "shards": shards})
-        deadline = time.monotonic() + self.trainer.setup_timeout_s
-        while True:
-            try:
-                attempt, planned = planned, None  # a retry checks the cluster again
-                group = self._try_start(ref, attempt)
-            except WorkerError as error:
-                raise TrainingFailed(str(error)) from None
-            except (ConfigError, GroupFailed) as error:
-                # The first start: nothing to recover, say what happened; a transport failure
-                # while forming the group (NCCL init, a port taken) is retried all the same.
-                if not self.failures and not isinstance(error, SetupTransportFailed):
-                    if isinstance(error, GroupFailed):
-                        raise TrainingFailed(str(error)) from None
-                    raise
-                if time.monotonic() > deadline:
-                    raise TrainingFailed(
-                        f"could not start a new worker group within trainer.setup_timeout_s="
-                        f"{self.trainer.setup_timeout_s:g} s after a failure: {error}"
-                    ) from None
-                time.sleep(1.0)
-                continue
-            self.recorder.write_workers(group)
-            self.failures.recovered()
-            if group.plan.world_size < self.plan.world_size:
-                self.recorder.message(
-                    f"elastic: continuing on {group.plan.world_size} of {self.plan.world_size} "
-                    f"workers (trainer.min_workers={self.trainer.min_workers}), same global "
-                    f"batch {group.plan.global_batch}"
-                )
-            return group
-
-    def _try_start(self, checkpoint_ref: Any, planned: Planned | None) -> WorkerGroup:
-        """One attempt: a group planned, placed and set up, or shut down again on any error."""
-        plan, scale_up = planned or self._plan_group()
-        group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
-        kept, self.kept = self.kept, None  # the first attempt only
-        try:
-            group.start(
-                self._resources(plan.world_size),
-                checkpoint_ref,
-                self.splits_ref,
-                spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
-                scale_up=scale_up,
-                kept=kept,
-            )
-        except BaseException:
-            group.shutdown()
-            raise
-        return group
-
-    def _plan_group(self) -> Planned:
-        """The configured worker count (after a failure, the most that fit, >= min_workers),
-        and whether they fit only once the autoscaler has added nodes: the cluster is checked
-        here, once per group start, and `WorkerGroup.start` reserves on that verdict."""
-        if self.kept is not None:  # they fit: they hold their reservation
-            return self.plan, False
-        placement = self.job.cluster.placement.value
-        scale_up: dict[int, bool] = {}  # by world size: the last check's verdict
-
-        def check_fits(world_size: int) -> None:
-            need = self._resources(world_size)
-            scale_up[world_size] = reservation.check_resources(need, placement)
-
-        growing_back, self.growing_back = self.growing_back, False
-        if growing_back and elastic.fits_within(check_fits, self.trainer.workers, GROW_SETTLE_S):
-            return self.plan, scale_up[self.trainer.workers]
-        world_size = elastic.choose_world_size(
-            self.trainer.workers, self.trainer.min_workers, check_fits, shrink=bool(self.failures)
-        )
-        return self.plan.on(world_size), scale_up[world_size]
 
     def _heal(
         self, group: WorkerGroup, failure: GroupFailed, collector: MetricsCollector
@@ -367,7 +261,7 @@ class Supervisor:
         if missing <= 0:
             return None
         group.grow_probe = elastic.GrowProbe(
-            self._resources(missing),
+            self.starter.resources(missing),
             self.job.cluster.placement.value,
             running_nodes=[node["node_id"] for node in group.nodes],
         )
@@ -378,7 +272,7 @@ class Supervisor:
         restore_from = self.checkpoints.restart_point()
         assert restore_from is not None  # a stop always writes one
         self.grow_backs.append({"step": restore_from.step, "from_workers": group.world_size})
-        self.growing_back = True
+        self.starter.growing_back = True
         self.recorder.message(
             f"elastic: growing back from {group.world_size} to {self.plan.world_size} workers, "
             f"from the checkpoint of step {restore_from.step}"

@@ -57,6 +57,7 @@ class KeptWorkers:
     sink: Any
     group_id: str
     actors_made: int
+    origin: str = "kept from the last job"  # how they came to be ready: workers.json says
 
 
 _kept: KeptWorkers | None = None  # this driver process's kept group (one at most)

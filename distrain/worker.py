@@ -48,7 +48,10 @@ class Worker:
     driver's output)."""
 
     def __init__(self, *job: Any) -> None:
-        self.take_job(*job)  # `take_job`'s arguments: the actor starts on its first job
+        # `take_job`'s arguments: the actor starts on its first job. None: a worker started
+        # while the driver still checks the job (early_start.py) takes it later.
+        if job:
+            self.take_job(*job)
 
     def take_job(
         self,
@@ -349,13 +352,17 @@ class Worker:
 
     def warm(self, shared: SharedSplits | None) -> dict[str, Any]:
         """A spare (CPU workers: group.py) gets ready to replace a worker: the data mapped, and
-        what DDP's constructor imports (torch._dynamo, ~2 s of CPU) imported now, not at the
-        heal."""
-        import torch._dynamo  # noqa: F401
-
+        `preload`ed."""
+        self.preload()
         if shared is not None:
             self.splits = shared.open()
         return self.node()
+
+    def preload(self) -> None:
+        """Import now what DDP's constructor and the first optimizer step import
+        (torch._dynamo, ~1 s of CPU), not on the way to the first step: for a spare, and for a
+        worker started before its job (the driver still checking it)."""
+        import torch._dynamo  # noqa: F401
 
     def _waiting(self, ranks: list[int]) -> None:
         self._report(Heartbeat(waiting_for=ranks))

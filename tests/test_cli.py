@@ -76,6 +76,8 @@ def test_train_through_the_cli_writes_metrics_and_tensorboard(
     steps_per_epoch = 1437 // 64  # digits: 1,797 samples, 20% held out, global batch 64
     assert metrics["epochs"] == 3 and metrics["steps"] == 3 * steps_per_epoch
     assert metrics["workers"] == 2 and len(metrics["nodes"]) == 2
+    # A cluster is joined after the checks: its workers start with the group.
+    assert metrics["workers_started"] == "with the group"
     assert metrics["val_accuracy"] > 0.9
     assert metrics["overrides"][0].startswith("cluster.address=")
     # Two workers with equal work: neither is reported slow at its own work (one slowed on
@@ -356,6 +358,30 @@ def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow  # an embedded Ray starts: ~10 s
+def test_a_mistake_found_after_the_workers_started_ends_them_too(tmp_path: Path) -> None:
+    """The workers start as soon as the embedded Ray is up, while the dry build still runs
+    (early_start.py). A dry build slower than Ray's start (here made so) that then finds a
+    mistake still ends the run with the checks' one message and exit 2, and ends the workers."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # see the Ctrl-C test below
+    result = run_cli(
+        "data.val_fraction=1.5",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+        timeout_s=90,
+        env={"RAY_TMPDIR": str(ray_tmp), "DISTRAIN_SLOW_CHECK_S": "8"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "data.val_fraction must be in (0, 1), got 1.5" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # The workers had started: Ray writes each actor's class into its process's output file.
+    outputs = list(ray_tmp.glob("ray/session_[0-9]*/logs/worker-*.out"))
+    started = [path for path in outputs if ":actor_name:Worker" in path.read_text()]
+    assert len(started) == 2, [path.read_text() for path in outputs]
+    assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     """The real default path: an embedded Ray started by the command, then SIGINT mid-training."""
@@ -389,6 +415,9 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
                 proc.kill()
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
+    # The embedded Ray's workers started while the job was checked (early_start.py).
+    workers = json.loads((tmp_path / "workers.json").read_text())
+    assert workers["started"] == "early, while the job was checked", workers
     assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
     (agent_log,) = ray_tmp.glob("ray/session_[0-9]*/logs/dashboard_agent.log")
     assert "failed to bind" not in agent_log.read_text(), agent_log.read_text()[-2000:]

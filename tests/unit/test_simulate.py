@@ -1,4 +1,5 @@
-"""DISTRAIN_SLOW_RANK: a straggler made on purpose, outside the job's config."""
+"""DISTRAIN_SLOW_RANK and DISTRAIN_SLOW_CHECK_S: slowness made on purpose, outside the job's
+config."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from distrain.config import TrainerConfig
 from distrain.errors import ConfigError
-from distrain.simulate import SlowRank, slow_rank_from_env
+from distrain.simulate import SlowRank, check_delay_s_from_env, slow_rank_from_env
 
 
 def test_unset_or_empty_slows_nothing() -> None:
@@ -27,6 +28,19 @@ def test_a_bad_value_is_named_with_what_is_allowed(value: str) -> None:
     message = str(raised.value)
     assert f"DISTRAIN_SLOW_RANK={value!r}" in message and "trainer.workers=2" in message
     assert "RANK:SECONDS" in message
+
+
+def test_a_slow_check_waits_the_seconds_given() -> None:
+    assert check_delay_s_from_env({}) == 0.0
+    assert check_delay_s_from_env({"DISTRAIN_SLOW_CHECK_S": " "}) == 0.0
+    assert check_delay_s_from_env({"DISTRAIN_SLOW_CHECK_S": "2.5"}) == 2.5
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "1e9"])
+def test_a_bad_check_delay_is_named_with_what_is_allowed(value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        check_delay_s_from_env({"DISTRAIN_SLOW_CHECK_S": value})
+    assert f"DISTRAIN_SLOW_CHECK_S={value!r} is not allowed" in str(raised.value)
 
 
 def test_it_is_not_part_of_the_config_schema() -> None:
