@@ -134,6 +134,8 @@ def _targets(runs: list[dict], workers: int) -> list[str]:
         checks = [
             (ours_1, ("inmemory", 1), ONE_WORKER_TARGET, "samples_per_s"),
             (ours_w, (REFERENCE, workers), 1.0, "samples_per_s"),
+            # From the command to the first step: no slower than torchrun ("start in seconds").
+            (ours_w, (REFERENCE, workers), 1.0, "time_to_first_step_s"),
             (ours_w, ("textbook", 1), 1.0, "samples_per_s"),  # digits: distributing must pay
             ((PS_OURS, workers), (PS_PEER, workers), PS_TARGET, "samples_per_s"),
             (ours_w, ("ray_train", workers), 1.0, "samples_per_s"),

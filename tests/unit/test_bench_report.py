@@ -1,6 +1,6 @@
 """The benchmark report's verdicts: ratios of medians, per-round spreads, undecided targets."""
 
-from benchmarks.report import round_ratios, verdict, versus
+from benchmarks.report import _targets, round_ratios, verdict, versus
 
 
 def _run(name: str, workers: int, rate: float, round_: int, first_step_s: float = 10.0) -> dict:
@@ -47,3 +47,12 @@ def test_target_line_gives_the_ratio_of_medians_and_the_per_round_range():
     runs[0]["samples_per_s"] = 90.0  # one round below the target: no longer decided
     assert "within the spread (undecided)" in versus(runs, "w", ("ours", 1), ("peer", 1), 0.95)
     assert versus(runs, "w", ("ours", 1), ("missing", 1), 0.95) is None
+
+
+def test_the_targets_include_the_time_to_first_step_against_torchrun():
+    runs = [_run("distrain_allreduce", 2, 100.0, 0, first_step_s=6.0)]
+    runs.append(_run("torchrun_ddp", 2, 50.0, 0, first_step_s=4.0))
+    lines = _targets(runs, workers=2)
+    assert "* w: samples/s of distrain_allreduce ×2 / torchrun_ddp ×2 = **2.00×**" in lines[2]
+    first_step = "* w: time to first step of distrain_allreduce ×2 / torchrun_ddp ×2 = **1.50×**"
+    assert lines[3].startswith(first_step) and lines[3].endswith("target ≤ 1×: NOT met)")
