@@ -44,12 +44,14 @@ def start(job: Config, device_type: str) -> KeptWorkers | None:
     except ConfigError as error:
         log.debug("no workers started ahead of the checks: %s", error)
         return None
-    sink = actors.start_sink(trainer.checkpoint_min_interval_s)
     group_id = uuid.uuid4().hex[:8]
     names = [f"distrain-{group_id}-rank{rank}-{rank + 1}" for rank in range(need.workers)]
     workers = [
         actors.start_worker(name, need, placement_group, rank) for rank, name in enumerate(names)
     ]
+    # After the workers: Ray gives them the processes it started with the driver (one per core),
+    # and the sink, which has nothing to do until they report, a new one.
+    sink = actors.start_sink(trainer.checkpoint_min_interval_s)
     for worker in workers:
         worker.preload.remote()  # queued before the job: the worker imports while it waits
     shape = Shape.of(need, job.cluster, device_type)
