@@ -8,7 +8,8 @@ checkpoint (`preflight`), Ray (`cluster`), the device type, then the `Supervisor
 This module imports neither torch nor the parts that do (preflight, device, supervisor) at its
 top: for an embedded Ray, `run` starts Ray on the main thread at once while a second thread
 imports them and runs the dry build. Importing torch is a second or more of this process's
-CPU, and starting Ray is seconds of other processes starting, so the two overlap.
+CPU, and starting Ray is seconds of other processes starting, so the two overlap; once Ray is
+up, its workers start too, with no job until the dry build has passed (early_start.py).
 """
 
 from __future__ import annotations
