@@ -338,46 +338,34 @@ def test_shell_completion_offers_keys_and_group_options(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # an embedded Ray starts: ~10 s
-def test_a_mistake_found_while_the_embedded_ray_starts_ends_it(tmp_path: Path) -> None:
-    """The default path: the job is checked while its embedded Ray starts. A mistake only the
+@pytest.mark.parametrize(
+    "check_delay_s", ["0", "8"], ids=["while_ray_starts", "after_its_workers_started"]
+)
+def test_a_mistake_only_the_build_finds_ends_the_embedded_ray(
+    tmp_path: Path, check_delay_s: str
+) -> None:
+    """The default path: the job is checked while its embedded Ray starts, and the workers start
+    as soon as Ray is up, while the dry build still runs (early_start.py). A mistake only the
     build finds (the data's) still ends the run with one message and exit 2, and the Ray that
-    was starting meanwhile goes with it."""
+    was starting meanwhile goes with it, and so do those workers when the build was slower than
+    Ray's start (here made so: DISTRAIN_SLOW_CHECK_S)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # see the Ctrl-C test below
     result = run_cli(
         "data.val_fraction=1.5",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
         timeout_s=90,
-        env={"RAY_TMPDIR": str(ray_tmp)},
+        env={"RAY_TMPDIR": str(ray_tmp), "DISTRAIN_SLOW_CHECK_S": check_delay_s},
     )
     assert result.returncode == 2, result.stderr
     assert "data.val_fraction must be in (0, 1), got 1.5" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert any(ray_tmp.iterdir()), "no Ray was started: the test shows nothing"
-    assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-@pytest.mark.slow  # an embedded Ray starts: ~10 s
-def test_a_mistake_found_after_the_workers_started_ends_them_too(tmp_path: Path) -> None:
-    """The workers start as soon as the embedded Ray is up, while the dry build still runs
-    (early_start.py). A dry build slower than Ray's start (here made so) that then finds a
-    mistake still ends the run with the checks' one message and exit 2, and ends the workers."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # see the Ctrl-C test below
-    result = run_cli(
-        "data.val_fraction=1.5",
-        f"hydra.run.dir={tmp_path}",
-        cwd=tmp_path,
-        timeout_s=90,
-        env={"RAY_TMPDIR": str(ray_tmp), "DISTRAIN_SLOW_CHECK_S": "8"},
-    )
-    assert result.returncode == 2, result.stderr
-    assert "data.val_fraction must be in (0, 1), got 1.5" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    # The workers had started: Ray writes each actor's class into its process's output file.
-    outputs = list(ray_tmp.glob("ray/session_[0-9]*/logs/worker-*.out"))
-    started = [path for path in outputs if ":actor_name:Worker" in path.read_text()]
-    assert len(started) == 2, [path.read_text() for path in outputs]
+    if check_delay_s != "0":
+        # The workers had started: Ray writes each actor's class into its process's output.
+        outputs = list(ray_tmp.glob("ray/session_[0-9]*/logs/worker-*.out"))
+        started = [path for path in outputs if ":actor_name:Worker" in path.read_text()]
+        assert len(started) == 2, [path.read_text() for path in outputs]
     assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
