@@ -16,17 +16,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.small_job import small_job
 from distrain.simulate import SLOW_RANK_ENV
 
 SEED, STEPS, BATCH, LR = 3, 30, 64, 0.05  # as tests/test_equivalence.py
 BASE = [
-    "trainer.epochs=2",
-    f"trainer.max_steps={STEPS}",
-    f"data.batch_size={BATCH}",
-    f"optimizer.lr={LR}",
-    f"trainer.seed={SEED}",
-    "model.hidden_sizes=[32,32]",
-    "logger.progress=none",
+    *small_job(steps=STEPS, batch=BATCH, lr=LR, seed=SEED),
     "trainer.tf32=false",  # fp32 against fp32: TF32 rounding would hide a real difference
     "trainer.setup_timeout_s=120",
 ]

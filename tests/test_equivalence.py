@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.small_job import small_job
 from distrain import driver
 from distrain.data.sklearn import digits
 from distrain.rundir import RunDirectory
@@ -19,15 +20,7 @@ from tests.conftest import compose_job
 
 MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 STEPS, BATCH, LR, SEED = 30, 64, 0.05, 3  # 30 steps cross an epoch boundary (22 per epoch)
-BASE = [
-    "trainer.epochs=2",
-    f"trainer.max_steps={STEPS}",
-    f"data.batch_size={BATCH}",
-    f"optimizer.lr={LR}",
-    f"trainer.seed={SEED}",
-    "model.hidden_sizes=[32,32]",
-    "logger.progress=none",
-]
+BASE = small_job(steps=STEPS, batch=BATCH, lr=LR, seed=SEED)
 
 
 def sgd_momentum(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

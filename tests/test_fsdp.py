@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from benchmarks.small_job import small_job
 from distrain import checkpoint, driver
 from distrain.data.sklearn import digits
 from distrain.rundir import RunDirectory
@@ -29,15 +30,7 @@ from tests.test_equivalence import LR, SEED, assert_same_parameters
 
 STEPS, BATCH = 30, 48  # 29 steps per epoch: 30 cross an epoch boundary
 MLP_PARAMS = (64 * 32 + 32) + (32 * 32 + 32) + (32 * 10 + 10)  # 3,466
-BASE = [
-    "trainer.epochs=2",
-    f"trainer.max_steps={STEPS}",
-    f"data.batch_size={BATCH}",
-    f"optimizer.lr={LR}",
-    f"trainer.seed={SEED}",
-    "model.hidden_sizes=[32,32]",
-    "logger.progress=none",
-]
+BASE = small_job(steps=STEPS, batch=BATCH, lr=LR, seed=SEED)
 FSDP = "aggregator=fsdp"
 CLIP = 0.5  # trainer.max_grad_norm: below most of the 30 steps' gradient norms
 
