@@ -20,11 +20,12 @@ import ray
 from hydra.utils import get_object
 from ray.util.placement_group import remove_placement_group
 
-from distrain import actors, cluster, errors, reservation, warm_workers
+from distrain import actors, reservation, warm_workers
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
+from distrain.awaiting import awaited
 from distrain.config import Config, plain
-from distrain.errors import ConfigError, GroupFailed, SetupTransportFailed, WorkerError
+from distrain.errors import GroupFailed
 from distrain.plan import StepPlan
 from distrain.records import Record
 from distrain.simulate import SlowRank
@@ -103,12 +104,12 @@ class WorkerGroup:
         timeout_s = trainer.setup_timeout_s
         # The sink answers before training starts: one slow to come up fails the start (which
         # is retried), not the first drain of a running group (which would count a restart).
-        *self.nodes, self.sink_ip = self._get(
+        *self.nodes, self.sink_ip = awaited(
             [*taken, *(w.node.remote() for w in self.workers), self.sink.node_ip.remote()],
             timeout_s,
             "start",
         )[len(taken) :]
-        self._get(
+        awaited(
             [w.place.remote(p) for w, p in zip(self.workers, self._placements())],
             timeout_s,
             "take its device",
@@ -117,7 +118,7 @@ class WorkerGroup:
         aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
         self.rendezvous = aggregator.rendezvous(self.workers, self.job.aggregator)
         checkpoint = [checkpoint_ref] if checkpoint_ref is not None else None
-        self._get(
+        awaited(
             [w.setup.remote(self.rendezvous, checkpoint, splits_ref) for w in self.workers],
             timeout_s,
             "set up",
@@ -222,7 +223,7 @@ class WorkerGroup:
             actors_s = time.perf_counter() - started
             aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
             healed.rendezvous = aggregator.rendezvous(healed.workers, self.job.aggregator)
-            healed._get(
+            awaited(
                 [
                     w.rejoin.remote(
                         rank, healed.sink, healed.rendezvous, [state_ref], self.splits_ref
@@ -265,11 +266,11 @@ class WorkerGroup:
         if not fresh:
             return
         timeout_s = self.job.trainer.setup_timeout_s
-        nodes = self._get([self.workers[r].node.remote() for r in fresh], timeout_s, "start")
+        nodes = awaited([self.workers[r].node.remote() for r in fresh], timeout_s, "start")
         for rank, node in zip(fresh, nodes):
             self.nodes[rank] = node
         placements = self._placements()
-        self._get(
+        awaited(
             [self.workers[r].place.remote(placements[r]) for r in fresh],
             timeout_s,
             "take its device",
@@ -319,36 +320,6 @@ class WorkerGroup:
         node = self.nodes[rank] if rank < len(self.nodes) else {}
         return f"rank {rank} (node {node.get('node_ip', '?')}, pid {node.get('pid', '?')})"
 
-    def _get(self, refs: list[Any], timeout_s: float, what: str) -> Any:
-        try:
-            return _first_failure_first(refs, timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise GroupFailed(
-                f"the workers did not {what} within trainer.setup_timeout_s={timeout_s:g} s"
-            ) from None
-        except ray.exceptions.RayTaskError as error:
-            cause = error.cause
-            if isinstance(cause, ConfigError):  # e.g. bf16 asked of a GPU without it
-                raise ConfigError(str(cause)) from None
-            if errors.is_transport_failure(cause):
-                first = next((line for line in str(cause).splitlines() if line.strip()), "")
-                raise SetupTransportFailed(
-                    f"a worker failed to {what}: {type(cause).__name__}: {first[:300]}"
-                ) from None
-            raise WorkerError(
-                f"a worker failed to {what}: {type(cause).__name__}: {cause}"
-                + (
-                    " (the module must be importable on every node: install it there, put its "
-                    "directory on PYTHONPATH, or ship it with cluster.runtime_env_working_dir=true)"
-                    if isinstance(cause, ImportError)
-                    else ""
-                )
-            ) from None
-        except ray.exceptions.RayActorError as error:  # e.g. a node that cannot import distrain
-            raise GroupFailed(
-                f"a worker died while it was to {what}: {cluster.describe_worker_error(error)}"
-            ) from None
-
     def shutdown(self) -> None:
         """Kill every actor of the group and free its reservation; safe to call twice."""
         aggregator_cls = get_object(self.job.aggregator["_target_"])
@@ -361,15 +332,3 @@ class WorkerGroup:
         if self.grow_probe is not None:
             self.grow_probe.close()
         self.workers, self.sink, self.placement_group, self.spares = [], None, None, []
-
-
-def _first_failure_first(refs: list[Any], timeout_s: float) -> list[Any]:
-    """`ray.get(refs)`, but a failure is raised as soon as it arrives: a worker that died while
-    the others wait for it in a rendezvous is not waited out for the whole timeout."""
-    deadline, pending = time.monotonic() + timeout_s, list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise ray.exceptions.GetTimeoutError(f"{len(pending)} not ready in {timeout_s} s")
-        ray.get(ready)  # raises the failure it holds
-    return ray.get(refs)

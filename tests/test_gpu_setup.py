@@ -10,9 +10,8 @@ import pytest
 import ray
 import torch
 
+from distrain.awaiting import awaited
 from distrain.errors import GroupFailed, SetupTransportFailed, WorkerError
-from distrain.group import WorkerGroup
-from distrain.plan import StepPlan
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +31,8 @@ def _user_error() -> None:
 
 
 def test_setup_transport_failure_is_retryable(ray_address) -> None:
-    plan = StepPlan(
-        world_size=1, global_batch=1, micro_batch=1, epochs=1, steps_per_epoch=1, total_steps=1
-    )
-    group = WorkerGroup({}, plan, "cpu")
     with pytest.raises(SetupTransportFailed) as retry:
-        group._get([_bind_store_on_taken_port.remote()], 60, "set up")
+        awaited([_bind_store_on_taken_port.remote()], 60, "set up")
     assert isinstance(retry.value, GroupFailed) and "EADDRINUSE" in str(retry.value)
     with pytest.raises(WorkerError):
-        group._get([_user_error.remote()], 60, "set up")
+        awaited([_user_error.remote()], 60, "set up")
