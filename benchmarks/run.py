@@ -27,7 +27,9 @@ nanoGPT's loop and torchrun DDP of it, with MFU; results/lm_latest.md), and last
 and FSDP on the ~6M MLP and the GPT (benchmarks/large_models.py, `--large-repeats` rounds (1):
 speed, per-worker state and memory, checkpoint blocking/write time and size;
 results/large_latest.md), and last of all a killed worker healed with a warm spare, healed
-without one and restarted from a checkpoint (benchmarks/recovery.py, results/recovery_latest.md).
+without one and restarted from a checkpoint (benchmarks/recovery.py, results/recovery_latest.md),
+then an elastic run growing back in place and from a checkpoint (benchmarks/grow_back.py,
+results/grow_back_latest.md).
 
 Options: `--workloads` (comma list of digits_mlp, mlp6m, cnn), `--workers` (2, for the
 multi-worker systems), `--repeats` (3), `--ps-repeats` (2: the PS target is missed far outside
@@ -36,7 +38,8 @@ its spread, and each PS run costs ~45 s), `--warmup-steps` (20), `--measure-step
 systems, e.g. `inmemory,distrain_allreduce:1`), `--extras allreduce_gloo,ps_async`,
 `--skip-peers` (distrain only), `--skip-others` (no Ray Train), `--skip-compression`,
 `--skip-lm`, `--lm-repeats` (1), `--skip-large`, `--large-repeats` (1), `--skip-recovery`,
-`--recovery-rounds` (2: benchmarks/recovery.py, results/recovery_latest.md), `--out PATH`
+`--recovery-rounds` (2: benchmarks/recovery.py, results/recovery_latest.md), `--skip-grow-back`,
+`--out PATH`
 (default results/latest; pass /tmp/... for trial runs, so the committed report stays a full
 run).
 """
@@ -222,6 +225,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-large", action="store_true", help="no DDP/ZeRO-1/FSDP comparison")
     p.add_argument("--skip-recovery", action="store_true", help="no benchmarks/recovery.py")
     p.add_argument("--recovery-rounds", type=int, default=2, help="rounds of recovery.py")
+    p.add_argument("--skip-grow-back", action="store_true", help="no benchmarks/grow_back.py")
     p.add_argument("--out", type=Path, default=RESULTS / "latest")
     args = p.parse_args()
     unknown = [w for w in args.workloads.split(",") if w not in MEASURE_STEPS]
@@ -281,6 +285,10 @@ def main() -> None:
         recovery = [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--rounds"]
         recovery += [str(args.recovery_rounds), "--out", str(RESULTS / "recovery_latest.md")]
         subprocess.run(recovery, check=True, env=_env(), cwd=REPO)
+    if not args.skip_grow_back:  # an elastic run back to its workers: in place or checkpoint
+        grow = [sys.executable, str(REPO / "benchmarks" / "grow_back.py")]
+        grow += ["--out", str(RESULTS / "grow_back_latest.md")]
+        subprocess.run(grow, check=True, env=_env(), cwd=REPO)
 
 
 if __name__ == "__main__":

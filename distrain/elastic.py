@@ -3,15 +3,19 @@
 After a failure the supervisor tries the configured worker count first, then fewer (down to
 `trainer.min_workers`), keeping the global batch: fewer workers accumulate more micro-batches
 (`StepPlan.on`, distrain/plan.py). While a group runs on fewer workers, a `GrowProbe` waits for
-the capacity of the missing ones to come back (a node joins, a lost one returns); the supervisor
-then stops the group at its next checkpoint boundary and starts the configured count from that
-checkpoint: the same global batch, so the same mathematics.
+the capacity of the missing ones to come back (a node joins, a lost one returns). Then, where a
+failure would heal in place (distrain/healing.py: every rank holds the whole state), the group
+pauses after its next step, keeps its workers and adds new ones in the probe's reservation, all
+starting from one worker's state in memory (`healing.grow`); elsewhere it stops at its next
+checkpoint boundary and the configured count starts from that checkpoint. Either way the same
+global batch, so the same mathematics.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -90,6 +94,11 @@ class GrowProbe:
     def ready(self) -> bool:
         """Placed (non-blocking): the missing workers fit now."""
         return self.group is not None and bool(ray.wait([self.ready_ref], timeout=0)[0])
+
+    def take(self) -> Any:
+        """The placed reservation, for the missing workers to start in; the caller owns it."""
+        group, self.group = self.group, None
+        return group
 
     def close(self) -> None:
         if self.group is not None:

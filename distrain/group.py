@@ -2,17 +2,21 @@
 
 A failure either heals the group (`replace`: the survivors stay, a spare or a new actor takes each
 failed rank; distrain/healing.py) or ends it, and the driver's supervisor starts a new one from
-the last checkpoint. Keeping the group's lifecycle in one place makes "no orphan actors" a
-property of `shutdown()`, called from a `finally`: a healed group takes its actors, spares and
-reservation with it, and the old one keeps only what failed; a finished group that `keep`s its
-workers for the next job hands them to distrain/warm_workers.py, which owns them from then on.
+the last checkpoint. A group an elastic run shrank grows back the same way (`grow`: its workers
+stay, new actors take the missing ranks in the reservation that showed they fit). Keeping the
+group's lifecycle in one place makes "no orphan actors" a property of `shutdown()`, called from a
+`finally`: a healed or grown group takes its actors, spares and reservations with it, and the old
+one keeps only what failed; a finished group that `keep`s its workers for the next job hands them
+to distrain/warm_workers.py, which owns them from then on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +35,7 @@ from distrain.records import Record
 from distrain.simulate import SlowRank
 
 log = logging.getLogger("distrain")
+Bundle = tuple[Any, int]  # a placement group (a reservation) and the index of one of its bundles
 
 
 @dataclass
@@ -39,7 +44,7 @@ class Spare:
 
     actor: Any
     name: str
-    bundle: int | None  # its bundle of the group's reservation (None: placed outside it)
+    bundle: Bundle | None  # its bundle of the group's reservations (None: placed outside)
     warm: Any  # the ObjectRef of its `Worker.warm`: its node, once it is ready
     started_s: float
     ready_s: float | None = None  # seconds it took to warm up, once it has
@@ -58,14 +63,16 @@ class WorkerGroup:
         self.sink: Any = None
         self.sink_ip = "?"  # the sink's node, once it has answered
         self.placement_group: Any = None
+        self.grown_into: list[Any] = []  # reservations of ranks a grow back adds (`start_joining`)
         self.rendezvous: dict[str, Any] = {}
         self.startup_s: dict[str, float] = {}
         self.started = "with the group"  # or how its workers came ready (KeptWorkers.origin)
         self.grow_probe: Any = None  # elastic.GrowProbe of a group smaller than configured
         self.need: reservation.WorkerResources | None = None
         self.splits_ref: Any = None
-        self.bundles: list[int | None] = []  # each rank's bundle (None: a spare placed outside)
+        self.bundles: list[Bundle | None] = []  # each rank's (None: a spare placed outside)
         self.spares: list[Spare] = []  # trainer.spare_workers
+        self.joining: list[Spare] = []  # the workers a grow back adds, started ahead of it
         self.fit_refs: dict[Any, int] = {}
         self.taken_from_spares: list[int] = []  # ranks a spare took when this group healed
         self.group_id = uuid.uuid4().hex[:8]
@@ -90,12 +97,12 @@ class WorkerGroup:
         """
         trainer = self.job.trainer
         self.need, self.splits_ref = need, splits_ref
-        self.bundles = list(range(self.world_size))
         started = time.perf_counter()
         if kept is None:
             self.placement_group = reservation.place(need, self.job.cluster, scale_up=scale_up)
             self.sink = actors.start_sink(trainer.checkpoint_min_interval_s)
-            made = [self._actor(rank, bundle=rank) for rank in range(self.world_size)]
+            self.bundles = [(self.placement_group, rank) for rank in self.ranks]
+            made = [self._actor(rank, bundle) for rank, bundle in enumerate(self.bundles)]
             self.workers, self.names = [w for w, _ in made], [n for _, n in made]
             taken = []
         else:
@@ -132,6 +139,7 @@ class WorkerGroup:
         """Run on the last job's workers, sink and reservation: each worker drops that job and
         takes this one (the refs of that, to wait on)."""
         self.placement_group, self.sink = kept.placement_group, kept.sink
+        self.bundles = [(self.placement_group, rank) for rank in self.ranks]
         self.workers, self.names = kept.workers, kept.names
         self.group_id, self._actors_made = kept.group_id, kept.actors_made
         interval_s = self.job.trainer.checkpoint_min_interval_s
@@ -143,7 +151,7 @@ class WorkerGroup:
     def keep(self, shape: warm_workers.Shape) -> None:
         """Hand the workers, sink and reservation to warm_workers for the next job of `shape`
         (`shutdown` frees the rest), unless a spare took a rank: it sits outside the bundles."""
-        if self.bundles != list(range(self.world_size)) or self.placement_group is None:
+        if self.bundles != [(self.placement_group, rank) for rank in self.ranks] or self.grown_into:
             return
         warm_workers.keep(
             warm_workers.KeptWorkers(
@@ -158,27 +166,47 @@ class WorkerGroup:
         )
         self.workers, self.sink, self.placement_group = [], None, None
 
+    @property
+    def ranks(self) -> range:
+        return range(self.world_size)
+
     def _job_of(self, rank: int) -> tuple[Any, ...]:
         """What a worker for `rank` is given: `Worker.__init__`'s and `take_job`'s arguments."""
         return rank, asdict(self.plan), plain(self.job), self.device_type, self.sink, self.slow_rank
 
-    def _actor(self, rank: int, bundle: int | None) -> tuple[Any, str]:
-        """A new worker actor for `rank` (-1: a spare) in `bundle` of the group's reservation, or
-        (None) outside it, spread over the cluster's nodes; and its name."""
+    def _actor(self, rank: int, bundle: Bundle | None) -> tuple[Any, str]:
+        """A new worker actor for `rank` (-1: a spare) in `bundle`, or (None) outside the group's
+        reservations, spread over the cluster's nodes; and its name."""
         assert self.need is not None
         self._actors_made += 1
         label = f"rank{rank}" if rank >= 0 else "spare"
         name = f"distrain-{self.group_id}-{label}-{self._actors_made}"
-        handle = actors.start_worker(
-            name, self.need, self.placement_group, bundle, *self._job_of(rank)
-        )
+        placement_group, index = bundle if bundle is not None else (None, None)
+        handle = actors.start_worker(name, self.need, placement_group, index, *self._job_of(rank))
         return handle, name
 
-    def _add_spare(self, bundle: int | None) -> None:
+    def _add_spare(self, bundle: Bundle | None) -> None:
         """Start a spare in the background: torch imported, the data mapped, its device taken."""
+        self.spares.append(self._standby(bundle))
+
+    def _standby(self, bundle: Bundle | None) -> Spare:
+        """A worker with no rank yet, warming up in the background (`Worker.warm`)."""
         handle, name = self._actor(-1, bundle)
         warm = handle.warm.remote(self.splits_ref)
-        self.spares.append(Spare(handle, name, bundle, warm, started_s=time.monotonic()))
+        return Spare(handle, name, bundle, warm, started_s=time.monotonic())
+
+    def start_joining(self, reserved: Any, count: int) -> None:
+        """Start the `count` workers a grow back adds, in the bundles of `reserved` (the placed
+        elastic.GrowProbe: Ray put them where the placement rule allows); they warm up while
+        this group trains on, and `grow` takes them once `joining_ready`."""
+        self.grown_into.append(reserved)  # freed with the group that ends up holding it
+        self.joining = [self._standby((reserved, index)) for index in range(count)]
+
+    def joining_ready(self) -> bool:
+        """Whether every worker `start_joining` started has warmed up (or failed to: `grow`
+        then fails, and the caller grows back from a checkpoint)."""
+        refs = [joiner.warm for joiner in self.joining]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
 
     def spares_became_ready(self) -> bool:
         """Whether a spare finished warming up since the last call (`spares_ready_s` then says
@@ -207,49 +235,73 @@ class WorkerGroup:
         (a one-rank checkpoint payload). This group keeps only the failed actors, its sink and
         its grow probe, for `shutdown`; a used spare is replaced in the background.
         """
-        healed = WorkerGroup(self.job, self.plan, self.device_type, self.slow_rank)
-        healed.need, healed.splits_ref = self.need, self.splits_ref
-        healed.started = self.started
-        healed.group_id, healed._actors_made = self.group_id, self._actors_made
-        healed.placement_group, self.placement_group = self.placement_group, None
-        healed.spares, self.spares = self.spares, []
-        healed.workers, healed.names = list(self.workers), list(self.names)
-        healed.nodes, healed.bundles = list(self.nodes), list(self.bundles)
-        self.workers = [self.workers[rank] for rank in sorted(failed)]
+        survivors, self.workers = self.workers, [self.workers[rank] for rank in sorted(failed)]
+        return self._successor(
+            self.plan, survivors, lambda healed: healed._take_ranks(failed), state_ref
+        )
+
+    def grow(self, plan: StepPlan, state_ref: Any) -> WorkerGroup:
+        """Back to `plan`'s worker count: this group's workers keep their ranks, the workers
+        `start_joining` started take the others, and every rank joins a new process group from
+        `state_ref`. This group keeps only its sink, for `shutdown`."""
+        added = list(range(self.world_size, plan.world_size))
+        joining, self.joining = self.joining, []
+        for joiner in joining:
+            self.names.append(joiner.name)
+            self.bundles.append(joiner.bundle)
+            self.nodes.append({})
+        workers, self.workers = [*self.workers, *(joiner.actor for joiner in joining)], []
+        return self._successor(plan, workers, lambda grown: grown._started(added), state_ref)
+
+    def _successor(
+        self,
+        plan: StepPlan,
+        workers: list[Any],
+        take: Callable[[WorkerGroup], None],
+        state_ref: Any = None,
+    ) -> WorkerGroup:
+        """A group of `plan` on `workers` (kept processes) and the reservations, spares and
+        names of this one, whose missing ranks `take` fills; every rank rejoins from
+        `state_ref`. On any error it is shut down, the kept workers with it."""
+        group = WorkerGroup(self.job, plan, self.device_type, self.slow_rank)
+        assert self.need is not None
+        group.need = dataclasses.replace(self.need, workers=plan.world_size)
+        group.splits_ref, group.started = self.splits_ref, self.started
+        group.group_id, group._actors_made = self.group_id, self._actors_made
+        group.placement_group, self.placement_group = self.placement_group, None
+        group.grown_into, self.grown_into = self.grown_into, []
+        group.spares, self.spares = self.spares, []
+        group.workers, group.names = list(workers), list(self.names)
+        group.nodes, group.bundles = list(self.nodes), list(self.bundles)
         try:
-            healed.sink = actors.start_sink(self.job.trainer.checkpoint_min_interval_s)
+            group.sink = actors.start_sink(self.job.trainer.checkpoint_min_interval_s)
             started = time.perf_counter()
-            healed._take_ranks(sorted(failed))
+            take(group)
             actors_s = time.perf_counter() - started
             aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
-            healed.rendezvous = aggregator.rendezvous(healed.workers, self.job.aggregator)
+            group.rendezvous = aggregator.rendezvous(group.workers, self.job.aggregator)
+            # Every rank takes the plan: spares were made for the group of their time.
+            args = group.sink, group.rendezvous, [state_ref], self.splits_ref, asdict(plan)
             awaited(
-                [
-                    w.rejoin.remote(
-                        rank, healed.sink, healed.rendezvous, [state_ref], self.splits_ref
-                    )
-                    for rank, w in enumerate(healed.workers)
-                ],
+                [w.rejoin.remote(rank, *args) for rank, w in enumerate(group.workers)],
                 self.job.trainer.setup_timeout_s,
                 "rejoin",
             )
-            # As `start` records: the replacements taking their places, then every rank rejoining.
-            healed.startup_s = {
-                "actors": actors_s,
-                "setup": time.perf_counter() - started - actors_s,
-            }
+            # As `start` records: the new actors taking their places, then every rank rejoining.
+            setup_s = time.perf_counter() - started - actors_s
+            group.startup_s = {"actors": actors_s, "setup": setup_s}
         except BaseException:
-            healed.shutdown()  # the survivors too: the caller restarts from a checkpoint
+            group.shutdown()  # the kept workers too: the caller starts from a checkpoint
             raise
-        return healed
+        return group
 
-    def _take_ranks(self, ranks: list[int]) -> None:
+    def _take_ranks(self, ranks: set[int]) -> None:
         """Fill `ranks` (their actors gone): ready spares first, then new actors in the ranks'
         bundles; a bundle a spare made free gets a new spare."""
         self.spares_became_ready()  # the ones ready by now, failed ones dropped
         ready = [spare for spare in self.spares if spare.ready_s is not None]
         fresh = []
-        for rank in ranks:
+        for rank in sorted(ranks):
             spare = ready.pop(0) if ready else None
             freed = self.bundles[rank]
             if spare is not None:
@@ -263,15 +315,19 @@ class WorkerGroup:
                 handle, name = self._actor(rank, bundle)
                 fresh.append(rank)
             self.workers[rank], self.names[rank], self.bundles[rank] = handle, name, bundle
-        if not fresh:
+        self._started(fresh)
+
+    def _started(self, ranks: list[int]) -> None:
+        """The new actors of `ranks` up, their nodes known, their devices taken."""
+        if not ranks:
             return
         timeout_s = self.job.trainer.setup_timeout_s
-        nodes = awaited([self.workers[r].node.remote() for r in fresh], timeout_s, "start")
-        for rank, node in zip(fresh, nodes):
+        nodes = awaited([self.workers[r].node.remote() for r in ranks], timeout_s, "start")
+        for rank, node in zip(ranks, nodes):
             self.nodes[rank] = node
         placements = self._placements()
         awaited(
-            [self.workers[r].place.remote(placements[r]) for r in fresh],
+            [self.workers[r].place.remote(placements[r]) for r in ranks],
             timeout_s,
             "take its device",
         )
@@ -311,9 +367,12 @@ class WorkerGroup:
         except ray.exceptions.RayActorError as error:
             raise GroupFailed(f"the metrics sink died: {error}") from None
 
-    def fit(self) -> dict[Any, int]:
-        """Start training on every rank; returns {ObjectRef: rank}."""
-        self.fit_refs = {w.fit.remote(): rank for rank, w in enumerate(self.workers)}
+    def fit(self, pause_at_any_step: bool = False) -> dict[Any, int]:
+        """Start training on every rank; returns {ObjectRef: rank}. `pause_at_any_step`: the
+        ranks ask after every step whether to stop there (a shrunk group to grow in place)."""
+        self.fit_refs = {
+            w.fit.remote(pause_at_any_step): rank for rank, w in enumerate(self.workers)
+        }
         return self.fit_refs
 
     def where(self, rank: int) -> str:
@@ -323,12 +382,14 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Kill every actor of the group and free its reservation; safe to call twice."""
         aggregator_cls = get_object(self.job.aggregator["_target_"])
-        spares = [spare.actor for spare in self.spares]
+        spares = [standby.actor for standby in [*self.spares, *self.joining]]
         for handle in [*self.workers, *spares, self.sink, *aggregator_cls.actors(self.rendezvous)]:
             if handle is not None:
                 ray.kill(handle)
-        if self.placement_group is not None:
-            remove_placement_group(self.placement_group)
+        for reserved in [self.placement_group, *self.grown_into]:
+            if reserved is not None:
+                remove_placement_group(reserved)
         if self.grow_probe is not None:
             self.grow_probe.close()
         self.workers, self.sink, self.placement_group, self.spares = [], None, None, []
+        self.grown_into, self.joining = [], []

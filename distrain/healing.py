@@ -12,6 +12,9 @@ random stream restarts after every step from a seed of (rank, step) (`step.step_
 replacement draws what the failed rank would have drawn, and the run ends bitwise equal to an
 uninterrupted one.
 
+An elastic group that grows back takes the same path (`grow`): its workers stay, new ones take
+the state of one of them.
+
 Healing applies to CPU workers (gloo or shared memory) where every rank holds the whole state
 after each step (`heals_in_place`: DDP all-reduce without ZeRO or PowerSGD) and the failed ranks'
 nodes are still up; otherwise, or if healing itself fails, the supervisor restarts from the last
@@ -38,6 +41,8 @@ from distrain import hangs
 from distrain.config import Config
 from distrain.errors import GroupFailed
 from distrain.group import WorkerGroup
+from distrain.plan import StepPlan
+from distrain.records import StandDown
 
 log = logging.getLogger("distrain")
 NEVER_WRITTEN_STEP = 2**62  # "every checkpoint is written", to release ranks waiting for one
@@ -158,22 +163,9 @@ def heal(
             stuck_ranks = sorted(group.fit_refs[ref] for ref in stuck)
             raise GroupFailed(f"rank(s) {stuck_ranks} did not leave the failed step")
         clock.lap("survivors_stopped_s")
-        states = ray.get(
-            [group.workers[rank].stand_down.remote() for rank in survivors], timeout=timeout_s
-        )
-        source = max(states, key=lambda state: (state.step, -state.rank))
-        record = ray.get(
-            group.workers[source.rank].snapshot.remote(
-                sum(state.epoch_loss_sum for state in states),
-                sum(state.epoch_batches for state in states),
-            ),
-            timeout=timeout_s,
-        )
-        meta = assemble([record], False)
+        source, state = _capture(group, survivors, timeout_s, assemble)
         clock.lap("state_captured_s")
-        healed = group.replace(
-            set(failed), ray.put({"meta": meta, "shards": record.share, "wire": True})
-        )
+        healed = group.replace(set(failed), state)
     except GroupFailed:
         raise
     except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
@@ -192,6 +184,77 @@ def heal(
             "rejoined_s": round(clock.lap("") - healed.startup_s["actors"], 3),
         },
     )
+
+
+@dataclass
+class Grown:
+    group: WorkerGroup  # the configured count again: the workers kept, new ones added
+    step: int  # where it paused, the state every rank took
+    from_workers: int
+    phases_s: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        """The grow back as metrics.json's `grow_backs` entry holds it."""
+        return {
+            "step": self.step,
+            "from_workers": self.from_workers,
+            "in_place": True,
+            "phases_s": self.phases_s,
+        }
+
+
+def grow(
+    group: WorkerGroup,
+    plan: StepPlan,
+    *,
+    timeout_s: float,
+    assemble: Callable[[list[dict[str, Any]], bool], dict[str, Any]],
+) -> Grown:
+    """`group`, which paused after a step, back to `plan`'s worker count: its workers keep
+    their processes, the new ones it started ahead (`WorkerGroup.start_joining`) join, and
+    every rank takes rank 0's state from memory (no checkpoint is read). Raises GroupFailed if
+    that fails (the caller then grows back from the last checkpoint)."""
+    clock = _Phases()
+    try:
+        source, state = _capture(group, list(group.ranks), timeout_s, assemble)
+        clock.lap("state_captured_s")
+        grown = group.grow(plan, state)
+    except GroupFailed:
+        raise
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
+        raise GroupFailed(f"{type(error).__name__}: {error}") from None
+    return Grown(
+        grown,
+        step=source.step,
+        from_workers=group.world_size,
+        phases_s={
+            **clock.phases,
+            # The new workers' places taken (they started while the group trained on).
+            "workers_started_s": round(grown.startup_s["actors"], 3),
+            "rejoined_s": round(clock.lap("") - grown.startup_s["actors"], 3),
+        },
+    )
+
+
+def _capture(
+    group: WorkerGroup,
+    ranks: list[int],
+    timeout_s: float,
+    assemble: Callable[[list[dict[str, Any]], bool], dict[str, Any]],
+) -> tuple[StandDown, Any]:
+    """`ranks` (out of training) leave their process group; the most advanced one's whole
+    state goes to the object store as a one-rank checkpoint payload: who, and its reference."""
+    states = ray.get([group.workers[rank].stand_down.remote() for rank in ranks], timeout=timeout_s)
+    source = max(states, key=lambda state: (state.step, -state.rank))
+    record = ray.get(
+        group.workers[source.rank].snapshot.remote(
+            sum(state.epoch_loss_sum for state in states),
+            sum(state.epoch_batches for state in states),
+        ),
+        timeout=timeout_s,
+    )
+    meta = assemble([record], False)
+    return source, ray.put({"meta": meta, "shards": record.share, "wire": True})
 
 
 def _is_worker_process(pid: int) -> bool:

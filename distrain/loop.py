@@ -99,6 +99,11 @@ class Boundary(Protocol):
     def __call__(self, position: Position, *, epoch_end: bool, final: bool) -> bool: ...
 
 
+# Asked after each step that is not a checkpoint boundary, where a group may pause to grow back
+# in place (True: stop now).
+StepBoundary = Callable[[Position], bool]
+
+
 @dataclass(frozen=True)
 class Cadence:
     """How often `fit` reports, checks and checkpoints (from trainer.* and logger.*)."""
@@ -140,13 +145,15 @@ def fit(
     pos: Position,
     at_boundary: Boundary,
     report: Report,
+    at_step: StepBoundary | None = None,
 ) -> bool:
     """Train from `pos` to the plan's last step, reporting step and epoch records.
 
     `pos` advances in place after every step: if a step fails (a peer died), the caller still
     knows the last completed one. Checkpoint boundaries are every
     `cadence.checkpoint_every_n_steps` steps and every epoch end; there `at_boundary` may capture
-    a checkpoint and decide to stop. Returns whether training stopped early.
+    a checkpoint and decide to stop; `at_step`, if given, may stop after any step between them.
+    Returns whether training stopped early.
     """
     outbox = _Outbox(report, cadence.heartbeat_s)
     parts.train_model.train()
@@ -155,7 +162,7 @@ def fit(
         while pos.epoch < plan.epochs and pos.step < plan.total_steps:
             epoch, started_s = pos.epoch, time.perf_counter()
             steps, stopped, evaluated_s = _train_epoch(
-                parts, plan, cadence, pos, at_boundary, outbox, profiler
+                parts, plan, cadence, pos, (at_boundary, at_step), outbox, profiler
             )
             if stopped:
                 return True
@@ -182,13 +189,13 @@ def _train_epoch(
     plan: StepPlan,
     cadence: Cadence,
     pos: Position,
-    at_boundary: Boundary,
+    boundaries: tuple[Boundary, StepBoundary | None],
     outbox: _Outbox,
     profiler: Profiler,
 ) -> tuple[int, bool, float]:
     """The steps of `pos.epoch` from `pos` (advanced in place): how many, whether to stop, and
     the seconds spent in evaluations inside the epoch (trainer.eval_every_n_steps)."""
-    device = parts.batches.device
+    device, (at_boundary, at_step) = parts.batches.device, boundaries
     epoch_loss = torch.zeros((), device=device)  # losses stay on the device until read
     pos.unsettled_loss = epoch_loss
     interval, steps, evaluated_s = _Interval(device), 0, 0.0
@@ -237,6 +244,9 @@ def _train_epoch(
             _stop_if_non_finite(parts, cadence, pos.epoch_loss_sum, pos)
             if at_boundary(pos, epoch_end=False, final=False):
                 return steps, True, evaluated_s
+        elif at_step is not None and at_step(pos):
+            pos.settle()
+            return steps, True, evaluated_s
         clock.restart()
     pos.settle()
     pos.unsettled_loss = None

@@ -6,7 +6,9 @@ in batches (distrain/worker.py `REPORT_EVERY_S`); the driver drains it a few tim
 sink is also where the workers agree at each checkpoint boundary whether to stop and whether to
 checkpoint: the first rank to ask fixes the answer for every rank, so all ranks stop (and take
 part in a checkpoint, which under ZeRO is a collective) at the same step, even though the
-driver's stop request reaches them at different moments.
+driver's stop request reaches them at different moments. A group that is to grow back in place
+(distrain/elastic.py) also asks after every step whether to pause there (`pause_at`): the same
+rule, the first rank to ask about a step fixes the answer.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ import ray
 
 from distrain.records import Record
 
+# A group growing back in place asks about a step this many steps ahead (distrain/worker.py), so
+# it stops at most this many steps and one after the request.
+PAUSE_LAG_STEPS = 2
+
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
     def __init__(self, checkpoint_min_interval_s: float = 0.0) -> None:
         self._records: list[Record] = []
         self._stop_requested = False
+        self._pause_requested = False
         self._decisions: dict[int, tuple[bool, bool]] = {}
+        self._pauses: dict[int, bool] = {}
         self._checkpoint_min_interval_s = checkpoint_min_interval_s
         self._last_checkpoint_s = -math.inf
         self._saved_step = -1
@@ -47,6 +55,16 @@ class MetricsSink:
     def request_stop(self) -> None:
         self._stop_requested = True
 
+    def request_pause(self) -> None:
+        """Stop at the next step, or the next checkpoint boundary if it comes first; no
+        checkpoint is asked for (the workers keep their state: an in-place grow back)."""
+        self._pause_requested = True
+
+    def pause_at(self, step: int) -> bool:
+        """Whether to stop after `step` (not a checkpoint boundary): the same answer for every
+        rank."""
+        return self._pauses.setdefault(step, self._pause_requested)
+
     def decide(self, step: int, final: bool) -> tuple[bool, bool]:
         """(stop, checkpoint) at the boundary after `step`: the same answer for every rank.
 
@@ -54,9 +72,9 @@ class MetricsSink:
         last one is at least trainer.checkpoint_min_interval_s old.
         """
         if step not in self._decisions:
-            now, stop = time.monotonic(), self._stop_requested
+            now, stop = time.monotonic(), self._stop_requested or self._pause_requested
             due = now - self._last_checkpoint_s >= self._checkpoint_min_interval_s
-            checkpoint = stop or final or due
+            checkpoint = self._stop_requested or final or due
             if checkpoint:
                 self._last_checkpoint_s = now
             self._decisions[step] = (stop, checkpoint)

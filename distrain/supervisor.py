@@ -75,6 +75,8 @@ class Supervisor:
         self.history: list[EpochMetrics] = []
         self.failures = FailureLog(self.trainer.max_failures)
         self.starter = GroupStarter(job, plan, device_type, slow_rank, self.failures, self.recorder)
+        # A shrunk group grows back in place where a failure would heal in place (healing.py).
+        self.grows_in_place = healing.never(job, device_type, plan.world_size) is None
         self.checkpoints = Checkpoints(
             run_dir.checkpoints,
             self.trainer,
@@ -83,7 +85,10 @@ class Supervisor:
         )
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.current_nodes: list[dict[str, Any]] = []
-        self.grow_backs: list[dict[str, int]] = []  # elastic: each return to trainer.workers
+        self.grow_backs: list[dict[str, Any]] = []  # elastic: each return to trainer.workers
+        self.grow_since_s: float | None = None  # the last progress before the last grow back
+        # The new workers of an in-place grow back: when they were started, how long they took.
+        self.joining_started_s, self.new_workers_ready_s = 0.0, 0.0
         self.early_stopping = EarlyStopping(
             self.trainer.early_stopping_patience, self.checkpoints.val_losses
         )
@@ -111,8 +116,14 @@ class Supervisor:
                     group, healed = healed, None
                 try:
                     results = self._watch(group, collector)
-                    if results is None:  # stopped at a checkpoint boundary to grow back
-                        restore_from = self._grow_back(group)
+                    if results is None:  # stopped to grow back
+                        self.grow_since_s = self.failures.last_progress_s
+                        grown = self._grow_in_place(group) if self.grows_in_place else None
+                        if grown is None:
+                            restore_from = self._grow_back(group)
+                            continue
+                        healed = grown  # a group that keeps its workers, as a healed one does
+                        collector = MetricsCollector(grown.world_size, self.task, self.history)
                         continue
                     result = self._finish(group, results)
                     if self.keep_workers:
@@ -189,16 +200,17 @@ class Supervisor:
     def _watch(self, group: WorkerGroup, collector: MetricsCollector) -> list[RankResult] | None:
         """Wait for every rank's `fit`, streaming records; a dead or silent rank fails the group.
 
-        None: the group stopped at a checkpoint boundary because the configured worker count
-        fits again (elastic runs that lost workers); the supervisor then grows it back.
+        None: the group stopped because the configured worker count fits again (elastic runs
+        that lost workers), after a step or at a checkpoint boundary (`grows_in_place`); the
+        supervisor then grows it back.
         """
         self.recorder.watch_group(group, self.job.logger)
         self.current_nodes = group.nodes
-        refs = group.fit()
+        probe = self._grow_probe(group)
+        refs = group.fit(pause_at_any_step=self.grows_in_place and probe is not None)
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
         self.checkpoints.begin_group()
-        probe = self._grow_probe(group)
         boundary = StopAtBoundary(group.sink, self.trainer.stop_timeout_s, self.recorder.message)
         with StopRequest() as stop:
             while pending:
@@ -222,8 +234,8 @@ class Supervisor:
                     break
                 if not boundary.asked and (reason := self.early_stopping.reason()):
                     boundary.stop_early(reason)
-                if probe and not boundary.asked and probe.ready():
-                    boundary.grow_back(self.plan.world_size)
+                if probe and not boundary.asked:
+                    self._grow_when_ready(group, probe, boundary)
         self.stop_requested = self.stop_requested or stop.requested
         # the last checkpoint is on disk before the run ends
         self.checkpoints.settle(wait=True, nodes=self.current_nodes)
@@ -265,24 +277,78 @@ class Supervisor:
             self.job.cluster.placement.value,
             running_nodes=[node["node_id"] for node in group.nodes],
         )
-        return group.grow_probe
+        return group.grow_probe if group.grow_probe.group is not None else None
 
-    def _grow_back(self, group: WorkerGroup) -> checkpoint.Checkpoint:
-        """The checkpoint the stopped group wrote, to start the configured count from."""
+    def _grow_when_ready(
+        self, group: WorkerGroup, probe: elastic.GrowProbe, boundary: StopAtBoundary
+    ) -> None:
+        """Once the probe is placed, grow back from the next checkpoint; or, in place, start
+        the new workers in its reservation first, and pause the group once they are ready."""
+        if group.joining:
+            if group.joining_ready():
+                self.new_workers_ready_s = round(time.monotonic() - self.joining_started_s, 3)
+                boundary.grow_back(self.plan.world_size, in_place=True)
+        elif probe.ready():
+            missing = self.plan.world_size - group.world_size
+            if not self.grows_in_place:
+                boundary.grow_back(self.plan.world_size, in_place=False)
+                return
+            self.recorder.message(
+                f"elastic: there is room for trainer.workers={self.plan.world_size} workers "
+                f"again; starting {missing} new, training on meanwhile"
+            )
+            self.joining_started_s = time.monotonic()
+            group.start_joining(probe.take(), missing)
+
+    def _grow_in_place(self, group: WorkerGroup) -> WorkerGroup | None:
+        """The group, paused after a step, grown back to the configured count with its workers
+        kept (None: that failed, grow back from the last checkpoint instead)."""
+        try:
+            grown = healing.grow(
+                group,
+                self.plan,
+                timeout_s=self.trainer.setup_timeout_s,
+                assemble=self.checkpoints.assemble,
+            )
+        except GroupFailed as error:
+            self.recorder.message(
+                f"growing back in place failed ({first_line(error)}); growing back from the last "
+                "checkpoint"
+            )
+            return None
+        # How long the new workers took to start, while the group trained on.
+        self.grow_backs.append({**grown.record(), "new_workers_ready_s": self.new_workers_ready_s})
+        added = self.plan.world_size - group.world_size
+        self.recorder.message(
+            f"elastic: grew back from {group.world_size} to {self.plan.world_size} workers at "
+            f"step {grown.step} in {sum(grown.phases_s.values()):.2f} s: the {group.world_size} "
+            f"running kept their processes, {added} new took the state from memory (no "
+            "checkpoint read)"
+        )
+        self.recorder.write_workers(grown.group)
+        return grown.group
+
+    def _grow_back(self, group: WorkerGroup) -> checkpoint.Checkpoint | None:
+        """The checkpoint to start the configured count from: the one the stopped group wrote
+        (None: the start, if growing back in place failed before any checkpoint)."""
         restore_from = self.checkpoints.restart_point()
-        assert restore_from is not None  # a stop always writes one
-        self.grow_backs.append({"step": restore_from.step, "from_workers": group.world_size})
+        step = restore_from.step if restore_from else 0
+        self.grow_backs.append({"step": step, "from_workers": group.world_size, "in_place": False})
         self.starter.growing_back = True
         self.recorder.message(
             f"elastic: growing back from {group.world_size} to {self.plan.world_size} workers, "
-            f"from the checkpoint of step {restore_from.step}"
+            + (f"from the checkpoint of step {step}" if restore_from else "from the start")
         )
         return restore_from
 
     def _take(self, record: Record, group: WorkerGroup, collector: MetricsCollector) -> None:
         """One record from a rank: progress, a checkpoint share, or figures to record."""
         if isinstance(record, StepRecord | EpochRecord):
-            self.failures.progressed(time.monotonic())
+            now_s = time.monotonic()
+            self.failures.progressed(now_s)
+            if self.grow_since_s is not None:  # the first progress after a grow back
+                self.grow_backs[-1]["downtime_s"] = round(now_s - self.grow_since_s, 3)
+                self.grow_since_s = None
         if isinstance(record, CheckpointRecord):
             self.checkpoints.add(record, group.world_size, self.history, group.sink)
             return

@@ -22,6 +22,7 @@ from distrain.errors import ConfigError, GroupFailed, TrainingFailed, is_transpo
 from distrain.group import WorkerGroup
 from distrain.loop import NonFiniteError
 from distrain.records import RankResult
+from distrain.reporting import PAUSE_LAG_STEPS
 
 
 def rank_result(ref: ray.ObjectRef, rank: int, group: WorkerGroup) -> RankResult:
@@ -124,8 +125,9 @@ class StopRequest:
 
 class StopAtBoundary:
     """Asks a running group, once, to stop at its next checkpoint boundary: on Ctrl-C/SIGTERM,
-    waiting at most `stop_timeout_s` for it, to grow back to the configured worker count, or
-    because its validation loss stopped improving (distrain/early_stopping.py)."""
+    waiting at most `stop_timeout_s` for it, to grow back to the configured worker count (or
+    after its next step, growing back in place), or because its validation loss stopped
+    improving (distrain/early_stopping.py)."""
 
     def __init__(self, sink: Any, stop_timeout_s: float, message: Callable[[str], None]) -> None:
         self.sink, self.stop_timeout_s, self.message = sink, stop_timeout_s, message
@@ -144,9 +146,17 @@ class StopAtBoundary:
             self.deadline_s = time.monotonic() + self.stop_timeout_s
         return self.deadline_s is not None and time.monotonic() > self.deadline_s
 
-    def grow_back(self, workers: int) -> None:
-        """The configured `workers` fit again: stop at the boundary to start them from there."""
+    def grow_back(self, workers: int, *, in_place: bool) -> None:
+        """The configured `workers` fit again: stop to start them at the next checkpoint
+        boundary, or (`in_place`: the new workers are ready) after the next step."""
         self.growing = True
+        if in_place:
+            self.message(
+                "elastic: the new workers are ready; growing back in place within "
+                f"{PAUSE_LAG_STEPS + 1} steps"
+            )
+            self.sink.request_pause.remote()
+            return
         self.message(
             f"elastic: there is room for trainer.workers={workers} workers again; growing back "
             "at the next checkpoint boundary"

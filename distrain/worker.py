@@ -31,6 +31,7 @@ from distrain.records import (
     Record,
     StandDown,
 )
+from distrain.reporting import PAUSE_LAG_STEPS
 from distrain.simulate import SlowRank
 from distrain.step import Parts, step_seed
 
@@ -250,6 +251,16 @@ class Worker:
                     self._wait_saved()
         return stop
 
+    def _pause_here(self, position: Position) -> bool:
+        """Whether the group stops after this step to grow back. Asked PAUSE_LAG_STEPS steps
+        ahead, so the answer is in when the step comes: no round trip to the sink a step."""
+        ahead = position.step + PAUSE_LAG_STEPS
+        self._pauses[ahead] = self.sink.pause_at.remote(ahead)
+        ref = self._pauses.pop(position.step, None)
+        # Steps that were checkpoint boundaries were decided there: their answers are not read.
+        self._pauses = {step: r for step, r in self._pauses.items() if step > position.step}
+        return ref is not None and ray.get(ref)
+
     def _wait_saved(self) -> None:
         """trainer.async_checkpoint=false: block until the driver has written the checkpoint."""
         started = time.perf_counter()
@@ -258,10 +269,13 @@ class Worker:
         self._unsaved_step = -1
         self._checkpoint_blocking_s += time.perf_counter() - started
 
-    def fit(self) -> RankResult:
+    def fit(self, pause_at_any_step: bool = False) -> RankResult:
+        """Train to the end, or until the group agrees to stop: at a checkpoint boundary, or
+        (`pause_at_any_step`, a group that grows back in place) after any step."""
         trainer, logger = self.job.trainer, self.job.logger
         self._outbox: list[Record] = []
         self._checkpoint_blocking_s, self._unsaved_step = 0.0, -1
+        self._pauses: dict[int, Any] = {}  # step -> the sink's answer whether to stop after it
         self._next_report_s = time.monotonic()
         self.parts.aggregator.fit_started_s = time.perf_counter()
         cadence = Cadence(
@@ -283,6 +297,7 @@ class Worker:
             pos=self.position,
             at_boundary=self._at_boundary,
             report=self._report,
+            at_step=self._pause_here if pause_at_any_step else None,
         )
         position = self.position
         self._report(None)
@@ -343,9 +358,15 @@ class Worker:
         rendezvous: dict[str, Any],
         state: list[Any],
         shared: SharedSplits | None,
+        plan: dict[str, int] | None = None,
     ) -> None:
-        """Join a healed group as `rank` (a spare takes its rank here): a new process group, the
-        parts rebuilt around the data this process already holds, the state from `state`."""
+        """Join a healed or grown group as `rank` (a spare takes its rank here): a new process
+        group, the parts rebuilt around the data this process already holds, the state from
+        `state`. `plan`: the group's (a spare, or a worker that grows a group back, was made
+        for another)."""
+        if plan is not None:
+            self.plan = StepPlan(**plan)
+            self.world_size = self.plan.world_size
         self._name(rank)
         self.sink = sink
         self.setup(rendezvous, state, shared)

@@ -782,7 +782,9 @@ def second_node(cluster: Any) -> Any:
     return next(iter(cluster.worker_nodes))
 
 
-def start_elastic(cluster: Any, run_dir: Path, *, step_delay_s: float = 0.0) -> subprocess.Popen:
+def start_elastic(
+    cluster: Any, run_dir: Path, *overrides: str, step_delay_s: float = 0.0
+) -> subprocess.Popen:
     """The job on the two-node cluster, one worker per node, allowed to shrink to one."""
     return subprocess.Popen(
         [
@@ -794,6 +796,7 @@ def start_elastic(cluster: Any, run_dir: Path, *, step_delay_s: float = 0.0) -> 
             "trainer.min_workers=1",
             "cluster.connect_timeout_s=5",
             f"hydra.run.dir={run_dir}",
+            *overrides,
         ],
         cwd=run_dir.parent,
         stderr=subprocess.PIPE,
@@ -822,15 +825,26 @@ def test_node_lost_continues_elastically_on_fewer_workers(
     assert_same_parameters(run_dir, reference)
 
 
+GREW_IN_PLACE = re.compile(
+    r"elastic: grew back from 1 to 2 workers at step (\d+) in [\d.]+ s: the 1 running kept their "
+    r"processes, 1 new took the state from memory \(no checkpoint read\)"
+)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "from_checkpoint"])
 def test_node_lost_then_back_grows_back_to_the_configured_workers(
-    two_nodes: object, tmp_path: Path, reference: dict
+    two_nodes: object, tmp_path: Path, reference: dict, in_place: bool
 ) -> None:
-    """Shrink when a node is lost, grow back when a node joins: still the uninterrupted run."""
+    """Shrink when a node is lost, grow back when a node joins: still the uninterrupted run.
+    Where a failure heals in place, the group grows in place too: after its next step, the
+    running worker keeps its process (a grow from a checkpoint starts every worker anew); with
+    trainer.heal=false (as on GPUs, or with sharded state) from the next checkpoint."""
     cluster = two_nodes
     node = second_node(cluster)
     run_dir = tmp_path / "run"
     # 60 ms a step on rank 0 (the result does not change): time for a node to join.
-    proc = start_elastic(cluster, run_dir, step_delay_s=0.06)
+    overrides = [] if in_place else ["trainer.heal=false"]
+    proc = start_elastic(cluster, run_dir, *overrides, step_delay_s=0.06)
     try:
         wait_for(first_checkpoint(run_dir), proc)
         cluster.remove_node(node, allow_graceful=False)
@@ -840,19 +854,33 @@ def test_node_lost_then_back_grows_back_to_the_configured_workers(
             if "elastic: continuing on 1 of 2 workers" in line:
                 break
         assert proc.poll() is None, "".join(lines)[-3000:]
+        shrunk = json.loads((run_dir / "workers.json").read_text())["workers"]
         cluster.add_node(num_cpus=1)  # capacity is back
         stderr = "".join(lines) + finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    assert "growing back from 1 to 2 workers, from the checkpoint of step" in stderr, stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["workers"] == 2 and metrics["steps"] == STEPS
     grow_back = metrics["grow_backs"][0]
     assert grow_back["from_workers"] == 1 and 0 < grow_back["step"] < STEPS, metrics["grow_backs"]
+    assert grow_back["in_place"] is in_place and grow_back["downtime_s"] > 0, grow_back
     workers = json.loads((run_dir / "workers.json").read_text())["workers"]
     assert len({w["node_id"] for w in workers}) == 2  # one per node again, the new one included
+    if in_place:
+        grew = GREW_IN_PLACE.search(stderr)
+        assert grew and int(grew.group(1)) == grow_back["step"], stderr[-3000:]
+        assert workers[0]["pid"] == shrunk[0]["pid"]  # the running worker kept its process
+        assert set(grow_back["phases_s"]) == {"state_captured_s", "workers_started_s", "rejoined_s"}
+        # The new worker started while the one worker trained on: not part of the downtime.
+        assert grow_back["new_workers_ready_s"] > 0, grow_back
+    else:
+        expected = (
+            f"growing back from 1 to 2 workers, from the checkpoint of step {grow_back['step']}"
+        )
+        assert expected in stderr, stderr[-3000:]
+        assert workers[0]["pid"] != shrunk[0]["pid"]  # every worker started anew
     assert_same_parameters(run_dir, reference)
 
 
