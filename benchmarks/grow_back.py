@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from ray.cluster_utils import Cluster
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, from anywhere
+from benchmarks.recovery import max_difference
 from distrain.simulate import SLOW_RANK_ENV
 
 JOB = [
@@ -76,11 +78,6 @@ def run(cluster: Cluster, run_dir: Path, *overrides: str, lose_a_node: bool) -> 
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def max_difference(run_dir: Path, expected: dict) -> float:
-    final = torch.load(run_dir / "model.pt", weights_only=True)
-    return max((final[k] - expected[k]).abs().max().item() for k in expected)
 
 
 def main() -> None:
