@@ -4,11 +4,12 @@ After a failure the supervisor tries the configured worker count first, then few
 `trainer.min_workers`), keeping the global batch: fewer workers accumulate more micro-batches
 (`StepPlan.on`, distrain/plan.py). While a group runs on fewer workers, a `GrowProbe` waits for
 the capacity of the missing ones to come back (a node joins, a lost one returns). Then, where a
-failure would heal in place (distrain/healing.py: every rank holds the whole state), the group
-pauses after its next step, keeps its workers and adds new ones in the probe's reservation, all
-starting from one worker's state in memory (`healing.grow`); elsewhere it stops at its next
-checkpoint boundary and the configured count starts from that checkpoint. Either way the same
-global batch, so the same mathematics.
+failure would heal in place (distrain/healing.py: every rank holds the whole state), new workers
+start in the probe's reservation while the group trains on (or ready warm spares are taken for
+them), the group pauses after a step once they are ready, keeps its workers and adds the new
+ones, all starting from one worker's state in memory (`healing.grow`); elsewhere it stops at its
+next checkpoint boundary and the configured count starts from that checkpoint. Either way the
+same global batch, so the same mathematics.
 """
 
 from __future__ import annotations

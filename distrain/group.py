@@ -202,6 +202,16 @@ class WorkerGroup:
         self.grown_into.append(reserved)  # freed with the group that ends up holding it
         self.joining = [self._standby((reserved, index)) for index in range(count)]
 
+    def join_with_spares(self, count: int) -> bool:
+        """Make `count` ready warm spares the workers a grow back adds, if that many are ready
+        (`spares_became_ready` says which): then no new worker needs to start."""
+        ready = [spare for spare in self.spares if spare.ready_s is not None][:count]
+        if len(ready) < count:
+            return False
+        self.spares = [spare for spare in self.spares if spare not in ready]
+        self.joining = ready
+        return True
+
     def joining_ready(self) -> bool:
         """Whether every worker `start_joining` started has warmed up (or failed to: `grow`
         then fails, and the caller grows back from a checkpoint)."""
@@ -242,8 +252,9 @@ class WorkerGroup:
 
     def grow(self, plan: StepPlan, state_ref: Any) -> WorkerGroup:
         """Back to `plan`'s worker count: this group's workers keep their ranks, the workers
-        `start_joining` started take the others, and every rank joins a new process group from
-        `state_ref`. This group keeps only its sink, for `shutdown`."""
+        `start_joining` started (or the spares `join_with_spares` took) take the others, and
+        every rank joins a new process group from `state_ref`. This group keeps only its sink,
+        for `shutdown`; a spare used is replaced in the background."""
         added = list(range(self.world_size, plan.world_size))
         joining, self.joining = self.joining, []
         for joiner in joining:
@@ -251,7 +262,14 @@ class WorkerGroup:
             self.bundles.append(joiner.bundle)
             self.nodes.append({})
         workers, self.workers = [*self.workers, *(joiner.actor for joiner in joining)], []
-        return self._successor(plan, workers, lambda grown: grown._started(added), state_ref)
+        used_spares = sum(joiner.bundle is None for joiner in joining)  # spares sit outside
+
+        def take(grown: WorkerGroup) -> None:
+            grown._started(added)
+            for _ in range(used_spares):
+                grown._add_spare(bundle=None)
+
+        return self._successor(plan, workers, take, state_ref)
 
     def _successor(
         self,

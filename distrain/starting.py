@@ -138,7 +138,10 @@ class GroupStarter:
                 self.resources(plan.world_size),
                 checkpoint_ref,
                 self.splits_ref,
-                spares=healing.spares_to_start(self.job, self.device_type, plan.world_size),
+                # For the configured count: a smaller group's spare is capacity to grow back with.
+                spares=healing.spares_to_start(
+                    self.job, self.device_type, self.configured.world_size
+                ),
                 scale_up=scale_up,
                 kept=kept,
             )

@@ -283,13 +283,20 @@ class Supervisor:
         self, group: WorkerGroup, probe: elastic.GrowProbe, boundary: StopAtBoundary
     ) -> None:
         """Once the probe is placed, grow back from the next checkpoint; or, in place, start
-        the new workers in its reservation first, and pause the group once they are ready."""
+        the new workers in its reservation first (or take ready warm spares), and pause the
+        group once they are ready."""
+        missing = self.plan.world_size - group.world_size
         if group.joining:
             if group.joining_ready():
                 self.new_workers_ready_s = round(time.monotonic() - self.joining_started_s, 3)
                 boundary.grow_back(self.plan.world_size, in_place=True)
+        elif self.grows_in_place and group.join_with_spares(missing):
+            self.recorder.message(
+                f"elastic: {missing} warm spare(s) ready; growing back to "
+                f"trainer.workers={self.plan.world_size} with them"
+            )
+            self.joining_started_s = time.monotonic()
         elif probe.ready():
-            missing = self.plan.world_size - group.world_size
             if not self.grows_in_place:
                 boundary.grow_back(self.plan.world_size, in_place=False)
                 return

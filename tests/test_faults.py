@@ -884,6 +884,41 @@ def test_node_lost_then_back_grows_back_to_the_configured_workers(
     assert_same_parameters(run_dir, reference)
 
 
+def test_a_shrunk_group_grows_back_in_place_with_a_ready_warm_spare(
+    two_nodes: object, tmp_path: Path, reference: dict
+) -> None:
+    """A warm spare that is ready is capacity too: half a CPU per worker, so after the second
+    node is lost the head holds the one worker left and a spare, which takes the missing rank
+    once it is warm (the grow probe, which must avoid the head under STRICT_SPREAD, stays
+    pending: no node is added)."""
+    cluster = two_nodes
+    node = second_node(cluster)
+    run_dir = tmp_path / "run"
+    proc = start_elastic(
+        cluster,
+        run_dir,
+        "trainer.spare_workers=1",
+        "trainer.cpus_per_worker=0.5",
+        step_delay_s=0.06,
+    )
+    try:
+        wait_for(first_checkpoint(run_dir), proc)
+        cluster.remove_node(node, allow_graceful=False)
+        stderr = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "elastic: continuing on 1 of 2 workers" in stderr, stderr[-3000:]
+    assert "elastic: 1 warm spare(s) ready; growing back to trainer.workers=2" in stderr
+    grew = GREW_IN_PLACE.search(stderr)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    grow_back = metrics["grow_backs"][0]
+    assert grew and int(grew.group(1)) == grow_back["step"] and grow_back["in_place"], stderr
+    assert metrics["workers"] == 2 and metrics["steps"] == STEPS
+    assert_same_parameters(run_dir, reference)
+
+
 def test_worker_killed_during_a_background_write_recovers_to_the_synchronous_result(
     scenario: Scenario, references: dict[str, Any]
 ) -> None:
