@@ -23,6 +23,7 @@ from distrain.records import Record
 # A group growing back in place asks about a step this many steps ahead (distrain/worker.py), so
 # it stops at most this many steps and one after the request.
 PAUSE_LAG_STEPS = 2
+FORGET_PAUSES_AFTER_STEPS = 100
 
 
 @ray.remote(num_cpus=0)
@@ -63,7 +64,11 @@ class MetricsSink:
     def pause_at(self, step: int) -> bool:
         """Whether to stop after `step` (not a checkpoint boundary): the same answer for every
         rank."""
-        return self._pauses.setdefault(step, self._pause_requested)
+        answer = self._pauses.setdefault(step, self._pause_requested)
+        # The ranks are within a step of each other: none asks this far back again (the answers
+        # would otherwise pile up, one a step, for as long as the group is smaller).
+        self._pauses.pop(step - FORGET_PAUSES_AFTER_STEPS, None)
+        return answer
 
     def decide(self, step: int, final: bool) -> tuple[bool, bool]:
         """(stop, checkpoint) at the boundary after `step`: the same answer for every rank.

@@ -34,6 +34,7 @@ def test_a_pause_stops_every_rank_after_the_same_step(ray_address: str) -> None:
     sink.request_pause.remote()
     assert pause_at(7) is False  # rank 1 asks about step 7: the answer rank 0 got
     assert pause_at(8) is True and pause_at(8) is True  # both stop after step 8
+    assert pause_at(107) is True and pause_at(7) is True  # step 7's answer forgotten, asked anew
     # At a checkpoint boundary a pause stops too, and asks for no checkpoint of its own.
     assert tuple(ray.get(sink.decide.remote(10, False))) == (True, True)  # the first: due
     assert tuple(ray.get(sink.decide.remote(20, False))) == (True, False)
