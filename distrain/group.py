@@ -216,7 +216,12 @@ class WorkerGroup:
         """Whether every worker `start_joining` started has warmed up (or failed to: `grow`
         then fails, and the caller grows back from a checkpoint)."""
         refs = [joiner.warm for joiner in self.joining]
-        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
+        if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+            return False
+        for joiner in self.joining:  # a spare taken to join knows its warm-up time already
+            if joiner.ready_s is None:
+                joiner.ready_s = round(time.monotonic() - joiner.started_s, 3)
+        return True
 
     def spares_became_ready(self) -> bool:
         """Whether a spare finished warming up since the last call (`spares_ready_s` then says
@@ -276,7 +281,7 @@ class WorkerGroup:
         plan: StepPlan,
         workers: list[Any],
         take: Callable[[WorkerGroup], None],
-        state_ref: Any = None,
+        state_ref: Any,
     ) -> WorkerGroup:
         """A group of `plan` on `workers` (kept processes) and the reservations, spares and
         names of this one, whose missing ranks `take` fills; every rank rejoins from

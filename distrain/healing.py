@@ -192,6 +192,7 @@ class Grown:
     step: int  # where it paused, the state every rank took
     from_workers: int
     phases_s: dict[str, float]
+    new_workers_ready_s: float  # their start-up, while the group trained on
 
     def record(self) -> dict[str, Any]:
         """The grow back as metrics.json's `grow_backs` entry holds it."""
@@ -200,6 +201,7 @@ class Grown:
             "from_workers": self.from_workers,
             "in_place": True,
             "phases_s": self.phases_s,
+            "new_workers_ready_s": self.new_workers_ready_s,
         }
 
 
@@ -215,6 +217,7 @@ def grow(
     every rank takes rank 0's state from memory (no checkpoint is read). Raises GroupFailed if
     that fails (the caller then grows back from the last checkpoint)."""
     clock = _Phases()
+    new_workers_ready_s = max(joiner.ready_s or 0.0 for joiner in group.joining)
     try:
         source, state = _capture(group, list(group.ranks), timeout_s, assemble)
         clock.lap("state_captured_s")
@@ -233,6 +236,7 @@ def grow(
             "workers_started_s": round(grown.startup_s["actors"], 3),
             "rejoined_s": round(clock.lap("") - grown.startup_s["actors"], 3),
         },
+        new_workers_ready_s=new_workers_ready_s,
     )
 
 

@@ -87,8 +87,6 @@ class Supervisor:
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, Any]] = []  # elastic: each return to trainer.workers
         self.grow_since_s: float | None = None  # the last progress before the last grow back
-        # The new workers of an in-place grow back: when they were started, how long they took.
-        self.joining_started_s, self.new_workers_ready_s = 0.0, 0.0
         self.early_stopping = EarlyStopping(
             self.trainer.early_stopping_patience, self.checkpoints.val_losses
         )
@@ -288,14 +286,12 @@ class Supervisor:
         missing = self.plan.world_size - group.world_size
         if group.joining:
             if group.joining_ready():
-                self.new_workers_ready_s = round(time.monotonic() - self.joining_started_s, 3)
                 boundary.grow_back(self.plan.world_size, in_place=True)
         elif self.grows_in_place and group.join_with_spares(missing):
             self.recorder.message(
                 f"elastic: {missing} warm spare(s) ready; growing back to "
                 f"trainer.workers={self.plan.world_size} with them"
             )
-            self.joining_started_s = time.monotonic()
         elif probe.ready():
             if not self.grows_in_place:
                 boundary.grow_back(self.plan.world_size, in_place=False)
@@ -304,7 +300,6 @@ class Supervisor:
                 f"elastic: there is room for trainer.workers={self.plan.world_size} workers "
                 f"again; starting {missing} new, training on meanwhile"
             )
-            self.joining_started_s = time.monotonic()
             group.start_joining(probe.take(), missing)
 
     def _grow_in_place(self, group: WorkerGroup) -> WorkerGroup | None:
@@ -323,8 +318,7 @@ class Supervisor:
                 "checkpoint"
             )
             return None
-        # How long the new workers took to start, while the group trained on.
-        self.grow_backs.append({**grown.record(), "new_workers_ready_s": self.new_workers_ready_s})
+        self.grow_backs.append(grown.record())
         added = self.plan.world_size - group.world_size
         self.recorder.message(
             f"elastic: grew back from {group.world_size} to {self.plan.world_size} workers at "

@@ -358,15 +358,14 @@ class Worker:
         rendezvous: dict[str, Any],
         state: list[Any],
         shared: SharedSplits | None,
-        plan: dict[str, int] | None = None,
+        plan: dict[str, int],
     ) -> None:
         """Join a healed or grown group as `rank` (a spare takes its rank here): a new process
         group, the parts rebuilt around the data this process already holds, the state from
         `state`. `plan`: the group's (a spare, or a worker that grows a group back, was made
         for another)."""
-        if plan is not None:
-            self.plan = StepPlan(**plan)
-            self.world_size = self.plan.world_size
+        self.plan = StepPlan(**plan)
+        self.world_size = self.plan.world_size
         self._name(rank)
         self.sink = sink
         self.setup(rendezvous, state, shared)
