@@ -186,30 +186,6 @@ def copy_event(device: torch.device) -> Any:
     return torch.cuda.Event() if device.type == CUDA else None
 
 
-def device_rng_state(device: torch.device) -> torch.Tensor | None:
-    """The generator state of this device (a checkpoint's `rng.cuda`); None on CPU."""
-    return torch.cuda.get_rng_state(device) if device.type == CUDA else None
-
-
-def seed_rank_rng(device: torch.device, seed: int) -> None:
-    """Seed this rank's random streams: the CPU's and its own GPU's. (`torch.manual_seed` also
-    seeds every other visible GPU, the node's other ranks' included, on every step.)"""
-    torch.default_generator.manual_seed(seed)
-    if device.type == CUDA:
-        torch.cuda.manual_seed(seed)  # the current device, set to this rank's by worker_device
-
-
-def restore_device_rng(device: torch.device, state: torch.Tensor | None, seed: int) -> None:
-    """Continue the device's generator from `state`; a checkpoint without one (written on CPU)
-    seeds it from `seed`, the rule a CPU stream restarted on a new worker count follows."""
-    if device.type != CUDA:
-        return
-    if state is not None:
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.cuda.manual_seed(seed)
-
-
 def to_cpu(value: Any) -> Any:
     """Tensors (nested in dicts/lists) on the CPU: a checkpoint must load where there is no GPU."""
     if isinstance(value, torch.Tensor):

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import torch
 
-from distrain import device as devices
 from distrain.evaluation import evaluate
 from distrain.histograms import model_histograms
 from distrain.plan import StepPlan
@@ -30,7 +29,7 @@ from distrain.records import (
     StepRecord,
     Throughput,
 )
-from distrain.step import Parts, all_finite, grad_norm, step_seed, train_step
+from distrain.step import Parts, all_finite, grad_norm, train_step
 from distrain.timing import StepClock, make_clock
 
 Report = Callable[[Record], None]
@@ -213,10 +212,8 @@ def _train_epoch(
         inspected: dict[str, Any] = {}
         inspect = _inspector(parts, log_now, histograms_now, inspected)
         skip = cadence.nan_policy == "skip_step"
-        loss, finite = train_step(parts, x, y, clock, inspect, skip_non_finite=skip)
+        loss, finite = train_step(parts, x, y, clock, inspect, skip_non_finite=skip, step=pos.step)
         pos.step, pos.step_in_epoch, steps = step, pos.step_in_epoch + 1, steps + 1
-        if parts.rank_seed is not None:  # the next step's stream, a function of (rank, step)
-            devices.seed_rank_rng(device, step_seed(parts.rank_seed, step))
         profiler.step(step)
         interval.add(loss, finite)
         if finite:

@@ -26,6 +26,9 @@ class StepPlan:
     epochs: int
     steps_per_epoch: int
     total_steps: int  # optimizer steps of the whole run, trainer.max_steps included
+    # trainer.workers: the ranks whose batch shares and random streams are the same whatever
+    # the worker count; a smaller group's worker stands for several of them (`shares`).
+    configured_workers: int
 
     @property
     def local_batch(self) -> int:
@@ -36,16 +39,24 @@ class StepPlan:
         return self.local_batch // self.micro_batch
 
     def on(self, world_size: int) -> StepPlan:
-        """The same run on `world_size` workers: the same global batch and steps; each worker
-        accumulates micro-batches of the size it had, so memory per step stays where it was."""
+        """The same run on `world_size` workers (a divisor of the configured count): the same
+        global batch and steps; each worker accumulates micro-batches of the size it had, so
+        memory per step stays where it was."""
         local = self.global_batch // world_size
-        if self.global_batch % world_size or local % self.micro_batch:
+        if self.configured_workers % world_size or local % self.micro_batch:
             raise ConfigError(
                 f"{world_size} workers cannot keep the global batch {self.global_batch} in "
-                f"micro-batches of {self.micro_batch}: the per-worker batch must be a whole "
-                "number of micro-batches."
+                f"micro-batches of {self.micro_batch} as shares of the "
+                f"{self.configured_workers} configured workers: the worker count must divide "
+                "trainer.workers."
             )
         return dataclasses.replace(self, world_size=world_size)
+
+    def shares(self, rank: int) -> range:
+        """The configured ranks whose batch shares (and random streams) worker `rank` takes, in
+        order: contiguous, as its local batch is (distrain/sharding.py)."""
+        per_worker = self.configured_workers // self.world_size
+        return range(rank * per_worker, (rank + 1) * per_worker)
 
 
 def plan_steps(
@@ -86,4 +97,5 @@ def plan_steps(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         total_steps=min(total_steps, max_steps or total_steps),
+        configured_workers=world_size,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distrain import streams
 from distrain.aggregators.base import GradientAggregator
 from distrain.data.batches import ShardBatches
 from distrain.timing import StepClock
@@ -46,18 +47,11 @@ class Parts:
     peak_flops_per_s: float = 0.0
     bytes_per_token: float | None = None
     sample: Callable[[], list[str]] | None = None
-    # This rank's random stream restarts after every step from `step_seed(rank_seed, step)`:
-    # dropout and augmentation are then a function of (rank, step), so a worker that replaces a
-    # dead one mid-run (distrain/healing.py) draws what the dead one would have. None: no reseed.
-    rank_seed: int | None = None
-
-
-STEP_SEED_STRIDE = 7919  # a prime: streams of different (rank, step) pairs do not collide
-
-
-def step_seed(rank_seed: int, step: int) -> int:
-    """The seed of a rank's random stream after `step` optimizer steps."""
-    return rank_seed + STEP_SEED_STRIDE * step
+    # The configured ranks whose shares of the batch this worker takes (`StepPlan.shares`)
+    # and trainer.seed: each share's forward pass draws (dropout) from that rank's stream
+    # (distrain/streams.py). An empty range: no reseeding.
+    shares: range = range(0)
+    seed: int = 0
 
 
 def train_step(
@@ -68,8 +62,9 @@ def train_step(
     inspect: Callable[[], None] | None = None,
     *,
     skip_non_finite: bool = False,
+    step: int = 0,
 ) -> tuple[torch.Tensor, bool]:
-    """One optimizer step on the local batch.
+    """One optimizer step on the local batch, after `step` optimizer steps.
 
     Returns the local mean loss (detached) and whether the step's averaged gradient was finite.
     `clock` splits the step's time into phases; `inspect` runs between aggregation and the
@@ -85,9 +80,14 @@ def train_step(
     size = parts.micro_batch_size
     micro_batches = [(x, y)] if len(x) <= size else list(zip(x.split(size), y.split(size)))
     count = len(micro_batches)
+    # Each share is a whole number of micro-batches (the configured per-worker batch is).
+    per_share = count // max(len(parts.shares), 1)
     optimizer.zero_grad(set_to_none=True)
     total_loss: torch.Tensor | None = None
     for i, (x_micro, y_micro) in enumerate(micro_batches):
+        if parts.shares and i % per_share == 0:
+            share = parts.shares[i // per_share]
+            streams.reseed(x.device, streams.share_seed(parts.seed, share, step, streams.FORWARD))
         # Gradients are only communicated on the last micro-batch (accumulation without traffic).
         with aggregator.sync_if(i == count - 1), parts.autocast():
             loss = parts.loss_fn(model(x_micro), y_micro)

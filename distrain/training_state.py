@@ -1,7 +1,8 @@
 """A rank's training state, captured and restored in one place: what a checkpoint holds.
 
 The state is the model and optimizer tensors (as row pieces, distrain/shards.py), the schedule
-and gradient scaler, each rank's random streams and the data position (`loop.Position`). A rank
+and gradient scaler and the data position (`loop.Position`); no random state (each stream is
+seeded from (configured rank, step) right before it draws: distrain/streams.py). A rank
 captures its share of a checkpoint without a collective; a healed group's ranks restore from one
 survivor's whole state captured as a world of one (distrain/healing.py). The same `restore`
 reads both, on any worker count.
@@ -14,10 +15,9 @@ from typing import Any
 import ray
 import torch
 
-from distrain import device as devices
 from distrain import shards
 from distrain.loop import Position
-from distrain.step import Parts, step_seed
+from distrain.step import Parts
 
 Header = dict[str, Any]
 
@@ -35,10 +35,6 @@ def capture(
         world_size=world_size,
         identical_replicas=parts.aggregator.identical_replicas,
     )
-    share.add(f"rng/{rank}/cpu", torch.get_rng_state(), split=False)
-    cuda = devices.device_rng_state(parts.batches.device)
-    if cuda is not None:
-        share.add(f"rng/{rank}/cuda", cuda, split=False)
     header: Header = {
         "position": position.plain(),
         "index": share.index,
@@ -55,7 +51,7 @@ def capture(
     return header, share.tensors
 
 
-def restore(parts: Parts, source: dict[str, Any], *, rank: int, world_size: int) -> Position:
+def restore(parts: Parts, source: dict[str, Any], *, rank: int) -> Position:
     """Load `source` into `parts`; the position to train on from. `source` is a checkpoint's
     metadata and one object-store reference per shard (this rank fetches only the shards holding
     rows it needs); a healed group's state comes as the survivor sent it ("wire": arrays of
@@ -78,16 +74,6 @@ def restore(parts: Parts, source: dict[str, Any], *, rank: int, world_size: int)
         parts.scheduler.load_state_dict(meta["scheduler"])
     if meta.get("scaler") is not None:
         parts.scaler.load_state_dict(meta["scaler"])
-    # A new worker count, or a healed group, has new streams: the rule every step follows.
-    seed = step_seed(parts.rank_seed or 0, meta["step"])
-    if meta["world_size"] == world_size:  # continue each rank's stream exactly
-        torch.set_rng_state(reader.full(f"rng/{rank}/cpu"))
-        # A CPU checkpoint resumed on a GPU has no GPU stream: seeded by the rule above.
-        cuda = f"rng/{rank}/cuda"
-        state = reader.full(cuda) if cuda in reader.index else None
-        devices.restore_device_rng(parts.batches.device, state, seed)
-    else:
-        devices.seed_rank_rng(parts.batches.device, seed)
     # The epoch's loss so far is carried by rank 0 alone, so the workers' sums still add up.
     position = meta["position"]
     if rank != 0:

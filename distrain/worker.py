@@ -33,7 +33,7 @@ from distrain.records import (
 )
 from distrain.reporting import PAUSE_LAG_STEPS
 from distrain.simulate import SlowRank
-from distrain.step import Parts, step_seed
+from distrain.step import Parts
 
 log = logging.getLogger("distrain.worker")
 # Records leave in batches at most this often (epochs at once): a Ray call per logged step costs
@@ -153,7 +153,7 @@ class Worker:
         self.position = Position()
         if checkpoint:
             self.position = training_state.restore(
-                self.parts, ray.get(checkpoint[0]), rank=self.rank, world_size=self.world_size
+                self.parts, ray.get(checkpoint[0]), rank=self.rank
             )
 
     def _join(self, rendezvous: dict[str, Any]) -> GradientAggregator:
@@ -190,6 +190,7 @@ class Worker:
             eval_batch_size=plan.micro_batch
             if splits.task == "language_model" and plan.accumulation_steps > 1
             else None,
+            shares=plan.shares(self.rank),
         )
 
     def _build_parts(self, aggregator: GradientAggregator, splits: Any) -> Parts:
@@ -198,8 +199,6 @@ class Worker:
         batches = self._batches(splits)
         torch.manual_seed(trainer.seed)  # the same initial parameters on every rank
         model = build.build_model(job.model, splits).to(self.device)
-        rank_seed = trainer.seed + 1 + self.rank  # distinct dropout/augmentation streams
-        devices.seed_rank_rng(self.device, step_seed(rank_seed, 0))
         self.compiled = blocks.prepare(model, aggregator, trainer)
         # Wrapped before the optimizer is built: FSDP replaces the parameters with their shards.
         train_model = aggregator.wrap(model)
@@ -229,7 +228,8 @@ class Worker:
             max_grad_norm=trainer.max_grad_norm,
             task=splits.task,
             num_outputs=splits.num_outputs,
-            rank_seed=rank_seed,
+            shares=plan.shares(self.rank),
+            seed=trainer.seed,
         )
 
     def _at_boundary(self, position: Position, *, epoch_end: bool, final: bool) -> bool:

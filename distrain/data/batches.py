@@ -8,6 +8,9 @@ Anything else goes through a DataLoader whose batch sampler yields the same indi
 see exactly the same samples in the same order. That loader is built once (its worker processes
 persist across epochs: forking them from a process holding a CUDA context each epoch is slow and
 fragile); the sampler is told which (epoch, start step) to serve before each epoch.
+
+A batch transform (augmentation, in memory) is drawn share by share: each configured rank's
+share of the step from its own stream (distrain/streams.py), whichever worker holds it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from distrain import streams
 from distrain.config import Loader
 from distrain.data.base import Splits
 from distrain.device import CUDA, pinned
@@ -42,12 +46,16 @@ class ShardBatches:
         loader: Loader = Loader.auto,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        shares: range | None = None,
     ) -> None:
+        """`shares`: the configured ranks whose parts of each global batch this rank's local
+        batch holds, in order (`StepPlan.shares`; None: `rank` alone)."""
         self.in_memory = splits.in_memory if loader == Loader.auto else loader == Loader.memory
         if self.in_memory and not splits.in_memory:
             raise ValueError("data.loader=memory needs a dataset built from in-memory tensors")
         self.sampler = ShardSampler(len(splits.train), global_batch, rank, world_size, seed)
-        self.device = device
+        self.device, self.seed = device, seed
+        self.shares = shares if shares is not None else range(rank, rank + 1)
         self.val_transform = splits.val_transform
         self.num_workers = num_workers
         self.transform = splits.train_transform
@@ -88,8 +96,18 @@ class ShardBatches:
         if not self.transform:
             yield from batches
         else:
-            for x, y in batches:
-                yield self.transform(x), y
+            for step_in_epoch, (x, y) in enumerate(batches, start_step):
+                yield self._augmented(x, epoch * self.steps_per_epoch + step_in_epoch), y
+
+    def _augmented(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The transform applied to each configured rank's share of `x` (the batch after `step`
+        optimizer steps), drawing from that rank's stream."""
+        assert self.transform is not None
+        out = []
+        for share, x_share in zip(self.shares, x.chunk(len(self.shares)), strict=True):
+            streams.reseed(self.device, streams.share_seed(self.seed, share, step, streams.AUGMENT))
+            out.append(self.transform(x_share))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _memory_batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         """Steps gathered `GATHER_BYTES` at a time: one index_select per chunk, not two per step

@@ -39,6 +39,10 @@ def test_fewer_workers_keep_the_global_batch_and_the_per_worker_micro_batch() ->
     assert _plan(world_size=4, micro_batch=8).on(1).accumulation_steps == 8
     with pytest.raises(ConfigError, match="3 workers cannot keep the global batch 64"):
         plan.on(3)
+    # Each worker of a smaller group stands for whole configured ranks, in order.
+    assert [list(plan.shares(rank)) for rank in range(4)] == [[0], [1], [2], [3]]
+    assert [list(smaller.shares(rank)) for rank in range(2)] == [[0, 1], [2, 3]]
+    assert list(plan.on(1).shares(0)) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(

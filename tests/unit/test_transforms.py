@@ -49,7 +49,6 @@ def _train(job: dict, splits, epochs: int = 2) -> dict[str, torch.Tensor]:
     batches = ShardBatches(splits, global_batch=8, rank=0, world_size=1, seed=0, device=CPU)
     torch.manual_seed(0)
     model = build.build_model(job["model"], splits)
-    torch.manual_seed(1)  # the worker's augmentation stream: seed + 1 + rank
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     loss_fn = torch.nn.CrossEntropyLoss()
     for epoch in range(epochs):
