@@ -27,7 +27,8 @@ nanoGPT's loop and torchrun DDP of it, with MFU; results/lm_latest.md), and last
 and FSDP on the ~6M MLP and the GPT (benchmarks/large_models.py, `--large-repeats` rounds (1):
 speed, per-worker state and memory, checkpoint blocking/write time and size;
 results/large_latest.md), and last of all a killed worker healed with a warm spare, healed
-without one and restarted from a checkpoint (benchmarks/recovery.py, results/recovery_latest.md),
+without one (the survivor training on, or waiting) and restarted from a checkpoint
+(benchmarks/recovery.py, results/recovery_latest.md),
 then an elastic run growing back in place and from a checkpoint (benchmarks/grow_back.py,
 results/grow_back_latest.md).
 

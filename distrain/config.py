@@ -100,6 +100,12 @@ class TrainerConfig:
     # memory (distrain/healing.py); false, or where healing does not apply: every worker restarts
     # from the last checkpoint.
     heal: bool = True
+    # Healing without a ready spare: the survivors train on as a smaller group (the same global
+    # batch, each worker standing for whole configured ranks and their random streams) while the
+    # replacements start, and the group grows back after a step once they are ready. Bitwise
+    # equal to the uninterrupted run on 2 workers without accumulation; otherwise equal up to
+    # the order of float sums. false: the survivors wait for the replacements (bitwise always).
+    train_while_replacing: bool = True
     # Workers started beside the group, torch imported and data mapped: one takes a failed rank's
     # place without a start-up (and is itself replaced in the background).
     spare_workers: int = 0

@@ -1,7 +1,8 @@
 """One group of worker actors: reserved together, started together, torn down together.
 
 A failure either heals the group (`replace`: the survivors stay, a spare or a new actor takes each
-failed rank; distrain/healing.py) or ends it, and the driver's supervisor starts a new one from
+failed rank; or `shrink`: the survivors train on as a smaller group while new actors start, and
+`grow` adds them; distrain/healing.py) or ends it, and the driver's supervisor starts a new one from
 the last checkpoint. A group an elastic run shrank grows back the same way (`grow`: its workers
 stay, new actors take the missing ranks in the reservation that showed they fit). Keeping the
 group's lifecycle in one place makes "no orphan actors" a property of `shutdown()`, called from a
@@ -255,6 +256,38 @@ class WorkerGroup:
             self.plan, survivors, lambda healed: healed._take_ranks(failed), state_ref
         )
 
+    def shrink(self, failed: set[int], plan: StepPlan, state_ref: Any) -> WorkerGroup:
+        """The survivors training on as a group of `plan` (fewer workers, the same global batch,
+        each standing for whole configured ranks) while new workers start in the failed ranks'
+        bundles; `grow` takes them back to the configured count once `joining_ready`. Survivors
+        beyond `plan`'s count wait among the joining. This group keeps only the failed actors
+        and its grow probe, for `shutdown`."""
+        survivors = [rank for rank in self.ranks if rank not in failed]
+        training, waiting = survivors[: plan.world_size], survivors[plan.world_size :]
+        freed = [self.bundles[rank] for rank in sorted(failed)]
+        standing_by = [
+            Spare(
+                self.workers[rank],
+                self.names[rank],
+                self.bundles[rank],
+                warm=ray.put(self.nodes[rank]),  # ready: it has been training
+                started_s=time.monotonic(),
+                ready_s=0.0,
+                node=self.nodes[rank],
+            )
+            for rank in waiting
+        ]
+        workers = [self.workers[rank] for rank in training]
+        self.names = [self.names[rank] for rank in training]
+        self.bundles = [self.bundles[rank] for rank in training]
+        self.nodes = [{**self.nodes[old], "rank": new} for new, old in enumerate(training)]
+        self.workers = [self.workers[rank] for rank in sorted(failed)]
+
+        def take(shrunk: WorkerGroup) -> None:
+            shrunk.joining = [*(shrunk._standby(bundle) for bundle in freed), *standing_by]
+
+        return self._successor(plan, workers, take, state_ref)
+
     def grow(self, plan: StepPlan, state_ref: Any) -> WorkerGroup:
         """Back to `plan`'s worker count: this group's workers keep their ranks, the workers
         `start_joining` started (or the spares `join_with_spares` took) take the others, and
@@ -347,7 +380,7 @@ class WorkerGroup:
         timeout_s = self.job.trainer.setup_timeout_s
         nodes = awaited([self.workers[r].node.remote() for r in ranks], timeout_s, "start")
         for rank, node in zip(ranks, nodes):
-            self.nodes[rank] = node
+            self.nodes[rank] = {**node, "rank": rank}  # a joining worker had none yet
         placements = self._placements()
         awaited(
             [self.workers[r].place.remote(placements[r]) for r in ranks],

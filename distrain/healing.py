@@ -7,10 +7,15 @@ before the optimizer steps, so each survivor holds the state of its last complet
 commit that costs nothing (Horovod Elastic copies its state at every commit instead). The failed
 ranks are killed and replaced, by a warm spare (`trainer.spare_workers`) or a new actor in their
 bundle, and every rank rebuilds its parts around a new process group from the most advanced
-survivor's state, handed over through Ray's object store: no checkpoint is read. Each rank's
-random stream restarts after every step from a seed of (rank, step) (`step.step_seed`), so a
-replacement draws what the failed rank would have drawn, and the run ends bitwise equal to an
-uninterrupted one.
+survivor's state, handed over through Ray's object store: no checkpoint is read. Random streams
+belong to configured ranks, seeded from (rank, step) right before each draw (distrain/streams.py),
+so a replacement draws what the failed rank would have drawn, and the run ends bitwise equal to
+an uninterrupted one.
+
+Without a ready spare for every failed rank the survivors need not wait for the new workers to
+start (`trainer.train_while_replacing`): they train on at once as a smaller group with the same
+global batch (`trains_on`, `WorkerGroup.shrink`), each standing for whole configured ranks and
+their streams, while the new workers start as the joining ones of a grow back.
 
 An elastic group that grows back takes the same path (`grow`): its workers stay, new ones take
 the state of one of them.
@@ -57,6 +62,9 @@ class Healed:
     from_spares: list[int]  # the failed ranks a warm spare took (the others: new actors)
     phases_s: dict[str, float]  # where the healing time went
     replaced: list[int]
+    # Workers the survivors train on while the replacements start (`trains_on`; None: they
+    # waited for them, or a spare took each failed rank).
+    training_on: int | None = None
 
     def record(self) -> dict[str, Any]:
         """The heal as metrics.json's failure entry holds it."""
@@ -67,9 +75,17 @@ class Healed:
             "replaced": self.replaced,
             "from_spares": self.from_spares,
             "phases_s": self.phases_s,
+            "training_on": self.training_on,
         }
 
     def __str__(self) -> str:
+        if self.training_on is not None:
+            return (
+                f"rank(s) {self.replaced} being replaced by new workers while the survivors train "
+                f"on as {self.training_on} worker(s) (the same global batch) from step "
+                f"{self.from_step}, held in memory by rank {self.source_rank} (no checkpoint "
+                "read); the group grows back once the new workers are ready"
+            )
         replaced = ", ".join(
             f"rank {rank} by {'a warm spare' if rank in self.from_spares else 'a new worker'}"
             for rank in self.replaced
@@ -132,16 +148,31 @@ def why_not(job: Config, group: WorkerGroup, failure: GroupFailed) -> str | None
     return None
 
 
+def trains_on(group: WorkerGroup, survivors: int, spares_ready: int, failed: int) -> int | None:
+    """How many workers the survivors train on while the failed ranks' replacements start
+    (`trainer.train_while_replacing`), or None: a ready spare takes every failed rank, or the
+    group is already smaller than configured (an elastic run that lost workers heals as it
+    stands). The most survivors that divide the configured count: each then stands for whole
+    configured ranks (the same global batch, the same random streams, `StepPlan.shares`)."""
+    plan = group.plan
+    if spares_ready >= failed or plan.world_size != plan.configured_workers:
+        return None
+    return next(w for w in range(survivors, 0, -1) if plan.configured_workers % w == 0)
+
+
 def heal(
     group: WorkerGroup,
     failed: frozenset[int],
     *,
     timeout_s: float,
     assemble: Callable[[list[dict[str, Any]], bool], dict[str, Any]],
+    train_while_replacing: bool,
 ) -> Healed:
     """Replace the `failed` ranks of `group`; raises GroupFailed if the survivors cannot heal
     within `timeout_s` (the caller then restarts from a checkpoint). `assemble` turns checkpoint
-    records into a checkpoint's metadata (CheckpointWriter.assemble)."""
+    records into a checkpoint's metadata (CheckpointWriter.assemble). `train_while_replacing`:
+    unless ready spares take every failed rank, the survivors train on as a smaller group
+    (`trains_on`) while new workers start, and the group grows back once they are ready."""
     clock = _Phases()
     here = ray.get_runtime_context().get_node_id()
     for rank in failed:  # a frozen rank stays frozen: only its end frees the survivors
@@ -165,7 +196,14 @@ def heal(
         clock.lap("survivors_stopped_s")
         source, state = _capture(group, survivors, timeout_s, assemble)
         clock.lap("state_captured_s")
-        healed = group.replace(set(failed), state)
+        group.spares_became_ready()
+        ready = len(group.spares_ready_s)
+        smaller = trains_on(group, len(survivors), ready, len(failed))
+        smaller = smaller if train_while_replacing else None
+        if smaller is not None:
+            healed = group.shrink(set(failed), group.plan.on(smaller), state)
+        else:
+            healed = group.replace(set(failed), state)
     except GroupFailed:
         raise
     except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as error:
@@ -179,10 +217,12 @@ def heal(
         replaced=sorted(failed),
         phases_s={
             **clock.phases,
-            # A new actor's process start and imports, or nothing for a ready spare.
+            # A new actor's process start and imports, or nothing for a ready spare (or for new
+            # workers that start while the survivors train on: their start is not waited for).
             "replacements_started_s": round(healed.startup_s["actors"], 3),
             "rejoined_s": round(clock.lap("") - healed.startup_s["actors"], 3),
         },
+        training_on=smaller,
     )
 
 

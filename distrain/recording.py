@@ -124,8 +124,11 @@ class RunRecorder:
             )
 
     def write_workers(self, group: WorkerGroup) -> None:
-        """workers.json: each rank's node, pid and actor, and the spares ready to replace one."""
+        """workers.json: each rank's node, pid and actor, the spares ready to replace one, and
+        the workers starting to grow the group back (their warm-up seconds once ready)."""
         spares = {"spares": group.spares_ready_s} if group.job.trainer.spare_workers else {}
+        if group.joining:
+            spares["joining"] = {joiner.name: joiner.ready_s for joiner in group.joining}
         self.run_dir.write_json(
             self.run_dir.path / "workers.json",
             {"workers": group.describe(), "started": group.started, **spares},

@@ -139,6 +139,8 @@ class Supervisor:
                     healed = self._heal(group, failure, collector)
                     if healed is None:
                         restore_from = self._recover(failure)
+                    elif healed.world_size != group.world_size:  # the survivors train on
+                        collector = MetricsCollector(healed.world_size, self.task, self.history)
                 finally:
                     group.shutdown()  # a healed group has taken everything but what failed
         finally:
@@ -160,6 +162,7 @@ class Supervisor:
                 failure.failed_ranks,
                 timeout_s=min(self.trainer.step_timeout_s, self.trainer.setup_timeout_s),
                 assemble=self.checkpoints.assemble,
+                train_while_replacing=self.trainer.train_while_replacing,
             )
         except GroupFailed as error:
             self.recorder.message(
@@ -204,8 +207,10 @@ class Supervisor:
         """
         self.recorder.watch_group(group, self.job.logger)
         self.current_nodes = group.nodes
-        probe = self._grow_probe(group)
-        refs = group.fit(pause_at_any_step=self.grows_in_place and probe is not None)
+        # A group whose new workers already start (survivors training on) needs no probe.
+        probe = None if group.joining else self._grow_probe(group)
+        can_grow = probe is not None or bool(group.joining)
+        refs = group.fit(pause_at_any_step=self.grows_in_place and can_grow)
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
         self.checkpoints.begin_group()
@@ -232,7 +237,7 @@ class Supervisor:
                     break
                 if not boundary.asked and (reason := self.early_stopping.reason()):
                     boundary.stop_early(reason)
-                if probe and not boundary.asked:
+                if can_grow and not boundary.asked:
                     self._grow_when_ready(group, probe, boundary)
         self.stop_requested = self.stop_requested or stop.requested
         # the last checkpoint is on disk before the run ends
@@ -278,7 +283,7 @@ class Supervisor:
         return group.grow_probe if group.grow_probe.group is not None else None
 
     def _grow_when_ready(
-        self, group: WorkerGroup, probe: elastic.GrowProbe, boundary: StopAtBoundary
+        self, group: WorkerGroup, probe: elastic.GrowProbe | None, boundary: StopAtBoundary
     ) -> None:
         """Once the probe is placed, grow back from the next checkpoint; or, in place, start
         the new workers in its reservation first (or take ready warm spares), and pause the
@@ -286,13 +291,14 @@ class Supervisor:
         missing = self.plan.world_size - group.world_size
         if group.joining:
             if group.joining_ready():
+                self.recorder.write_workers(group)
                 boundary.grow_back(self.plan.world_size, in_place=True)
         elif self.grows_in_place and group.join_with_spares(missing):
             self.recorder.message(
                 f"elastic: {missing} warm spare(s) ready; growing back to "
                 f"trainer.workers={self.plan.world_size} with them"
             )
-        elif probe.ready():
+        elif probe is not None and probe.ready():
             if not self.grows_in_place:
                 boundary.grow_back(self.plan.world_size, in_place=False)
                 return
@@ -321,9 +327,9 @@ class Supervisor:
         self.grow_backs.append(grown.record())
         added = self.plan.world_size - group.world_size
         self.recorder.message(
-            f"elastic: grew back from {group.world_size} to {self.plan.world_size} workers at "
-            f"step {grown.step} in {sum(grown.phases_s.values()):.2f} s: the {group.world_size} "
-            f"running kept their processes, {added} new took the state from memory (no "
+            f"grew back from {group.world_size} to {self.plan.world_size} workers at step "
+            f"{grown.step} in {sum(grown.phases_s.values()):.2f} s: the {group.world_size} "
+            f"training kept their processes, {added} joined with the state from memory (no "
             "checkpoint read)"
         )
         self.recorder.write_workers(grown.group)

@@ -318,6 +318,7 @@ def assert_no_actor_left(*snapshots: dict) -> None:
     snapshot's, or none."""
     names = {w["actor"] for snap in snapshots for w in snap["workers"]}
     names |= {name for snap in snapshots for name in snap.get("spares", {})}
+    names |= {name for snap in snapshots for name in snap.get("joining", {})}
     kept = warm_workers.kept_actor_names()
     assert kept in ([], [w["actor"] for w in snapshots[-1]["workers"]]), kept
     names -= set(kept)
@@ -339,9 +340,13 @@ def assert_bitwise_equal(run_dir: Path, reference: dict) -> None:
         assert torch.equal(final[key], reference[key]), key
 
 
+WAIT_FOR_REPLACEMENT = "trainer.train_while_replacing=false"
+
+
 def test_worker_sigkilled_heals_in_place_from_a_survivor(
     scenario: Scenario, reference_dropout: dict
 ) -> None:
+    """trainer.train_while_replacing=false: the survivor waits for the new worker."""
     run_dir, seen = scenario.run_dir, {}
 
     def kill(scenario: Scenario) -> None:
@@ -349,16 +354,81 @@ def test_worker_sigkilled_heals_in_place_from_a_survivor(
         seen["before"] = before = workers_now(run_dir)
         os.kill(before["workers"][1]["pid"], signal.SIGKILL)
 
-    metrics, stderr = scenario.run(kill, DROPOUT, ONE_CHECKPOINT)
+    metrics, stderr = scenario.run(kill, DROPOUT, ONE_CHECKPOINT, WAIT_FOR_REPLACEMENT)
     before = seen["before"]
     assert metrics["restarts"] == 1 and metrics["steps"] == STEPS
     assert "restart 1/" not in stderr and "resuming from" not in stderr
     after = workers_now(run_dir)
     assert_healed(stderr, metrics["failures"][0], rank=1, spare=False, before=before, after=after)
+    assert metrics["failures"][0]["healed"]["training_on"] is None and not metrics["grow_backs"]
     # Dropout: the replacement drew what the dead rank would have (streams of (rank, step)).
     assert_bitwise_equal(run_dir, reference_dropout)
     assert_every_epoch_logged(run_dir)
     assert_no_actor_left(before, after)
+
+
+TRAINED_ON = re.compile(
+    r"healed 1/\d+: .*?; rank\(s\) \[(\d)\] being replaced by new workers while the survivors "
+    r"train on as 1 worker\(s\) \(the same global batch\) from step (\d+), held in memory by "
+    r"rank (\d) \(no checkpoint read\)",
+    re.DOTALL,
+)
+
+
+@pytest.mark.parametrize("killed", [0, 1])
+def test_the_survivor_trains_on_while_the_replacement_starts(
+    scenario: Scenario, reference_dropout: dict, killed: int
+) -> None:
+    """The default heal without a ready spare: the survivor goes on at once as a group of one
+    (the same global batch: two micro-batches, each drawing from its configured rank's streams)
+    while the new worker starts, then the group grows back to two after a step. Bitwise equal to
+    the uninterrupted run, with dropout; whichever rank dies (rank 0's death re-ranks the
+    survivor)."""
+    run_dir, seen = scenario.run_dir, {}
+    survivor = 1 - killed
+
+    def kill(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(run_dir))
+        seen["before"] = before = workers_now(run_dir)
+        os.kill(before["workers"][killed]["pid"], signal.SIGKILL)
+        scenario.wait(lambda: len(workers_now(run_dir)["workers"]) == 1)
+        seen["shrunk"] = shrunk = workers_now(run_dir)
+        logged = scenario.step_logged
+        scenario.wait(lambda: scenario.step_logged > logged)  # trained on alone
+        # Held still until the new worker is ready (it imports torch on two busy cores: the
+        # run must not end first); the math is untouched.
+        with scenario.paused(shrunk["workers"][0]["pid"]):
+            scenario.wait(
+                lambda: None not in workers_now(run_dir).get("joining", {None: None}).values()
+            )
+        scenario.wait(lambda: len(workers_now(run_dir)["workers"]) == 2)
+
+    metrics, stderr = scenario.run(kill, DROPOUT, ONE_CHECKPOINT, "logger.log_every_n_steps=1")
+    before, shrunk, after = seen["before"], seen["shrunk"], workers_now(run_dir)
+    assert metrics["restarts"] == 1 and metrics["steps"] == STEPS and metrics["workers"] == 2
+    assert "restart 1/" not in stderr and "resuming from" not in stderr
+    failure = metrics["failures"][0]
+    healed = failure["healed"]
+    assert healed["training_on"] == 1 and healed["replaced"] == [killed], healed
+    assert healed["from_step"] > 10  # past the only checkpoint: it came from memory
+    match = TRAINED_ON.search(stderr)
+    assert match is not None and int(match.group(2)) == healed["from_step"], stderr[-3000:]
+    assert 0 <= failure["detection_s"] < failure["downtime_s"]
+    # The survivor kept its process, first alone as rank 0, then beside the new worker.
+    kept = before["workers"][survivor]["pid"]
+    assert [w["pid"] for w in shrunk["workers"]] == [kept]
+    assert after["workers"][0]["pid"] == kept and after["workers"][1]["pid"] not in {
+        w["pid"] for w in before["workers"]
+    }
+    assert [w["rank"] for w in after["workers"]] == [0, 1]
+    (grown,) = metrics["grow_backs"]
+    assert grown["in_place"] and grown["from_workers"] == 1 and grown["step"] > healed["from_step"]
+    assert grown["downtime_s"] > 0 and grown["new_workers_ready_s"] > 0
+    match = GREW_IN_PLACE.search(stderr)
+    assert match is not None and int(match.group(1)) == grown["step"], stderr[-3000:]
+    assert_bitwise_equal(run_dir, reference_dropout)
+    assert_every_epoch_logged(run_dir)
+    assert_no_actor_left(before, shrunk, after)
 
 
 def test_a_heal_releases_a_survivor_waiting_for_a_synchronous_checkpoint(
@@ -367,7 +437,9 @@ def test_a_heal_releases_a_survivor_waiting_for_a_synchronous_checkpoint(
     """trainer.async_checkpoint=false: at a boundary the survivor waits until the checkpoint is on
     disk, which the dead rank's missing share never allows. A regression test: it used to wait
     out the heal's timeout (2 minutes) and restart from a checkpoint."""
-    metrics, stderr = scenario.run(kill_rank(1), DROPOUT, "trainer.async_checkpoint=false")
+    metrics, stderr = scenario.run(
+        kill_rank(1), DROPOUT, "trainer.async_checkpoint=false", WAIT_FOR_REPLACEMENT
+    )
     assert HEALED.search(stderr), stderr[-3000:]
     assert "healing failed" not in stderr
     assert metrics["steps"] == STEPS and metrics["failures"][0]["healed"]["replaced"] == [1]
@@ -431,7 +503,9 @@ def test_frozen_worker_is_detected_named_and_recovered(
         os.kill(seen["before"]["workers"][1]["pid"], signal.SIGSTOP)
 
     try:
-        metrics, stderr = scenario.run(freeze, DROPOUT, ONE_CHECKPOINT, "trainer.step_timeout_s=4")
+        metrics, stderr = scenario.run(
+            freeze, DROPOUT, ONE_CHECKPOINT, "trainer.step_timeout_s=4", WAIT_FOR_REPLACEMENT
+        )
     finally:
         if "before" in seen:  # the heal kills it; continue it in case it did not
             with contextlib.suppress(ProcessLookupError):
@@ -486,13 +560,42 @@ def test_a_failure_while_healing_falls_back_to_the_checkpoint(
         scenario.wait(replacement_started)
         os.kill(before["workers"][0]["pid"], signal.SIGKILL)  # the survivor, mid-heal
 
-    metrics, stderr = scenario.run(kill_then_kill_the_survivor, DROPOUT)
+    metrics, stderr = scenario.run(kill_then_kill_the_survivor, DROPOUT, WAIT_FOR_REPLACEMENT)
     before = seen["before"]
     assert "healing failed (" in stderr and "restarting from the last checkpoint" in stderr
     assert_resumed_from_a_checkpoint(stderr)
     assert metrics["steps"] == STEPS and "healed" not in metrics["failures"][0]
     assert_bitwise_equal(run_dir, reference_dropout)
     assert_no_actor_left(before, workers_now(run_dir))
+
+
+def test_the_survivor_killed_while_training_alone_falls_back_to_the_checkpoint(
+    scenario: Scenario, reference_dropout: dict
+) -> None:
+    """Rank 1 is killed; while the survivor trains on alone and the new worker starts, the
+    survivor is killed too: nothing survived, so every worker restarts from the last checkpoint
+    (the starting worker is not left behind), still to the same parameters."""
+    run_dir, seen = scenario.run_dir, {}
+
+    def kill_then_kill_the_survivor(scenario: Scenario) -> None:
+        scenario.wait(first_checkpoint(run_dir))
+        seen["before"] = before = workers_now(run_dir)
+        os.kill(before["workers"][1]["pid"], signal.SIGKILL)
+        scenario.wait(lambda: len(workers_now(run_dir)["workers"]) == 1)
+        seen["shrunk"] = shrunk = workers_now(run_dir)
+        os.kill(shrunk["workers"][0]["pid"], signal.SIGKILL)
+
+    metrics, stderr = scenario.run(kill_then_kill_the_survivor, DROPOUT)
+    before, shrunk = seen["before"], seen["shrunk"]
+    assert list(shrunk["joining"]) and TRAINED_ON.search(stderr), stderr[-3000:]
+    restarted = re.search(
+        r"restart 2/\d+: .*?; resuming from the checkpoint of step (\d+)", stderr, re.DOTALL
+    )
+    assert restarted is not None, stderr[-3000:]
+    assert int(restarted.group(1)) % 10 == 0 or int(restarted.group(1)) % STEPS_PER_EPOCH == 0
+    assert metrics["restarts"] == 2 and metrics["steps"] == STEPS
+    assert_bitwise_equal(run_dir, reference_dropout)
+    assert_no_actor_left(before, shrunk, workers_now(run_dir))
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
@@ -826,8 +929,8 @@ def test_node_lost_continues_elastically_on_fewer_workers(
 
 
 GREW_IN_PLACE = re.compile(
-    r"elastic: grew back from 1 to 2 workers at step (\d+) in [\d.]+ s: the 1 running kept their "
-    r"processes, 1 new took the state from memory \(no checkpoint read\)"
+    r"grew back from 1 to 2 workers at step (\d+) in [\d.]+ s: the 1 training kept their "
+    r"processes, 1 joined with the state from memory \(no checkpoint read\)"
 )
 
 
