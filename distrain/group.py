@@ -14,18 +14,17 @@ to distrain/warm_workers.py, which owns them from then on.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import ray
 from hydra.utils import get_object
 from ray.util.placement_group import remove_placement_group
 
-from distrain import actors, reservation, warm_workers
+from distrain import actors, reservation, standby, warm_workers
 from distrain import device as devices
 from distrain.aggregators.base import GradientAggregator
 from distrain.awaiting import awaited
@@ -34,22 +33,7 @@ from distrain.errors import GroupFailed
 from distrain.plan import StepPlan
 from distrain.records import Record
 from distrain.simulate import SlowRank
-
-log = logging.getLogger("distrain")
-Bundle = tuple[Any, int]  # a placement group (a reservation) and the index of one of its bundles
-
-
-@dataclass
-class Spare:
-    """A worker started beside the group, to take a failed rank's place without a start-up."""
-
-    actor: Any
-    name: str
-    bundle: Bundle | None  # its bundle of the group's reservations (None: placed outside)
-    warm: Any  # the ObjectRef of its `Worker.warm`: its node, once it is ready
-    started_s: float
-    ready_s: float | None = None  # seconds it took to warm up, once it has
-    node: dict[str, Any] = field(default_factory=dict)
+from distrain.standby import Bundle, Spare
 
 
 class WorkerGroup:
@@ -199,51 +183,19 @@ class WorkerGroup:
     def start_joining(self, reserved: Any, count: int) -> None:
         """Start the `count` workers a grow back adds, in the bundles of `reserved` (the placed
         elastic.GrowProbe: Ray put them where the placement rule allows); they warm up while
-        this group trains on, and `grow` takes them once `joining_ready`."""
+        this group trains on, and `grow` takes them once `standby.all_warm`."""
         self.grown_into.append(reserved)  # freed with the group that ends up holding it
         self.joining = [self._standby((reserved, index)) for index in range(count)]
 
     def join_with_spares(self, count: int) -> bool:
         """Make `count` ready warm spares the workers a grow back adds, if that many are ready
-        (`spares_became_ready` says which): then no new worker needs to start."""
+        (`standby.newly_ready` says which): then no new worker needs to start."""
         ready = [spare for spare in self.spares if spare.ready_s is not None][:count]
         if len(ready) < count:
             return False
         self.spares = [spare for spare in self.spares if spare not in ready]
         self.joining = ready
         return True
-
-    def joining_ready(self) -> bool:
-        """Whether every worker `start_joining` started has warmed up (or failed to: `grow`
-        then fails, and the caller grows back from a checkpoint)."""
-        refs = [joiner.warm for joiner in self.joining]
-        if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
-            return False
-        for joiner in self.joining:  # a spare taken to join knows its warm-up time already
-            if joiner.ready_s is None:
-                joiner.ready_s = round(time.monotonic() - joiner.started_s, 3)
-        return True
-
-    def spares_became_ready(self) -> bool:
-        """Whether a spare finished warming up since the last call (`spares_ready_s` then says
-        which are ready, and how long each took). One that failed to is dropped."""
-        pending = [spare for spare in self.spares if spare.ready_s is None]
-        refs = [spare.warm for spare in pending]
-        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
-        for spare in (spare for spare in pending if spare.warm in done):
-            try:
-                spare.node = ray.get(spare.warm)
-                spare.ready_s = round(time.monotonic() - spare.started_s, 3)
-            except ray.exceptions.RayError as error:
-                log.warning("a spare worker failed to warm up, dropped: %s", error)
-                self.spares.remove(spare)
-                ray.kill(spare.actor)
-        return any(spare.ready_s is not None for spare in pending)
-
-    @property
-    def spares_ready_s(self) -> dict[str, float]:
-        """Ready spares by actor name: the seconds each took to warm up."""
-        return {s.name: s.ready_s for s in self.spares if s.ready_s is not None}
 
     def replace(self, failed: set[int], state_ref: Any) -> WorkerGroup:
         """The same ranks again: the survivors kept, each failed rank taken by a ready spare (or
@@ -259,23 +211,15 @@ class WorkerGroup:
     def shrink(self, failed: set[int], plan: StepPlan, state_ref: Any) -> WorkerGroup:
         """The survivors training on as a group of `plan` (fewer workers, the same global batch,
         each standing for whole configured ranks) while new workers start in the failed ranks'
-        bundles; `grow` takes them back to the configured count once `joining_ready`. Survivors
+        bundles; `grow` takes them back to the configured count once `standby.all_warm`. Survivors
         beyond `plan`'s count wait among the joining. This group keeps only the failed actors
         and its grow probe, for `shutdown`."""
         survivors = [rank for rank in self.ranks if rank not in failed]
         training, waiting = survivors[: plan.world_size], survivors[plan.world_size :]
         freed = [self.bundles[rank] for rank in sorted(failed)]
         standing_by = [
-            Spare(
-                self.workers[rank],
-                self.names[rank],
-                self.bundles[rank],
-                warm=ray.put(self.nodes[rank]),  # ready: it has been training
-                started_s=time.monotonic(),
-                ready_s=0.0,
-                node=self.nodes[rank],
-            )
-            for rank in waiting
+            Spare.ready_now(self.workers[r], self.names[r], self.bundles[r], self.nodes[r])
+            for r in waiting
         ]
         workers = [self.workers[rank] for rank in training]
         self.names = [self.names[rank] for rank in training]
@@ -354,7 +298,7 @@ class WorkerGroup:
     def _take_ranks(self, ranks: set[int]) -> None:
         """Fill `ranks` (their actors gone): ready spares first, then new actors in the ranks'
         bundles; a bundle a spare made free gets a new spare."""
-        self.spares_became_ready()  # the ones ready by now, failed ones dropped
+        standby.newly_ready(self.spares)  # the ones ready by now, failed ones dropped
         ready = [spare for spare in self.spares if spare.ready_s is not None]
         fresh = []
         for rank in sorted(ranks):

@@ -42,7 +42,7 @@ import ray
 from hydra.utils import get_object
 
 from distrain import device as devices
-from distrain import hangs
+from distrain import hangs, standby
 from distrain.config import Config
 from distrain.errors import GroupFailed
 from distrain.group import WorkerGroup
@@ -196,8 +196,8 @@ def heal(
         clock.lap("survivors_stopped_s")
         source, state = _capture(group, survivors, timeout_s, assemble)
         clock.lap("state_captured_s")
-        group.spares_became_ready()
-        ready = len(group.spares_ready_s)
+        standby.newly_ready(group.spares)
+        ready = len(standby.ready_s(group.spares))
         smaller = trains_on(group, len(survivors), ready, len(failed))
         smaller = smaller if train_while_replacing else None
         if smaller is not None:

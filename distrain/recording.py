@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from distrain import build, checkpoint
+from distrain import build, checkpoint, standby
 from distrain.config import Config, LoggerConfig
 from distrain.data.base import Splits
 from distrain.group import WorkerGroup
@@ -126,7 +126,9 @@ class RunRecorder:
     def write_workers(self, group: WorkerGroup) -> None:
         """workers.json: each rank's node, pid and actor, the spares ready to replace one, and
         the workers starting to grow the group back (their warm-up seconds once ready)."""
-        spares = {"spares": group.spares_ready_s} if group.job.trainer.spare_workers else {}
+        spares = (
+            {"spares": standby.ready_s(group.spares)} if group.job.trainer.spare_workers else {}
+        )
         if group.joining:
             spares["joining"] = {joiner.name: joiner.ready_s for joiner in group.joining}
         self.run_dir.write_json(

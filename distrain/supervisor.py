@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from distrain import checkpoint, elastic, healing, preflight, simulate, warm_workers
+from distrain import checkpoint, elastic, healing, preflight, simulate, standby, warm_workers
 from distrain.config import Config
 from distrain.data.base import SharedSplits, Splits
 from distrain.early_stopping import EarlyStopping
@@ -224,7 +224,7 @@ class Supervisor:
                     last_seen_s[record.rank] = time.monotonic()
                     self._take(record, group, collector)
                 self.checkpoints.settle(wait=False, nodes=self.current_nodes)
-                if group.spares and group.spares_became_ready():
+                if group.spares and standby.newly_ready(group.spares):
                     self.recorder.write_workers(group)
                 check_hang(
                     {refs[r] for r in pending},
@@ -290,7 +290,7 @@ class Supervisor:
         group once they are ready."""
         missing = self.plan.world_size - group.world_size
         if group.joining:
-            if group.joining_ready():
+            if standby.all_warm(group.joining):
                 self.recorder.write_workers(group)
                 boundary.grow_back(self.plan.world_size, in_place=True)
         elif self.grows_in_place and group.join_with_spares(missing):
