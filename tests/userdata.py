@@ -103,6 +103,13 @@ class NotADataset:
         return torch.zeros(2), 0
 
 
+class AddNoise:
+    """A user's random transform: Gaussian noise on every input value."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.randn_like(x)
+
+
 class AddOffset:
     """A user's transform: adds `offset` to every input value (a mark a test can see)."""
 

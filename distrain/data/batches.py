@@ -92,7 +92,7 @@ class ShardBatches:
             batches = (self._to_device(self.train_set.get_batch(i)) for i in indices)
         else:
             self.epoch_sampler.set_epoch(epoch, start_step)
-            batches = self._loader_batches(self.train_loader)
+            batches = self._train_loader_batches(epoch, start_step)
         if not self.transform:
             yield from batches
         else:
@@ -166,6 +166,24 @@ class ShardBatches:
             pin_memory=self.device.type == CUDA,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _train_loader_batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        """The training loader's batches. Without loader processes, per-sample transforms draw
+        in this process as a batch is fetched: from the augmentation stream of this rank's (first)
+        share at that step, so a replacement fetches what the rank it replaces would have. (In
+        loader processes they draw from the loader's own per-process seeds.)"""
+        batches = iter(self.train_loader)
+        for step_in_epoch in range(start_step, self.steps_per_epoch):
+            if self.num_workers == 0:
+                step = epoch * self.steps_per_epoch + step_in_epoch
+                share = self.shares[0]
+                streams.reseed(
+                    self.device, streams.share_seed(self.seed, share, step, streams.AUGMENT)
+                )
+            batch = next(batches, None)
+            if batch is None:
+                return
+            yield self._to_device(batch)
 
     def _loader_batches(self, loader: DataLoader) -> Iterator[Batch]:
         for batch in loader:

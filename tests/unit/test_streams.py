@@ -103,3 +103,31 @@ def test_a_worker_for_two_ranks_augments_each_share_as_its_rank_would() -> None:
     ]
     noise = [[x - x_raw for x, x_raw in zip(pair[r], raw[r], strict=True)] for r in (0, 1)]
     assert not torch.equal(noise[0][0], noise[0][1]) and not torch.equal(noise[0][0], noise[1][0])
+
+
+def test_per_sample_transforms_in_this_process_draw_from_the_rank_and_step() -> None:
+    """data.loader=dataloader without loader processes: a per-sample random transform runs as
+    the batch is fetched; what it draws is a function of (rank, step), not of what the process
+    drew before (the step's dropout), so a replacement starting at a step fetches that step's
+    batch as the rank did."""
+    job = compose_job(
+        "data=dataset",
+        "data.train._target_=tests.userdata.Clusters",
+        "+data.train.num_samples=64",
+        "data.train_transforms=[{_target_:tests.userdata.AddNoise}]",
+    )
+    splits = build.build_splits(DataConfig.of(job["data"]))
+
+    def fetched(start_step: int, drawn_between: int) -> list[torch.Tensor]:
+        batches = ShardBatches(splits, global_batch=8, rank=1, world_size=2, seed=SEED, device=CPU)
+        assert not batches.in_memory
+        out = []
+        for x, _ in batches.train_batches(epoch=1, start_step=start_step):
+            out.append(x)
+            torch.randn(drawn_between)  # the step's own draws
+            if len(out) == 2:
+                return out
+        raise AssertionError("fewer than two steps")
+
+    running, replacement = fetched(2, 7), fetched(3, 0)
+    assert torch.equal(running[1], replacement[0])
