@@ -103,7 +103,7 @@ class NotADataset:
         return torch.zeros(2), 0
 
 
-class AddNoise:
+class GaussianNoise:
     """A user's random transform: Gaussian noise on every input value."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

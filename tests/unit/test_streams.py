@@ -114,7 +114,7 @@ def test_per_sample_transforms_in_this_process_draw_from_the_rank_and_step() -> 
         "data=dataset",
         "data.train._target_=tests.userdata.Clusters",
         "+data.train.num_samples=64",
-        "data.train_transforms=[{_target_:tests.userdata.AddNoise}]",
+        "data.train_transforms=[{_target_:tests.userdata.GaussianNoise}]",
     )
     splits = build.build_splits(DataConfig.of(job["data"]))
 
