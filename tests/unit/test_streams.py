@@ -4,7 +4,6 @@ would have, for the augmentation of its batch and for the forward pass (dropout)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 
@@ -12,38 +11,20 @@ import torch
 from torch import nn
 
 from distrain import build
-from distrain.aggregators.allreduce import AllReduce
 from distrain.config import DataConfig
 from distrain.data.batches import ShardBatches
 from distrain.step import Parts, train_step
 from tests.conftest import compose_job
+from tests.unit.test_step import one_worker_parts
 
 CPU = torch.device("cpu")
 SEED = 3
 
 
 def _parts(model: nn.Module, shares: range) -> Parts:
-    aggregator = AllReduce()
-    aggregator.connect(rank=0, world_size=1, device=CPU, rendezvous={}, timeout_s=10.0)
-    optimizer = aggregator.build_optimizer(
-        lambda params: torch.optim.SGD(params, lr=0.0), model.parameters(), shard=False
-    )
-    return Parts(
-        model=model,
-        train_model=aggregator.wrap(model),
-        loss_fn=nn.MSELoss(),
-        optimizer=optimizer,
-        scheduler=None,
-        aggregator=aggregator,
-        batches=None,  # type: ignore[arg-type]  (train_step is handed its batch)
-        autocast=contextlib.nullcontext,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        micro_batch_size=4,
-        max_grad_norm=None,
-        task="regression",
-        shares=shares,
-        seed=SEED,
-    )
+    """One worker's parts (test_step's: SGD, MSE, micro-batches of 4), standing for `shares`."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return dataclasses.replace(one_worker_parts(model, scaler, None), shares=shares, seed=SEED)
 
 
 def _gradients(model: nn.Module, shares: range, x: torch.Tensor, y: torch.Tensor) -> list:
