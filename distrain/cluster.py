@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import ray
 
-from distrain import ray_auth, ray_startup, warm_workers
+from distrain import forked_workers, ray_auth, ray_startup, warm_workers
 from distrain.config import ClusterConfig, ConfigError
 
 log = logging.getLogger("distrain")
@@ -170,10 +170,17 @@ def _init(cluster: ClusterConfig) -> None:
     # An embedded Ray without two of Ray's start-up waits: its dashboard agent on a free port
     # (beside another Ray on this machine, the default one is taken: 3.4 s), and no dashboard
     # process (started and waited for even with include_dashboard=False) (ray_startup.py).
-    starts = ray_startup.embedded_start() if address is None else contextlib.nullcontext()
+    starts = (
+        ray_startup.embedded_start(forked_workers.start() if cluster.fork_workers else None)
+        if address is None
+        else contextlib.nullcontext()
+    )
     try:
         with starts:
             _join(kwargs, address)
+    except BaseException:
+        forked_workers.stop()  # no Ray, no workers to fork
+        raise
     finally:
         if threading.current_thread() is threading.main_thread() and callable(sigterm):
             signal.signal(signal.SIGTERM, sigterm)
@@ -266,6 +273,7 @@ def connect(cluster: ClusterConfig, *, keep: bool = False) -> Iterator[bool]:
         yield False
     finally:
         ray.shutdown()
+        forked_workers.stop()
 
 
 # The settings of the Ray a --multirun sweep keeps for its jobs (None: none kept).
@@ -273,7 +281,7 @@ _kept: tuple[Any, ...] | None = None
 
 
 def _connection_key(cluster: ClusterConfig) -> tuple[Any, ...]:
-    keys = ("address", "num_cpus", "num_gpus", "runtime_env_working_dir")
+    keys = ("address", "num_cpus", "num_gpus", "runtime_env_working_dir", "fork_workers")
     return tuple(getattr(cluster, k) for k in keys)
 
 
@@ -300,6 +308,7 @@ def release() -> None:
     if _kept is not None and ray.is_initialized():
         warm_workers.forget()  # their actors end with this Ray
         ray.shutdown()
+        forked_workers.stop()
     _kept = None
 
 

@@ -139,6 +139,9 @@ class ClusterConfig:
     connect_timeout_s: float = 15.0
     socket_ifname: str | None = None  # sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME in workers
     runtime_env_working_dir: bool = False  # ship the project dir to the cluster with the job
+    # Embedded Ray only: worker processes forked from one that has imported torch and distrain
+    # while Ray started, instead of each importing them (distrain/forked_workers.py).
+    fork_workers: bool = True
     scale_up_timeout_s: float = 600.0  # wait this long for an autoscaler to add nodes
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import shlex
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,10 +36,48 @@ API_SERVER_PARAMETERS = ["self", "include_dashboard", "raise_on_failure"]
 
 
 @contextlib.contextmanager
-def embedded_start() -> Iterator[None]:
-    """Within: a Ray node started in this process skips both waits (see the module docstring)."""
-    with agent_on_any_free_port(), no_dashboard_process_unless_asked():
+def embedded_start(fork_server: str | None = None) -> Iterator[None]:
+    """Within: a Ray node started in this process skips both waits (see the module docstring),
+    and its Python workers are forked by the fork server at `fork_server` (forked_workers.py)."""
+    forking = workers_forked_by(fork_server) if fork_server else contextlib.nullcontext()
+    with agent_on_any_free_port(), no_dashboard_process_unless_asked(), forking:
         yield
+
+
+@contextlib.contextmanager
+def workers_forked_by(address: str) -> Iterator[None]:
+    """Within: a raylet started in this process starts its Python workers through the fork
+    server at `address` (distrain/forked_workers.py): Ray's worker command, behind its client."""
+    try:
+        from ray._private import ray_constants, services
+    except ImportError:
+        yield
+        return
+    original = getattr(services, "start_ray_process", None)
+    if original is None:
+        yield
+        return
+    from distrain.forked_workers import client_command
+
+    @functools.wraps(original)
+    def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
+        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+            command = [_through_client(part, address, client_command) for part in command]
+        return original(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = start_ray_process
+    try:
+        yield
+    finally:
+        services.start_ray_process = original
+
+
+def _through_client(part: str, address: str, client_command: Any) -> str:
+    flag = "--python_worker_command="
+    if not part.startswith(flag):
+        return part
+    command = shlex.split(part[len(flag) :])
+    return flag + subprocess.list2cmdline(client_command(address, command))
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from distrain.aggregators.base import GradientAggregator
 from distrain.config import TrainerConfig, typed
 from distrain.data.base import SharedSplits
 from distrain.data.batches import ShardBatches
+from distrain.forked_workers import FORKED_ENV
 from distrain.loop import Cadence, Position, fit
 from distrain.plan import StepPlan
 from distrain.records import (
@@ -118,6 +119,8 @@ class Worker:
             "node_id": context.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
+            # Forked by the embedded Ray's fork server, torch already imported (forked_workers.py)
+            "forked": FORKED_ENV in os.environ,
             "gpu_ids": devices.assigned_gpu_ids() if self.device_type == devices.CUDA else [],
             "noset": devices.noset_visible_devices(),
             "visible": os.environ.get(devices.VISIBLE_ENV),

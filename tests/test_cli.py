@@ -399,6 +399,12 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
             # A newcomer's default run prints nothing they must learn to ignore.
             assert not any("authentication" in line.lower() for line in lines), "".join(lines)
             assert processes_mentioning(str(ray_tmp)), "".join(lines)
+            # The workers were forked by the job's fork server (forked_workers.py): one server,
+            # each worker's client (fork_client.py) beside it.
+            fork_processes = processes_mentioning(f"distrain-fork-{proc.pid}-")
+            servers = set(processes_mentioning("forked_workers import serve"))
+            assert len(servers.intersection(fork_processes)) == 1, fork_processes
+            assert len(fork_processes) >= 3, fork_processes
             proc.send_signal(signal.SIGINT)
             rest = proc.communicate(timeout=60)[1]
         finally:
@@ -409,7 +415,9 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_ray_behind(tmp_path: Path) -> None:
     # The embedded Ray's workers started while the job was checked (early_start.py).
     workers = json.loads((tmp_path / "workers.json").read_text())
     assert workers["started"] == "early, while the job was checked", workers
+    assert [w["forked"] for w in workers["workers"]] == [True, True], workers
     assert reap_processes_mentioning(str(ray_tmp), timeout_s=20) == []
+    assert reap_processes_mentioning(f"distrain-fork-{proc.pid}-", timeout_s=5) == []
     (agent_log,) = ray_tmp.glob("ray/session_[0-9]*/logs/dashboard_agent.log")
     assert "failed to bind" not in agent_log.read_text(), agent_log.read_text()[-2000:]
     # Nor did Ray start its dashboard process (and wait for it) for an embedded Ray.

@@ -1,0 +1,137 @@
+"""The fork server and its client (distrain/forked_workers.py, distrain/fork_client.py), with
+real processes: the client is run as the raylet runs it, in front of a command shaped like Ray's
+(`setup_worker.py ... default_worker.py ARGS`), whose `default_worker.py` here is a script that
+reports what it was given."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from distrain import forked_workers
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux-only")
+
+REPORTING_WORKER = """
+import json, os, sys, time
+report = {"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
+          "env": os.environ.get("GIVEN"), "runtime_env": os.environ.get("FROM_RUNTIME_ENV"),
+          "forked_by": os.environ.get("DISTRAIN_FORKED_BY"), "torch": "torch" in sys.modules}
+with open(sys.argv[1], "w") as out:
+    json.dump(report, out)
+print("worker says hello", flush=True)
+if sys.argv[2] == "sleep":
+    time.sleep(60)
+if sys.argv[2] == "sigkill":
+    os.kill(os.getpid(), 9)
+sys.exit(int(sys.argv[2]))
+"""
+FALLBACK_SETUP = "import sys; print('ran by Ray itself:', sys.argv[1:]); sys.exit(5)\n"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    address = forked_workers.start()
+    assert address is not None
+    yield address
+    forked_workers.stop()
+
+
+@pytest.fixture
+def ray_like(tmp_path: Path) -> Path:
+    (tmp_path / "setup_worker.py").write_text(FALLBACK_SETUP)
+    (tmp_path / "default_worker.py").write_text(REPORTING_WORKER)
+    return tmp_path
+
+
+def client(address: str, folder: Path, *worker_args: str, language: str = "PYTHON") -> list[str]:
+    context = json.dumps({"env_vars": {"FROM_RUNTIME_ENV": "${GIVEN}-too"}})
+    ray_command = [
+        sys.executable,
+        str(folder / "setup_worker.py"),
+        f"--serialized-runtime-env-context={context}",
+        f"--language={language}",
+        str(folder / "default_worker.py"),
+        *worker_args,
+    ]
+    return forked_workers.client_command(address, ray_command)
+
+
+def wait_for(path: Path, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written in {timeout_s} s")
+
+
+def test_a_forked_worker_runs_the_command_with_the_clients_env_cwd_and_streams(
+    server: str, ray_like: Path
+) -> None:
+    report_path = ray_like / "report.json"
+    done = subprocess.run(
+        client(server, ray_like, str(report_path), "3"),
+        env={**os.environ, "GIVEN": "yes"},
+        cwd=ray_like,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr  # the worker's exit code, through the client
+    assert done.stdout == "worker says hello\n"  # the client's stdout was the worker's
+    report = json.loads(report_path.read_text())
+    assert report["torch"] is True  # imported before the fork: not by this worker
+    assert report["ppid"] == int(report["forked_by"]) == forked_workers._server.pid  # forked
+    assert report["argv"] == [str(ray_like / "default_worker.py"), str(report_path), "3"]
+    assert (report["cwd"], report["env"]) == (str(ray_like), "yes")
+    assert report["runtime_env"] == "yes-too"  # the runtime env's variables, expanded as Ray does
+
+
+def test_a_killed_client_takes_its_worker_and_a_killed_worker_ends_its_client_so(
+    server: str, ray_like: Path
+) -> None:
+    sleeper = subprocess.Popen(client(server, ray_like, str(ray_like / "a.json"), "sleep"))
+    worker_pid = wait_for(ray_like / "a.json")["pid"]
+    sleeper.kill()
+    sleeper.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker_pid)  # reaped by the server, not left running
+
+    killed = subprocess.run(
+        client(server, ray_like, str(ray_like / "b.json"), "sigkill"), timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL  # the raylet sees what it would have seen
+
+
+def test_without_a_server_or_for_another_language_ray_starts_the_worker_itself(
+    server: str, ray_like: Path
+) -> None:
+    for address, language in (("distrain-fork-nobody-here", "PYTHON"), (server, "JAVA")):
+        done = subprocess.run(
+            client(address, ray_like, "x", "0", language=language),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 5, done.stderr  # Ray's own command ran: setup_worker.py
+        assert done.stdout.startswith("ran by Ray itself:")
+        assert f"--language={language}" in done.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended
+    except (FileNotFoundError, ProcessLookupError):  # gone, before or while it was read
+        return False
