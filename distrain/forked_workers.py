@@ -175,7 +175,6 @@ def _child(
         os.environ.update(request["env"])
         _update_envs(env_vars)  # as Ray's setup_worker.py does before it execs the worker
         os.environ[FORKED_ENV] = str(os.getppid())
-        gc.unfreeze()
         sys.argv = worker_argv
         runpy.run_path(worker_argv[0], run_name="__main__")
         code = 0
@@ -222,7 +221,9 @@ def serve(address: str, listening_fd: int) -> None:
     os.write(listening_fd, b"1")
     os.close(listening_fd)
     _import_everything()
-    gc.freeze()  # what is imported stays shared with the forked workers, not copied on write
+    # What is imported stays shared with the forked workers: frozen objects are never visited
+    # by their collections, so their pages are not copied on write (the workers keep it so).
+    gc.freeze()
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(sys.stdin, selectors.EVENT_READ)  # EOF: the driver has ended

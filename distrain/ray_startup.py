@@ -31,6 +31,8 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+from distrain.forked_workers import client_command
+
 AGENT_PORT_PARAMETER = "dashboard_agent_listen_port"
 API_SERVER_PARAMETERS = ["self", "include_dashboard", "raise_on_failure"]
 
@@ -57,12 +59,11 @@ def workers_forked_by(address: str) -> Iterator[None]:
     if original is None:
         yield
         return
-    from distrain.forked_workers import client_command
 
     @functools.wraps(original)
     def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
         if process_type == ray_constants.PROCESS_TYPE_RAYLET:
-            command = [_through_client(part, address, client_command) for part in command]
+            command = [_through_client(part, address) for part in command]
         return original(command, process_type, *args, **kwargs)
 
     services.start_ray_process = start_ray_process
@@ -72,7 +73,8 @@ def workers_forked_by(address: str) -> Iterator[None]:
         services.start_ray_process = original
 
 
-def _through_client(part: str, address: str, client_command: Any) -> str:
+def _through_client(part: str, address: str) -> str:
+    """A raylet argument; the Python worker command's with the fork server's client in front."""
     flag = "--python_worker_command="
     if not part.startswith(flag):
         return part
