@@ -239,38 +239,18 @@ def serve(address: str, listening_fd: int) -> None:
     while not stopping:
         for key, _ in selector.select(REAP_EVERY_S):
             if key.fileobj is listener:
-                conn, _ = listener.accept()
-                try:
-                    request, fds = _receive(conn)
-                except (OSError, ValueError):
-                    conn.close()
-                    continue
-                worker = _runnable(request["argv"])
-                if worker is None:
-                    conn.sendall(b"X")
-                    conn.close()
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    selector.close()
-                    listener.close()
-                    for other in clients:
-                        other.close()
-                    _child(conn, request, fds, worker)
-                for fd in fds:
-                    os.close(fd)
-                conn.sendall(b"F")
-                workers[pid], clients[conn] = conn, pid
-                selector.register(conn, selectors.EVENT_READ)
+                _serve_client(listener, selector, workers, clients)
             elif key.fileobj is sys.stdin:
                 if not os.read(sys.stdin.fileno(), 1024):
                     stopping = True
             else:  # a client's connection closed: its worker goes with it
                 conn = key.fileobj
                 assert isinstance(conn, socket.socket)
-                if not conn.recv(16):
+                try:
+                    closed = not conn.recv(16)
+                except OSError:  # reset
+                    closed = True
+                if closed:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(clients[conn], signal.SIGKILL)
                     selector.unregister(conn)
@@ -280,6 +260,46 @@ def serve(address: str, listening_fd: int) -> None:
             os.kill(pid, signal.SIGKILL)
     while workers:
         _reap(workers, clients, selector, block=True)
+
+
+def _serve_client(
+    listener: socket.socket,
+    selector: selectors.BaseSelector,
+    workers: dict[int, socket.socket],
+    clients: dict[socket.socket, int],
+) -> None:
+    """The next client's request: declined, or its worker forked and its connection watched.
+    A client may leave at any moment (its raylet ends: a job that failed its checks while Ray
+    started); then it hears nothing, and its worker goes as when it leaves later."""
+    conn, _ = listener.accept()
+    try:
+        request, fds = _receive(conn)
+    except (OSError, ValueError):
+        conn.close()
+        return
+    worker = _runnable(request["argv"])
+    if worker is None:
+        with contextlib.suppress(OSError):
+            conn.sendall(b"X")
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return
+    pid = os.fork()
+    if pid == 0:
+        selector.close()
+        listener.close()
+        for other in clients:
+            other.close()
+        _child(conn, request, fds, worker)
+    for fd in fds:
+        os.close(fd)
+    workers[pid], clients[conn] = conn, pid
+    selector.register(conn, selectors.EVENT_READ)  # reaped or killed: see `serve`
+    try:
+        conn.sendall(b"F")
+    except OSError:  # the client has left
+        os.kill(pid, signal.SIGKILL)  # not reaped yet: still this server's child
 
 
 def _reap(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distrain import forked_workers
+from distrain import fork_client, forked_workers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux-only")
 
@@ -127,6 +128,48 @@ def test_without_a_server_or_for_another_language_ray_starts_the_worker_itself(
         assert done.returncode == 5, done.stderr  # Ray's own command ran: setup_worker.py
         assert done.stdout.startswith("ran by Ray itself:")
         assert f"--language={language}" in done.stdout
+
+
+def test_a_client_gone_before_its_answer_takes_its_worker_and_the_server_serves_on(
+    server: str, ray_like: Path
+) -> None:
+    """As when a job fails its checks while its Ray starts: the raylet ends, and with it a
+    client whose worker the server is forking (the server once died of it, a traceback in the
+    job's one-paragraph error)."""
+    argv = client(server, ray_like, str(ray_like / "gone.json"), "sleep")[4:]  # Ray's part
+    body = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": str(ray_like)}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # as fork_client asks
+        conn.connect("\0" + server)
+        socket.send_fds(conn, [fork_client.STATUS.pack(len(body))], [0, 1, 2])
+        conn.sendall(body)
+    # Closed before the answer: its worker, forked meanwhile, is killed and reaped.
+    server_pid = forked_workers._server.pid
+    deadline = time.monotonic() + 10
+    while _children(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _children(server_pid) == []
+    done = subprocess.run(
+        client(server, ray_like, str(ray_like / "next.json"), "0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert wait_for(ray_like / "next.json")["forked_by"] == str(server_pid)
+
+
+def _children(pid: int) -> list[int]:
+    """`pid`'s child processes that have not ended."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _alive(pid: int) -> bool:
