@@ -167,9 +167,10 @@ def _init(cluster: ClusterConfig) -> None:
     # ray.init replaces the SIGTERM handler with sys.exit; distrain's own (stop like Ctrl-C,
     # with a checkpoint) must stay, so a scheduler's SIGTERM during start-up still stops cleanly.
     sigterm = signal.getsignal(signal.SIGTERM)
-    # An embedded Ray without two of Ray's start-up waits: its dashboard agent on a free port
-    # (beside another Ray on this machine, the default one is taken: 3.4 s), and no dashboard
-    # process (started and waited for even with include_dashboard=False) (ray_startup.py).
+    # An embedded Ray without Ray's start-up waits: its dashboard agent on a free port (beside
+    # another Ray on this machine, the default one is taken: 3.4 s), no dashboard process
+    # (started and waited for even with include_dashboard=False), no autoscaler monitor, a
+    # minimal dashboard agent; its workers forked with torch imported (ray_startup.py).
     starts = (
         ray_startup.embedded_start(forked_workers.start() if cluster.fork_workers else None)
         if address is None

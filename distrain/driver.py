@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from distrain import cluster, config, reservation, simulate, validation, warm_workers
+from distrain import (
+    cluster,
+    config,
+    gc_pause,
+    reservation,
+    simulate,
+    validation,
+    warm_workers,
+)
 from distrain.errors import ConfigError, Interrupted
 from distrain.rundir import RunDirectory, git_revision
 
@@ -85,7 +93,9 @@ def run(
         # The workers start while the dry build runs, on a Ray this job started (early_start.py).
         ahead = _start_ahead(job, checks) if not lasting and checks.background else None
         checked = checks.done.result()  # a mistake raises here; Ray is shut down on the way out
-        # Imported by the checks (with torch) by now: these lines cost no import time.
+        # Imported by the checks (with torch) by now, but for its own libraries (rich,
+        # TensorBoard's writer: ~0.4 s; imported during the build instead, on this thread, they
+        # slowed the build as much: measured, no gain).
         from distrain.supervisor import Supervisor
 
         splits, plan, resume = checked.splits, checked.plan, checked.resume
@@ -170,7 +180,13 @@ class Checks:
 
 def _check(job: config.Config, settings_passed: threading.Event, delay_s: float) -> Checked:
     """torch and the job's code imported, the seed set, then `preflight.check`'s two parts
-    (the build `delay_s` late: simulate.py)."""
+    (the build `delay_s` late: simulate.py), with the garbage collector paused
+    (gc_pause.py)."""
+    with gc_pause.collection_paused():
+        return _check_now(job, settings_passed, delay_s)
+
+
+def _check_now(job: config.Config, settings_passed: threading.Event, delay_s: float) -> Checked:
     import torch
 
     from distrain import preflight

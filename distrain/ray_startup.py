@@ -1,4 +1,4 @@
-"""An embedded Ray that starts in seconds: two of Ray's start-up waits that distrain removes.
+"""An embedded Ray that starts in seconds: Ray's start-up waits and work that distrain removes.
 
 * **The dashboard agent's port.** Every Ray node runs a dashboard agent whose HTTP server listens
   on port 52365 unless told otherwise, and `ray.init` has no way to tell it (`ray start
@@ -15,10 +15,19 @@
   before it starts the raylet: on the critical path of every start. distrain uses no dashboard
   API (no job submission, no state API), so with `include_dashboard=False` that process is not
   started. Measured here: `ray.init` 3.35 s with it, 1.87 s without (three runs each).
+* **Processes that serve only a dashboard or an autoscaler.** On a machine of two cores the
+  start is bound by CPU, so whatever else starts beside it costs time. A head node starts an
+  autoscaler monitor (a Python process importing Ray: ~0.4 s of CPU), which on one machine has
+  nothing to scale: it is not started. Its dashboard agent imports the dashboard's packages
+  (aiohttp, OpenTelemetry, Prometheus) to serve a dashboard that does not run, and before
+  starting it the driver imports them all to see whether they are installed (~0.2 s of the
+  driver's CPU, before `ray.init` returns): the agent starts as Ray starts it where they are
+  not installed (`--minimal`), and the driver does not look.
 
-Written by hand because no Ray API reaches either; a Ray whose internals differ from what these
-patches expect (a parameter or method missing, another signature) is left as it is. Both apply
-only within `embedded_start()`, around the `ray.init` that starts a node in this process.
+Written by hand because no Ray API reaches any of these; a Ray whose internals differ from what
+these patches expect (a parameter or function missing, another signature) is left as it is.
+All apply only within `embedded_start()`, around the `ray.init` that starts a node in this
+process (with `include_dashboard=False`, as cluster.py starts it).
 """
 
 from __future__ import annotations
@@ -33,7 +42,11 @@ from typing import Any
 
 from distrain.forked_workers import client_command
 
-AGENT_PORT_PARAMETER = "dashboard_agent_listen_port"
+# Ray's start parameters (RayParams) that an embedded Ray takes other defaults for.
+EMBEDDED_PARAMETERS = {
+    "dashboard_agent_listen_port": 0,  # any free port
+    "no_monitor": True,  # no autoscaler monitor
+}
 API_SERVER_PARAMETERS = ["self", "include_dashboard", "raise_on_failure"]
 
 
@@ -42,7 +55,7 @@ def embedded_start(fork_server: str | None = None) -> Iterator[None]:
     """Within: a Ray node started in this process skips both waits (see the module docstring),
     and its Python workers are forked by the fork server at `fork_server` (forked_workers.py)."""
     forking = workers_forked_by(fork_server) if fork_server else contextlib.nullcontext()
-    with agent_on_any_free_port(), no_dashboard_process_unless_asked(), forking:
+    with embedded_parameters(), no_dashboard_process_unless_asked(), minimal_agent(), forking:
         yield
 
 
@@ -83,29 +96,56 @@ def _through_client(part: str, address: str) -> str:
 
 
 @contextlib.contextmanager
-def agent_on_any_free_port() -> Iterator[None]:
-    """Within: a Ray node started in this process (`ray.init` that starts one) puts its
-    dashboard agent on a free port unless the caller names one."""
+def embedded_parameters() -> Iterator[None]:
+    """Within: a Ray node started in this process (`ray.init` that starts one) takes
+    EMBEDDED_PARAMETERS' values for the parameters its caller does not name."""
     try:
         from ray._private.parameter import RayParams
     except ImportError:  # a Ray laid out otherwise: its defaults stand
         yield
         return
     original = RayParams.__init__
-    if AGENT_PORT_PARAMETER not in inspect.signature(original).parameters:
+    known = inspect.signature(original).parameters
+    defaults = {name: value for name, value in EMBEDDED_PARAMETERS.items() if name in known}
+    if not defaults:
         yield
         return
 
     @functools.wraps(original)
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault(AGENT_PORT_PARAMETER, 0)
-        original(self, *args, **kwargs)
+        original(self, *args, **(defaults | kwargs))
 
     RayParams.__init__ = init
     try:
         yield
     finally:
         RayParams.__init__ = original
+
+
+@contextlib.contextmanager
+def minimal_agent() -> Iterator[None]:
+    """Within: a raylet started in this process starts its dashboard agent `--minimal`, as Ray
+    does where the dashboard's packages are missing, and this process does not import them to
+    find out."""
+    try:
+        from ray._private import utils
+    except ImportError:
+        yield
+        return
+    original = getattr(utils, "get_dashboard_dependency_error", None)
+    if original is None or inspect.signature(original).parameters:
+        yield
+        return
+
+    @functools.wraps(original)
+    def get_dashboard_dependency_error() -> ImportError:
+        return ImportError("an embedded Ray runs no dashboard (distrain/ray_startup.py)")
+
+    utils.get_dashboard_dependency_error = get_dashboard_dependency_error
+    try:
+        yield
+    finally:
+        utils.get_dashboard_dependency_error = original
 
 
 @contextlib.contextmanager

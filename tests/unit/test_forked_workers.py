@@ -22,10 +22,12 @@ from distrain import fork_client, forked_workers
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux-only")
 
 REPORTING_WORKER = """
-import json, os, sys, time
+import gc, json, os, sys, time
 report = {"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
           "env": os.environ.get("GIVEN"), "runtime_env": os.environ.get("FROM_RUNTIME_ENV"),
-          "forked_by": os.environ.get("DISTRAIN_FORKED_BY"), "torch": "torch" in sys.modules}
+          "forked_by": os.environ.get("DISTRAIN_FORKED_BY"), "torch": "torch" in sys.modules,
+          "pydantic": "pydantic.main" in sys.modules, "ray": "ray" in sys.modules,
+          "collector": gc.isenabled(), "frozen": gc.get_freeze_count()}
 with open(sys.argv[1], "w") as out:
     json.dump(report, out)
 print("worker says hello", flush=True)
@@ -91,6 +93,12 @@ def test_a_forked_worker_runs_the_command_with_the_clients_env_cwd_and_streams(
     assert done.stdout == "worker says hello\n"  # the client's stdout was the worker's
     report = json.loads(report_path.read_text())
     assert report["torch"] is True  # imported before the fork: not by this worker
+    # So is what Ray's worker imports besides Ray (pydantic: its serialization context's), but
+    # not Ray, which reads this worker's environment as it imports.
+    assert (report["pydantic"], report["ray"]) == (True, False)
+    # The server paused its collector while importing: the worker collects, but never walks
+    # what the server imported (frozen: shared with the server, never copied).
+    assert report["collector"] is True and report["frozen"] > 100_000, report
     assert report["ppid"] == int(report["forked_by"]) == forked_workers._server.pid  # forked
     assert report["argv"] == [str(ray_like / "default_worker.py"), str(report_path), "3"]
     assert (report["cwd"], report["env"]) == (str(ray_like), "yes")

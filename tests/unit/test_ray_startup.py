@@ -1,6 +1,7 @@
-"""The embedded Ray's start-up (distrain/ray_startup.py): its dashboard agent on a free port, and
-no dashboard process. End to end, with Ray's default agent port taken, test_cli's Ctrl-C test
-shows both on the command's own Ray; the session's Ray here is started the same way."""
+"""The embedded Ray's start-up (distrain/ray_startup.py): its dashboard agent on a free port and
+minimal, no dashboard process, no autoscaler monitor. End to end, with Ray's default agent port
+taken, test_cli's Ctrl-C test shows them on the command's own Ray; the session's Ray here is
+started the same way."""
 
 from __future__ import annotations
 
@@ -8,33 +9,48 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray._private import ray_constants
+from ray._private import ray_constants, utils
 from ray._private.node import Node
 from ray._private.parameter import RayParams
 
 from distrain.ray_startup import (
-    agent_on_any_free_port,
+    embedded_parameters,
     embedded_start,
+    minimal_agent,
     no_dashboard_process_unless_asked,
 )
 
 
-def test_ray_start_parameters_take_any_free_agent_port_only_within() -> None:
-    default = RayParams().dashboard_agent_listen_port
-    assert default not in (0, None)  # Ray's fixed port: what the block changes
-    with agent_on_any_free_port():
-        assert RayParams().dashboard_agent_listen_port == 0
-        named = RayParams(dashboard_agent_listen_port=61000)
-        assert named.dashboard_agent_listen_port == 61000  # a port the caller names stands
-    assert RayParams().dashboard_agent_listen_port == default
+def test_ray_start_parameters_take_any_free_agent_port_and_no_monitor_only_within() -> None:
+    default = RayParams()
+    assert default.dashboard_agent_listen_port not in (0, None)  # Ray's fixed port
+    assert default.no_monitor is False  # Ray starts an autoscaler monitor with every head
+    with embedded_parameters():
+        embedded = RayParams()
+        assert (embedded.dashboard_agent_listen_port, embedded.no_monitor) == (0, True)
+        named = RayParams(dashboard_agent_listen_port=61000, no_monitor=False)
+        assert (named.dashboard_agent_listen_port, named.no_monitor) == (61000, False)  # stand
+    after = RayParams()
+    assert (after.dashboard_agent_listen_port, after.no_monitor) == (
+        default.dashboard_agent_listen_port,
+        False,
+    )
+
+
+def test_the_dashboard_packages_are_not_imported_to_decide_the_agents_mode_within() -> None:
+    with minimal_agent():
+        assert isinstance(utils.get_dashboard_dependency_error(), ImportError)  # `--minimal`
+    assert utils.get_dashboard_dependency_error() is None  # installed here: Ray's full agent
 
 
 def test_ray_start_parameters_are_restored_after_an_error() -> None:
     original_init, original_start = RayParams.__init__, Node.start_api_server
+    original_probe = utils.get_dashboard_dependency_error
     with pytest.raises(RuntimeError), embedded_start():
         raise RuntimeError("ray.init failed")
     assert RayParams.__init__ is original_init
     assert Node.start_api_server is original_start
+    assert utils.get_dashboard_dependency_error is original_probe
 
 
 def test_the_dashboard_process_starts_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,9 +68,17 @@ def test_the_dashboard_process_starts_only_when_asked(monkeypatch: pytest.Monkey
     assert started == [True, None, False]  # outside the block, Ray's behaviour again
 
 
-def test_the_sessions_ray_runs_no_dashboard_process(ray_address: str) -> None:
+def test_the_sessions_ray_runs_no_dashboard_nor_monitor_and_a_minimal_agent(
+    ray_address: str,
+) -> None:
     node = ray._private.worker._global_node  # the Ray this process started (conftest)
     assert ray_constants.PROCESS_TYPE_DASHBOARD not in node.all_processes
-    assert ray_constants.PROCESS_TYPE_RAYLET in node.all_processes
+    assert ray_constants.PROCESS_TYPE_MONITOR not in node.all_processes
+    assert ray_constants.PROCESS_TYPE_LOG_MONITOR in node.all_processes  # workers' output: kept
+    (raylet,) = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    agent_command = Path(f"/proc/{raylet.process.pid}/cmdline").read_bytes().split(b"\0")
+    (agent,) = [part for part in agent_command if part.startswith(b"--dashboard_agent_command=")]
+    assert b" --minimal" in agent, agent
     logs = Path(node.get_logs_dir_path())
     assert not list(logs.glob("dashboard.*")) and list(logs.glob("dashboard_agent.*"))
+    assert not list(logs.glob("monitor.*"))

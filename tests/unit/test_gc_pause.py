@@ -1,0 +1,56 @@
+"""The garbage collector paused while start-up imports run (distrain/gc_pause.py): pauses nest
+and overlap across threads, and the last one restores the collector as the first found it."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from distrain.gc_pause import collection_paused
+
+
+@pytest.fixture
+def collector_restored() -> Iterator[None]:
+    enabled = gc.isenabled()
+    yield
+    (gc.enable if enabled else gc.disable)()
+
+
+def test_overlapping_pauses_on_two_threads_end_with_the_last(collector_restored: None) -> None:
+    gc.enable()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_thread() -> None:  # as the driver's check thread, beside its main thread
+        with collection_paused():
+            entered.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    assert entered.wait(10)
+    assert not gc.isenabled()
+    with collection_paused():
+        leave.set()
+        thread.join(10)
+        assert not gc.isenabled()  # the other thread's pause ended; this one still runs
+        with collection_paused():  # nested
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_a_collector_disabled_before_stays_disabled(collector_restored: None) -> None:
+    gc.disable()
+    with collection_paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # not this module's to turn on
+
+
+def test_the_pause_ends_when_its_block_raises(collector_restored: None) -> None:
+    gc.enable()
+    with pytest.raises(ValueError), collection_paused():
+        raise ValueError("a failed import")
+    assert gc.isenabled()
