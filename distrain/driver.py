@@ -26,9 +26,9 @@ import ray
 from distrain import (
     cluster,
     config,
-    gc_pause,
     reservation,
     simulate,
+    startup_imports,
     validation,
     warm_workers,
 )
@@ -93,10 +93,7 @@ def run(
         # The workers start while the dry build runs, on a Ray this job started (early_start.py).
         ahead = _start_ahead(job, checks) if not lasting and checks.background else None
         checked = checks.done.result()  # a mistake raises here; Ray is shut down on the way out
-        # Imported by the checks (with torch) by now, but for its own libraries (rich,
-        # TensorBoard's writer: ~0.4 s; imported during the build instead, on this thread, they
-        # slowed the build as much: measured, no gain).
-        from distrain.supervisor import Supervisor
+        from distrain.supervisor import Supervisor  # imported by the checks by now
 
         splits, plan, resume = checked.splits, checked.plan, checked.resume
         device_type = choose_device_type(job)
@@ -181,8 +178,8 @@ class Checks:
 def _check(job: config.Config, settings_passed: threading.Event, delay_s: float) -> Checked:
     """torch and the job's code imported, the seed set, then `preflight.check`'s two parts
     (the build `delay_s` late: simulate.py), with the garbage collector paused
-    (gc_pause.py)."""
-    with gc_pause.collection_paused():
+    (startup_imports.py)."""
+    with startup_imports.collection_paused():
         return _check_now(job, settings_passed, delay_s)
 
 
@@ -193,6 +190,14 @@ def _check_now(job: config.Config, settings_passed: threading.Event, delay_s: fl
 
     torch.manual_seed(job.trainer.seed)
     preflight.check_settings(job)
+    # Here, where this thread waits for an embedded Ray's start anyway, not on the main thread
+    # between that start and the first step: the supervisor and the actors it starts (~0.3 s
+    # there, with torch's TensorBoard writer and rich), and the libraries Ray imports on the
+    # first actor (startup_imports.py). Before `settings_passed`: the main thread's imports
+    # for the early workers wait for it, so the two threads never import side by side.
+    import distrain.supervisor  # noqa: F401
+
+    startup_imports.import_ray_dependencies()
     settings_passed.set()
     time.sleep(delay_s)
     return preflight.check_build(job)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from distrain.gc_pause import collection_paused
+from distrain import startup_imports
 
 log = logging.getLogger("distrain")
 
@@ -120,7 +119,7 @@ def _import_everything() -> None:
     """What a distrain worker imports on the way to its first step, but Ray: Ray reads its
     settings from the environment once per process (RAY_JOB_ID, RAY_AUTH_MODE, ... as the
     raylet sets them for each worker), so each forked worker imports Ray itself, in its own
-    environment: ~0.1 s of CPU here once the libraries Ray imports are (RAY_DEPENDENCIES),
+    environment: ~0.1 s of CPU here once the libraries Ray imports are (startup_imports.py),
     against ~2 s for the rest."""
     import hydra.utils  # noqa: F401
     import torch._dynamo
@@ -134,38 +133,7 @@ def _import_everything() -> None:
     import distrain.shards
     import distrain.step  # noqa: F401
 
-    _import_what_ray_imports()
-
-
-# What a Ray worker imports besides Ray, none of which reads the worker's environment: its
-# serialization context registers pydantic's types (the names Ray's `pydantic_compat` takes),
-# Ray's modules import the rest (measured here: a worker's Ray imports took 0.41 s of CPU, 0.11 s
-# with these imported). Not pyarrow, which that context imports too: its allocator starts a
-# background thread on import, which a forked worker would lack (the state it guards copied).
-RAY_DEPENDENCIES = (
-    "cloudpickle",
-    "filelock",
-    "google.protobuf",
-    "jsonschema",
-    "msgpack",
-    "packaging.version",
-    "pdb",
-    "requests",
-    "tqdm",
-    "wcwidth",
-)
-PYDANTIC_NAMES = ("BaseModel", "Field", "PrivateAttr", "ValidationError", "validator")
-
-
-def _import_what_ray_imports() -> None:
-    """RAY_DEPENDENCIES, each where it is installed (Ray's optional ones may not be)."""
-    for name in RAY_DEPENDENCIES:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
-    with contextlib.suppress(ImportError):
-        pydantic = importlib.import_module("pydantic")
-        for name in PYDANTIC_NAMES:
-            getattr(pydantic, name, None)  # pydantic imports its parts on first access
+    startup_imports.import_ray_dependencies()
 
 
 def _runnable(argv: list[str]) -> tuple[list[str], dict[str, str]] | None:
@@ -257,7 +225,7 @@ def serve(address: str, listening_fd: int) -> None:
     listener.listen(64)
     os.write(listening_fd, b"1")
     os.close(listening_fd)
-    with collection_paused():  # importing makes objects, no garbage (gc_pause.py)
+    with startup_imports.collection_paused():  # imports make objects, no garbage
         _import_everything()
     # What is imported stays shared with the forked workers: frozen objects are never visited
     # by their collections, so their pages are not copied on write (the workers keep it so).

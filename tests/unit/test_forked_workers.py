@@ -26,7 +26,7 @@ import gc, json, os, sys, time
 report = {"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
           "env": os.environ.get("GIVEN"), "runtime_env": os.environ.get("FROM_RUNTIME_ENV"),
           "forked_by": os.environ.get("DISTRAIN_FORKED_BY"), "torch": "torch" in sys.modules,
-          "pydantic": "pydantic.main" in sys.modules, "ray": "ray" in sys.modules,
+          "pydantic": "pydantic.v1.fields" in sys.modules, "ray": "ray" in sys.modules,
           "collector": gc.isenabled(), "frozen": gc.get_freeze_count()}
 with open(sys.argv[1], "w") as out:
     json.dump(report, out)

@@ -1,15 +1,18 @@
-"""The garbage collector paused while start-up imports run (distrain/gc_pause.py): pauses nest
-and overlap across threads, and the last one restores the collector as the first found it."""
+"""Start-up imports (distrain/startup_imports.py): the garbage collector's pauses nest and overlap
+across threads, the last one restoring the collector as the first found it; the libraries Ray
+imports besides Ray are imported without Ray."""
 
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from distrain.gc_pause import collection_paused
+from distrain.startup_imports import collection_paused
 
 
 @pytest.fixture
@@ -54,3 +57,17 @@ def test_the_pause_ends_when_its_block_raises(collector_restored: None) -> None:
     with pytest.raises(ValueError), collection_paused():
         raise ValueError("a failed import")
     assert gc.isenabled()
+
+
+def test_the_libraries_ray_imports_are_imported_without_ray() -> None:
+    """In a new interpreter, as the fork server imports them: Ray reads each worker's
+    environment as it imports, so it must not come with them."""
+    code = (
+        "import sys\n"
+        "from distrain.startup_imports import import_ray_dependencies\n"
+        "import_ray_dependencies()\n"
+        "print('pydantic.v1.fields' in sys.modules, 'pydantic.main' in sys.modules,"
+        " any(name == 'ray' or name.startswith('ray.') for name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "True", "False"], done.stdout + done.stderr
