@@ -193,8 +193,9 @@ def _check_now(job: config.Config, settings_passed: threading.Event, delay_s: fl
     # Here, where this thread waits for an embedded Ray's start anyway, not on the main thread
     # between that start and the first step: the supervisor and the actors it starts (~0.3 s
     # there, with torch's TensorBoard writer and rich), and the libraries Ray imports on the
-    # first actor (startup_imports.py). Before `settings_passed`: the main thread's imports
-    # for the early workers wait for it, so the two threads never import side by side.
+    # first actor (startup_imports.py). Before `settings_passed`, which the main thread waits
+    # for before it imports what the early workers need: the two never import distrain's
+    # modules side by side.
     import distrain.supervisor  # noqa: F401
 
     startup_imports.import_ray_dependencies()

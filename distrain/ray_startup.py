@@ -52,8 +52,9 @@ API_SERVER_PARAMETERS = ["self", "include_dashboard", "raise_on_failure"]
 
 @contextlib.contextmanager
 def embedded_start(fork_server: str | None = None) -> Iterator[None]:
-    """Within: a Ray node started in this process skips both waits (see the module docstring),
-    and its Python workers are forked by the fork server at `fork_server` (forked_workers.py)."""
+    """Within: a Ray node started in this process skips Ray's start-up waits and the processes
+    it does not need (see the module docstring), and its Python workers are forked by the fork
+    server at `fork_server` (forked_workers.py)."""
     forking = workers_forked_by(fork_server) if fork_server else contextlib.nullcontext()
     with embedded_parameters(), no_dashboard_process_unless_asked(), minimal_agent(), forking:
         yield
