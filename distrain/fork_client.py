@@ -19,19 +19,23 @@ import struct
 import sys
 
 CONNECT_TIMEOUT_S = 30.0  # the server accepts once its imports are done: seconds on a busy node
-STATUS = struct.Struct("!i")  # >= 0: the worker's exit code; < 0: the signal that ended it
+# The wire format, the server's too (forked_workers.py imports it): the request's length (with
+# the standard streams' descriptors), then the request; the answer, then the worker's status:
+# >= 0 its exit code, < 0 the signal that ended it.
+STATUS = struct.Struct("!i")
 
 
 def _fall_back(command: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, *command])
 
 
-def _receive_exactly(conn: socket.socket, size: int) -> bytes:
+def receive_exactly(conn: socket.socket, size: int) -> bytes:
+    """`size` bytes from `conn`; ConnectionError if the other side closes first."""
     data = b""
     while len(data) < size:
         chunk = conn.recv(size - len(data))
         if not chunk:
-            raise ConnectionError("the fork server closed the connection")
+            raise ConnectionError("the other side closed the connection")
         data += chunk
     return data
 
@@ -46,7 +50,7 @@ def main() -> None:
         body = request.encode()
         socket.send_fds(conn, [STATUS.pack(len(body))], [0, 1, 2])
         conn.sendall(body)
-        answer = _receive_exactly(conn, 1)
+        answer = receive_exactly(conn, 1)
     except OSError:
         conn.close()
         _fall_back(command)
@@ -57,7 +61,7 @@ def main() -> None:
         return
     conn.settimeout(None)
     try:
-        (status,) = STATUS.unpack(_receive_exactly(conn, STATUS.size))
+        (status,) = STATUS.unpack(receive_exactly(conn, STATUS.size))
     except (OSError, ConnectionError):
         sys.exit(1)  # the server ended first: it took the worker with it
     if status < 0:  # end as the worker did, for whoever watches this process's status

@@ -43,13 +43,12 @@ import sys
 import uuid
 from pathlib import Path
 
-from distrain import startup_imports
+from distrain import fork_client, startup_imports
 
 log = logging.getLogger("distrain")
 
 CLIENT = Path(__file__).with_name("fork_client.py")
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
-STATUS_SIZE = 4
 REAP_EVERY_S = 0.05
 LISTEN_TIMEOUT_S = 10.0  # from the server's start to its listening: an interpreter's start
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -205,15 +204,14 @@ def _die_with_parent() -> None:
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    head, fds, _, _ = socket.recv_fds(conn, STATUS_SIZE, 3)
-    size = int.from_bytes(head, "big")
-    body = b""
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ConnectionError("the client left")
-        body += chunk
-    return json.loads(body), fds
+    """A client's request and its standard streams (fork_client.py's wire format)."""
+    head, fds, _, _ = socket.recv_fds(conn, fork_client.STATUS.size, 3)
+    if len(head) != fork_client.STATUS.size:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("the client left before its request")
+    (size,) = fork_client.STATUS.unpack(head)
+    return json.loads(fork_client.receive_exactly(conn, size)), fds
 
 
 def serve(address: str, listening_fd: int) -> None:
@@ -328,7 +326,7 @@ def _reap(
         clients.pop(conn, None)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         with contextlib.suppress(OSError):
-            conn.sendall(code.to_bytes(STATUS_SIZE, "big", signed=True))
+            conn.sendall(fork_client.STATUS.pack(code))
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(conn)
         conn.close()
