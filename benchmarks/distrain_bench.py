@@ -29,6 +29,14 @@ from typing import Any
 # workers inherit the driver's sys.path for the `_target_`s in benchmarks/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distrain import forked_workers
+from distrain.__main__ import starts_embedded_ray
+
+# As the `distrain` command does first (distrain/__main__.py): the fork server's imports begin
+# now, beside this script's own imports and the job's composition.
+if starts_embedded_ray(sys.argv[1:]):
+    forked_workers.start_ahead()
+
 from benchmarks.workload_specs import SPECS, WORKLOADS, job_overrides
 from distrain import driver
 from distrain.cli import compose_job

@@ -26,6 +26,7 @@ import ray
 from distrain import (
     cluster,
     config,
+    forked_workers,
     reservation,
     simulate,
     startup_imports,
@@ -84,6 +85,8 @@ def run(
     """Run one checked and typed job (`train` checks and types it; so does the CLI, before it
     imports this module)."""
     started = time.perf_counter()
+    if job.cluster.address is not None or not job.cluster.fork_workers:
+        forked_workers.stop_ahead()  # the command started one for a Ray this job does not start
     slow_rank = simulate.slow_rank_from_env(job.trainer.workers)  # a straggler made on purpose
     check_delay_s = simulate.check_delay_s_from_env()  # a slow dry build made on purpose
     # An embedded Ray starts while the job is checked. A cluster is joined only after the

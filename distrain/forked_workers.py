@@ -58,6 +58,9 @@ SERVER_MAIN = (
     "from distrain.forked_workers import serve; serve(sys.argv[2], int(sys.argv[3]))"
 )
 _server: subprocess.Popen[bytes] | None = None
+_address = ""  # the running server's
+_listening: int | None = None  # the pipe it says it listens on, until `start` has heard it
+_ahead = False  # started by `start_ahead` and not taken by a Ray yet
 # The arguments of Ray's setup_worker.py that say how to start the worker (its own parser exits on
 # `-h`, which in the server would end the server).
 _SETUP_ARGS = argparse.ArgumentParser(add_help=False)
@@ -65,37 +68,69 @@ _SETUP_ARGS.add_argument("--serialized-runtime-env-context", default=None)
 _SETUP_ARGS.add_argument("--language", default=None)
 
 
+def start_ahead() -> None:
+    """Start a fork server now, at a command's start, for the embedded Ray its job will probably
+    start: its imports then run while this process imports its own and composes the job (on a
+    machine of two cores, on the core that would wait), instead of after that. The job's `start`
+    takes it; `stop_ahead` ends it if the job starts no such Ray."""
+    global _ahead
+    if sys.platform == "linux":
+        stop()
+        _spawn()
+        _ahead = True
+
+
 def start() -> str | None:
-    """Start a fork server for the Ray about to be started in this process; its address (None
-    where this platform has none). `stop()` ends it, after that Ray."""
-    global _server
+    """Start a fork server for the Ray about to be started in this process, or take the one
+    started ahead; its address (None where this platform has none, or it did not start).
+    `stop()` ends it, after that Ray."""
+    global _ahead, _listening
     if sys.platform != "linux":
         return None
-    stop()
-    address = f"distrain-fork-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # whose server it is
-    listening, told = os.pipe()
-    _server = subprocess.Popen(
-        # The distrain this process runs, whatever the working directory holds.
-        [sys.executable, "-c", SERVER_MAIN, str(PACKAGE_PARENT), address, str(told)],
-        stdin=subprocess.PIPE,  # closed when this process ends, whatever ends it: the server stops
-        pass_fds=(told,),
-    )
-    os.close(told)
+    if not (_ahead and _server is not None and _server.poll() is None):
+        stop()
+        _spawn()
+    _ahead = False
+    assert _listening is not None
     # Until it listens (tens of ms), a worker's client would find no server and start the
     # worker as Ray does; from then on, one that comes during the imports waits for them.
-    with os.fdopen(listening, "rb") as said:
+    with os.fdopen(_listening, "rb") as said:
+        _listening = None
         ready, _, _ = select.select([said], [], [], LISTEN_TIMEOUT_S)
         if not ready or not said.read(1):
             log.debug("the fork server did not start: Ray starts its workers as usual")
             stop()
             return None
-    return address
+    return _address
+
+
+def stop_ahead() -> None:
+    """End the server `start_ahead` started if no Ray has taken it (the job joins a cluster, or
+    its workers are not forked): a no-op otherwise."""
+    if _ahead:
+        stop()
+
+
+def _spawn() -> None:
+    global _server, _address, _listening
+    _address = f"distrain-fork-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # whose server it is
+    _listening, told = os.pipe()
+    _server = subprocess.Popen(
+        # The distrain this process runs, whatever the working directory holds.
+        [sys.executable, "-c", SERVER_MAIN, str(PACKAGE_PARENT), _address, str(told)],
+        stdin=subprocess.PIPE,  # closed when this process ends, whatever ends it: the server stops
+        pass_fds=(told,),
+    )
+    os.close(told)
 
 
 def stop() -> None:
     """End the fork server (a no-op when none runs); workers it forked end with it."""
-    global _server
-    server, _server = _server, None
+    global _server, _ahead, _listening
+    server, _server, _ahead = _server, None, False
+    if _listening is not None:
+        os.close(_listening)
+        _listening = None
     if server is None or server.poll() is not None:
         return
     server.terminate()
@@ -195,12 +230,13 @@ def _child(
         os._exit(code)
 
 
-def _die_with_parent() -> None:
-    """This process is killed when the server ends: a worker never outlives it unwatched."""
+def _die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
+    """This process gets `sig` when its parent ends: a worker is killed with its server, the
+    server is stopped with its driver."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, sig)
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -217,11 +253,17 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 def serve(address: str, listening_fd: int) -> None:
     """The fork server: listen (and say so on `listening_fd`), import, then fork one worker per
     client until told to stop."""
+    # Ended with the process that started it even during the imports (its stdin's end is read
+    # only after them): one started ahead outlives no mistake in the job that its parent reports.
+    _die_with_parent(signal.SIGTERM)
     # Listening first: a client that comes while the imports run waits for them, in the backlog.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + address)
     listener.listen(64)
-    os.write(listening_fd, b"1")
+    try:
+        os.write(listening_fd, b"1")
+    except BrokenPipeError:  # whoever started it has ended already
+        return
     os.close(listening_fd)
     with startup_imports.collection_paused():  # imports make objects, no garbage
         _import_everything()
