@@ -83,6 +83,7 @@ class Supervisor:
             {group: getattr(job, group) for group in preflight.RESUME_MUST_MATCH},
             self.recorder.message,
         )
+        self.resume: checkpoint.Checkpoint | None = None  # what `run` continues from
         self.stop_requested = False  # Ctrl-C/SIGTERM seen, even if the workers finished anyway
         self.current_nodes: list[dict[str, Any]] = []
         self.grow_backs: list[dict[str, Any]] = []  # elastic: each return to trainer.workers
@@ -95,6 +96,7 @@ class Supervisor:
     def run(self, resume: checkpoint.Checkpoint | None, started: float) -> dict[str, Any]:
         """Train to the end; `started` is the job's perf_counter start (for wall_s)."""
         restore_from = resume  # the checkpoint the next group starts from
+        self.resume = resume
         if resume is not None:
             self.checkpoints.resumed_from(resume)
             self.history = [EpochMetrics(**e) for e in resume.meta.get("history", [])]
@@ -104,7 +106,6 @@ class Supervisor:
         self.starter.claim(self.started_ahead)
         try:
             planned = self.starter.plan()  # a job the cluster cannot hold ends before any output
-            self.recorder.open(self.job, self.splits, self.overrides, resume, self.plan)
             healed: WorkerGroup | None = None
             while True:
                 if healed is None:  # a new group: its figures start afresh, after the history
@@ -211,6 +212,10 @@ class Supervisor:
         probe = None if group.joining else self._grow_probe(group)
         can_grow = probe is not None or bool(group.joining)
         refs = group.fit(pause_at_any_step=self.grows_in_place and can_grow)
+        # The event file and the terminal view open as the first group starts training, not on
+        # the way to its first step (~0.1 s of this process's CPU).
+        if self.recorder.tensorboard is None:
+            self.recorder.open(self.job, self.splits, self.overrides, self.resume, self.plan)
         pending, results = list(refs), []
         last_seen_s = dict.fromkeys(range(group.world_size), time.monotonic())
         self.checkpoints.begin_group()
