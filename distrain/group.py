@@ -89,17 +89,13 @@ class WorkerGroup:
             self.bundles = [(self.placement_group, rank) for rank in self.ranks]
             made = [self._actor(rank, bundle) for rank, bundle in enumerate(self.bundles)]
             self.workers, self.names = [w for w, _ in made], [n for _, n in made]
-            taken = []
+            taken, sink_up = [], [self.sink.node_ip.remote()]
         else:
-            taken = self._take_kept(kept)
+            taken, sink_up = self._take_kept(kept)
             self.started = kept.origin
         timeout_s = trainer.setup_timeout_s
-        # The sink answers before training starts: one slow to come up fails the start (which
-        # is retried), not the first drain of a running group (which would count a restart).
-        *self.nodes, self.sink_ip = awaited(
-            [*taken, *(w.node.remote() for w in self.workers), self.sink.node_ip.remote()],
-            timeout_s,
-            "start",
+        self.nodes = awaited(
+            [*taken, *(w.node.remote() for w in self.workers)], timeout_s, "start"
         )[len(taken) :]
         awaited(
             [w.place.remote(p) for w, p in zip(self.workers, self._placements())],
@@ -110,28 +106,27 @@ class WorkerGroup:
         aggregator: type[GradientAggregator] = get_object(self.job.aggregator["_target_"])
         self.rendezvous = aggregator.rendezvous(self.workers, self.job.aggregator)
         checkpoint = [checkpoint_ref] if checkpoint_ref is not None else None
-        awaited(
-            [w.setup.remote(self.rendezvous, checkpoint, splits_ref) for w in self.workers],
-            timeout_s,
-            "set up",
-        )
+        # The sink answers before training starts: one slow to come up fails the start (which
+        # is retried), not the first drain of a running group (which would count a restart).
+        # Awaited here, not with the workers: it starts while they take their devices and set up.
+        setups = [w.setup.remote(self.rendezvous, checkpoint, splits_ref) for w in self.workers]
+        *_, self.sink_ip = awaited([*setups, *sink_up], timeout_s, "set up")
         # Where start-up time goes: actor processes starting, then building + rendezvous.
         self.startup_s = {"actors": actors_s, "setup": time.perf_counter() - started - actors_s}
         for _ in range(spares):
             self._add_spare(bundle=None)
 
-    def _take_kept(self, kept: warm_workers.KeptWorkers) -> list[Any]:
+    def _take_kept(self, kept: warm_workers.KeptWorkers) -> tuple[list[Any], list[Any]]:
         """Run on the last job's workers, sink and reservation: each worker drops that job and
-        takes this one (the refs of that, to wait on)."""
+        takes this one, and so does the sink (the workers' refs of that, and the sink's, which
+        answers with its node's address last, to wait on)."""
         self.placement_group, self.sink = kept.placement_group, kept.sink
         self.bundles = [(self.placement_group, rank) for rank in self.ranks]
         self.workers, self.names = kept.workers, kept.names
         self.group_id, self._actors_made = kept.group_id, kept.actors_made
         interval_s = self.job.trainer.checkpoint_min_interval_s
-        return [
-            self.sink.reset.remote(interval_s),
-            *(w.take_job.remote(*self._job_of(rank)) for rank, w in enumerate(self.workers)),
-        ]
+        taken = [w.take_job.remote(*self._job_of(rank)) for rank, w in enumerate(self.workers)]
+        return taken, [self.sink.reset.remote(interval_s), self.sink.node_ip.remote()]
 
     def keep(self, shape: warm_workers.Shape) -> None:
         """Hand the workers, sink and reservation to warm_workers for the next job of `shape`
