@@ -48,6 +48,14 @@ EMBEDDED_PARAMETERS = {
     "no_monitor": True,  # no autoscaler monitor
 }
 API_SERVER_PARAMETERS = ["self", "include_dashboard", "raise_on_failure"]
+# A raylet prestarts one Python worker per CPU for its first driver and starts at most one per
+# CPU at a time, as each imports Ray (seconds of CPU). A job's first actors are its workers and
+# its metrics sink: one more than that where the workers fill the machine, so the sink's process
+# started only once a worker's had registered, and the group's start waited for it (~0.25 s on
+# the way to the first step on the CNN bench). A forked worker imports nothing: one more is
+# prestarted, and may start beside the others.
+FORKED_WORKER_COUNTS = ("--num_prestart_python_workers", "--maximum_startup_concurrency")
+FORKED_EXTRA_WORKERS = 1  # the metrics sink
 
 
 @contextlib.contextmanager
@@ -63,7 +71,8 @@ def embedded_start(fork_server: str | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def workers_forked_by(address: str) -> Iterator[None]:
     """Within: a raylet started in this process starts its Python workers through the fork
-    server at `address` (distrain/forked_workers.py): Ray's worker command, behind its client."""
+    server at `address` (distrain/forked_workers.py): Ray's worker command, behind its client;
+    and one more of them ahead, and at a time (`FORKED_EXTRA_WORKERS`)."""
     try:
         from ray._private import ray_constants, services
     except ImportError:
@@ -77,7 +86,7 @@ def workers_forked_by(address: str) -> Iterator[None]:
     @functools.wraps(original)
     def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
         if process_type == ray_constants.PROCESS_TYPE_RAYLET:
-            command = [_through_client(part, address) for part in command]
+            command = [_forked_raylet_argument(part, address) for part in command]
         return original(command, process_type, *args, **kwargs)
 
     services.start_ray_process = start_ray_process
@@ -87,13 +96,15 @@ def workers_forked_by(address: str) -> Iterator[None]:
         services.start_ray_process = original
 
 
-def _through_client(part: str, address: str) -> str:
-    """A raylet argument; the Python worker command's with the fork server's client in front."""
-    flag = "--python_worker_command="
-    if not part.startswith(flag):
-        return part
-    command = shlex.split(part[len(flag) :])
-    return flag + subprocess.list2cmdline(client_command(address, command))
+def _forked_raylet_argument(part: str, address: str) -> str:
+    """A raylet argument: the Python worker command's with the fork server's client in front,
+    the workers prestarted and started at a time FORKED_EXTRA_WORKERS more, the rest as is."""
+    flag, _, value = part.partition("=")
+    if flag == "--python_worker_command":
+        return f"{flag}={subprocess.list2cmdline(client_command(address, shlex.split(value)))}"
+    if flag in FORKED_WORKER_COUNTS and value.isdigit():
+        return f"{flag}={int(value) + FORKED_EXTRA_WORKERS}"
+    return part
 
 
 @contextlib.contextmanager
