@@ -13,11 +13,13 @@ from ray._private import ray_constants, utils
 from ray._private.node import Node
 from ray._private.parameter import RayParams
 
+from distrain.forked_workers import CLIENT
 from distrain.ray_startup import (
     embedded_parameters,
     embedded_start,
     minimal_agent,
     no_dashboard_process_unless_asked,
+    workers_forked_by,
 )
 
 
@@ -82,3 +84,36 @@ def test_the_sessions_ray_runs_no_dashboard_nor_monitor_and_a_minimal_agent(
     logs = Path(node.get_logs_dir_path())
     assert not list(logs.glob("dashboard.*")) and list(logs.glob("dashboard_agent.*"))
     assert not list(logs.glob("monitor.*"))
+
+
+def test_a_raylet_with_forked_workers_starts_them_behind_the_client_and_one_more_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The raylet's command as Ray's `start_raylet` makes it, through the patch; Ray's process
+    start replaced by one that records the command."""
+    from ray._private import services
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(
+        services, "start_ray_process", lambda command, process_type, **_: started.append(command)
+    )
+    raylet = [
+        "/x/raylet",
+        "--python_worker_command=/py/python /ray/setup_worker.py /ray/default_worker.py --a=1",
+        "--num_prestart_python_workers=2",
+        "--maximum_startup_concurrency=2",
+        "--node_ip_address=10.0.0.1",
+    ]
+    with workers_forked_by("distrain-fork-test"):
+        services.start_ray_process(list(raylet), ray_constants.PROCESS_TYPE_RAYLET)
+        gcs_type = ray_constants.PROCESS_TYPE_GCS_SERVER
+        services.start_ray_process(["/x/gcs_server", "--a=2"], gcs_type)
+    services.start_ray_process(list(raylet), ray_constants.PROCESS_TYPE_RAYLET)  # after: as is
+    forked, gcs, after = started
+    assert forked[0] == "/x/raylet" and forked[-1] == "--node_ip_address=10.0.0.1"
+    assert forked[1] == (
+        f"--python_worker_command=/py/python -S {CLIENT} distrain-fork-test "
+        "/ray/setup_worker.py /ray/default_worker.py --a=1"
+    )
+    assert forked[2:4] == ["--num_prestart_python_workers=3", "--maximum_startup_concurrency=3"]
+    assert gcs == ["/x/gcs_server", "--a=2"] and after == raylet

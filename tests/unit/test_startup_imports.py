@@ -71,3 +71,21 @@ def test_the_libraries_ray_imports_are_imported_without_ray() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["True", "True", "False"], done.stdout + done.stderr
+
+
+def test_the_drivers_checks_freeze_what_they_imported() -> None:
+    """In a new interpreter, as the command runs them: after the checks the collector is on and
+    never walks the objects of torch's, the supervisor's and Ray's imports again."""
+    code = (
+        "import gc\n"
+        "from distrain import config, driver\n"
+        "from distrain.cli import compose_job\n"
+        "job = config.typed(compose_job('trainer.workers=1'))\n"
+        "before = gc.get_freeze_count()\n"
+        "driver.start_checks(job, background=False).done.result()\n"
+        "print(before, gc.get_freeze_count(), gc.isenabled())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    before, after, enabled = done.stdout.split()
+    assert int(before) == 0 and int(after) > 100_000, done.stdout + done.stderr
+    assert enabled == "True"
