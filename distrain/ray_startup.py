@@ -22,7 +22,10 @@
   (aiohttp, OpenTelemetry, Prometheus) to serve a dashboard that does not run, and before
   starting it the driver imports them all to see whether they are installed (~0.2 s of the
   driver's CPU, before `ray.init` returns): the agent starts as Ray starts it where they are
-  not installed (`--minimal`), and the driver does not look.
+  not installed (`--minimal`), and the driver does not look. Even minimal, the agent is a Python
+  importing Ray (~0.9 s of CPU), and the raylet registers its node only once the agent has
+  written the ports it serves: an embedded Ray's raylet runs an idle agent in its place
+  (distrain/idle_agent.py, a few milliseconds), which says none of them is in use (`idle_agent`).
 * **The wait for the node, to the second.** `ray.init` waits for its raylet to register with
   Ray's C++ `GetNode`, which asks the GCS, then sleeps a whole second before it asks again: the
   start is rounded up to the next second after the node registered (1.60 / 2.58 s for `ray.init`
@@ -39,10 +42,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from distrain.forked_workers import client_command
@@ -62,6 +68,9 @@ NODE_PARAMETERS = ["gcs_address", "node_id"]
 # prestarted, and may start beside the others.
 FORKED_WORKER_COUNTS = ("--num_prestart_python_workers", "--maximum_startup_concurrency")
 FORKED_EXTRA_WORKERS = 1  # the metrics sink
+IDLE_AGENT = Path(__file__).with_name("idle_agent.py")
+AGENT_SCRIPT = os.path.join("dashboard", "agent.py")  # Ray's, in its agent's command
+AGENT_ARGUMENTS = ("--session-dir", "--node-id")  # what idle_agent.py reads
 NODE_POLL_S = 0.02
 NODE_WAIT_S = 30.0  # Ray's own bound (its raylet_start_wait_time_s)
 
@@ -76,6 +85,7 @@ def embedded_start(fork_server: str | None = None) -> Iterator[None]:
         embedded_parameters(),
         no_dashboard_process_unless_asked(),
         minimal_agent(),
+        idle_agent(),
         node_awaited_closely(),
         forking,
     ):
@@ -119,6 +129,46 @@ def _forked_raylet_argument(part: str, address: str) -> str:
     if flag in FORKED_WORKER_COUNTS and value.isdigit():
         return f"{flag}={int(value) + FORKED_EXTRA_WORKERS}"
     return part
+
+
+@contextlib.contextmanager
+def idle_agent() -> Iterator[None]:
+    """Within: a raylet started in this process runs distrain/idle_agent.py as its dashboard
+    agent, with the agent's arguments (Ray's own agent where they are not as expected)."""
+    try:
+        from ray._private import ray_constants, services
+    except ImportError:
+        yield
+        return
+    original = getattr(services, "start_ray_process", None)
+    if original is None:
+        yield
+        return
+
+    @functools.wraps(original)
+    def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
+        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+            command = [_idle_agent_argument(part) for part in command]
+        return original(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = start_ray_process
+    try:
+        yield
+    finally:
+        services.start_ray_process = original
+
+
+def _idle_agent_argument(part: str) -> str:
+    """A raylet argument; the dashboard agent's command with idle_agent.py for Ray's agent."""
+    flag, _, value = part.partition("=")
+    if flag != "--dashboard_agent_command":
+        return part
+    command = shlex.split(value)
+    scripts = [i for i, arg in enumerate(command) if arg.endswith(AGENT_SCRIPT)]
+    arguments = command[scripts[0] + 1 :] if scripts else []
+    if not all(any(arg.startswith(f"{name}=") for arg in arguments) for name in AGENT_ARGUMENTS):
+        return part
+    return f"{flag}={subprocess.list2cmdline([sys.executable, '-S', str(IDLE_AGENT), *arguments])}"
 
 
 @contextlib.contextmanager

@@ -1,10 +1,13 @@
-"""The embedded Ray's start-up (distrain/ray_startup.py): its dashboard agent on a free port and
-minimal, no dashboard process, no autoscaler monitor. End to end, with Ray's default agent port
-taken, test_cli's Ctrl-C test shows them on the command's own Ray; the session's Ray here is
+"""The embedded Ray's start-up (distrain/ray_startup.py): an idle dashboard agent
+(distrain/idle_agent.py; where it cannot stand in, Ray's own on a free port and minimal), no
+dashboard process, no autoscaler monitor, forked workers. End to end, with Ray's default agent
+port taken, test_cli's Ctrl-C test shows them on the command's own Ray; the session's Ray here is
 started the same way."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,10 @@ from ray._private.node import Node
 from ray._private.parameter import RayParams
 
 from distrain.forked_workers import CLIENT
+from distrain.idle_agent import PORT_NAMES
 from distrain.ray_startup import (
+    IDLE_AGENT,
+    _idle_agent_argument,
     embedded_parameters,
     embedded_start,
     minimal_agent,
@@ -70,7 +76,7 @@ def test_the_dashboard_process_starts_only_when_asked(monkeypatch: pytest.Monkey
     assert started == [True, None, False]  # outside the block, Ray's behaviour again
 
 
-def test_the_sessions_ray_runs_no_dashboard_nor_monitor_and_a_minimal_agent(
+def test_the_sessions_ray_runs_no_dashboard_nor_monitor_and_an_idle_agent(
     ray_address: str,
 ) -> None:
     node = ray._private.worker._global_node  # the Ray this process started (conftest)
@@ -80,10 +86,26 @@ def test_the_sessions_ray_runs_no_dashboard_nor_monitor_and_a_minimal_agent(
     (raylet,) = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
     agent_command = Path(f"/proc/{raylet.process.pid}/cmdline").read_bytes().split(b"\0")
     (agent,) = [part for part in agent_command if part.startswith(b"--dashboard_agent_command=")]
-    assert b" --minimal" in agent, agent
+    assert str(IDLE_AGENT).encode() in agent and b"dashboard/agent.py" not in agent, agent
     logs = Path(node.get_logs_dir_path())
-    assert not list(logs.glob("dashboard.*")) and list(logs.glob("dashboard_agent.*"))
+    assert not list(logs.glob("dashboard*")), list(logs.glob("dashboard*"))  # neither ran
     assert not list(logs.glob("monitor.*"))
+    # The idle agent said none of the agent's services runs; the node registered all the same.
+    session = Path(node.get_session_dir_path())
+    ports = [session / f"{name}_{node.node_id}" for name in PORT_NAMES]
+    assert [port.read_text() for port in ports] == ["-1", "-1", "-1"]
+    assert ray.nodes()[0]["Alive"]
+
+
+def test_the_idle_agent_replaces_only_an_agent_command_it_can_stand_in_for() -> None:
+    agent = "/py/python -u /ray/dashboard/agent.py --node-id=ab --session-dir=/s --gcs-address=g"
+    (idle,) = _idle_agent_argument(f"--dashboard_agent_command={agent}").split("=", 1)[1:]
+    assert shlex.split(idle) == [
+        sys.executable, "-S", str(IDLE_AGENT), "--node-id=ab", "--session-dir=/s", "--gcs-address=g"
+    ]  # fmt: skip
+    unknown = "--dashboard_agent_command=/py/python -u /ray/dashboard/agent.py --node-id=ab"
+    assert _idle_agent_argument(unknown) == unknown  # no session dir: Ray's agent, as ever
+    assert _idle_agent_argument("--node_ip_address=10.0.0.1") == "--node_ip_address=10.0.0.1"
 
 
 def test_a_raylet_with_forked_workers_starts_them_behind_the_client_and_one_more_ahead(
