@@ -7,7 +7,8 @@ inside it, and started only once Ray is up. On a machine with few cores that is 
 time from the command to the first step, and all of the time a replacement worker takes.
 
 An embedded Ray (one this job starts on its own machine) gets a fork server instead: a process
-started beside Ray, before `ray.init`, that imports all of that once while Ray starts. The
+started beside Ray, before `ray.init` (by the `distrain` command, before anything else:
+`start_ahead`), that imports all of that once while Ray starts. The
 raylet's command for a Python worker becomes `fork_client.py` (a standard-library script that
 starts in milliseconds) in front of Ray's own command; the client asks the server for a worker,
 and the server forks one that runs Ray's `default_worker.py` with the client's arguments,
