@@ -47,7 +47,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +92,16 @@ def embedded_start(fork_server: str | None = None) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def workers_forked_by(address: str) -> Iterator[None]:
+def workers_forked_by(address: str) -> contextlib.AbstractContextManager[None]:
     """Within: a raylet started in this process starts its Python workers through the fork
     server at `address` (distrain/forked_workers.py): Ray's worker command, behind its client;
     and one more of them ahead, and at a time (`FORKED_EXTRA_WORKERS`)."""
+    return raylet_arguments(functools.partial(_forked_raylet_argument, address=address))
+
+
+@contextlib.contextmanager
+def raylet_arguments(rewrite: Callable[[str], str]) -> Iterator[None]:
+    """Within: each argument of a raylet started in this process is `rewrite(argument)`."""
     try:
         from ray._private import ray_constants, services
     except ImportError:
@@ -110,7 +115,7 @@ def workers_forked_by(address: str) -> Iterator[None]:
     @functools.wraps(original)
     def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
         if process_type == ray_constants.PROCESS_TYPE_RAYLET:
-            command = [_forked_raylet_argument(part, address) for part in command]
+            command = [rewrite(part) for part in command]
         return original(command, process_type, *args, **kwargs)
 
     services.start_ray_process = start_ray_process
@@ -131,31 +136,10 @@ def _forked_raylet_argument(part: str, address: str) -> str:
     return part
 
 
-@contextlib.contextmanager
-def idle_agent() -> Iterator[None]:
+def idle_agent() -> contextlib.AbstractContextManager[None]:
     """Within: a raylet started in this process runs distrain/idle_agent.py as its dashboard
     agent, with the agent's arguments (Ray's own agent where they are not as expected)."""
-    try:
-        from ray._private import ray_constants, services
-    except ImportError:
-        yield
-        return
-    original = getattr(services, "start_ray_process", None)
-    if original is None:
-        yield
-        return
-
-    @functools.wraps(original)
-    def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
-        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
-            command = [_idle_agent_argument(part) for part in command]
-        return original(command, process_type, *args, **kwargs)
-
-    services.start_ray_process = start_ray_process
-    try:
-        yield
-    finally:
-        services.start_ray_process = original
+    return raylet_arguments(_idle_agent_argument)
 
 
 def _idle_agent_argument(part: str) -> str:
