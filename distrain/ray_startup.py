@@ -99,30 +99,22 @@ def workers_forked_by(address: str) -> contextlib.AbstractContextManager[None]:
     return raylet_arguments(functools.partial(_forked_raylet_argument, address=address))
 
 
-@contextlib.contextmanager
-def raylet_arguments(rewrite: Callable[[str], str]) -> Iterator[None]:
+def raylet_arguments(rewrite: Callable[[str], str]) -> contextlib.AbstractContextManager[None]:
     """Within: each argument of a raylet started in this process is `rewrite(argument)`."""
     try:
         from ray._private import ray_constants, services
     except ImportError:
-        yield
-        return
-    original = getattr(services, "start_ray_process", None)
-    if original is None:
-        yield
-        return
+        return contextlib.nullcontext()
 
-    @functools.wraps(original)
-    def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
-        if process_type == ray_constants.PROCESS_TYPE_RAYLET:
-            command = [rewrite(part) for part in command]
-        return original(command, process_type, *args, **kwargs)
+    def replace(original: Callable[..., Any]) -> Callable[..., Any]:
+        def start_ray_process(command: list[str], process_type: str, *args: Any, **kw: Any) -> Any:
+            if process_type == ray_constants.PROCESS_TYPE_RAYLET:
+                command = [rewrite(part) for part in command]
+            return original(command, process_type, *args, **kw)
 
-    services.start_ray_process = start_ray_process
-    try:
-        yield
-    finally:
-        services.start_ray_process = original
+        return start_ray_process
+
+    return _replaced(services, "start_ray_process", replace)
 
 
 def _forked_raylet_argument(part: str, address: str) -> str:
@@ -155,90 +147,66 @@ def _idle_agent_argument(part: str) -> str:
     return f"{flag}={subprocess.list2cmdline([sys.executable, '-S', str(IDLE_AGENT), *arguments])}"
 
 
-@contextlib.contextmanager
-def embedded_parameters() -> Iterator[None]:
+def embedded_parameters() -> contextlib.AbstractContextManager[None]:
     """Within: a Ray node started in this process (`ray.init` that starts one) takes
     EMBEDDED_PARAMETERS' values for the parameters its caller does not name."""
     try:
         from ray._private.parameter import RayParams
     except ImportError:  # a Ray laid out otherwise: its defaults stand
-        yield
-        return
-    original = RayParams.__init__
-    known = inspect.signature(original).parameters
-    defaults = {name: value for name, value in EMBEDDED_PARAMETERS.items() if name in known}
-    if not defaults:
-        yield
-        return
+        return contextlib.nullcontext()
 
-    @functools.wraps(original)
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **(defaults | kwargs))
+    def replace(original: Callable[..., None]) -> Callable[..., None]:
+        known = inspect.signature(original).parameters
+        defaults = {name: value for name, value in EMBEDDED_PARAMETERS.items() if name in known}
 
-    RayParams.__init__ = init
-    try:
-        yield
-    finally:
-        RayParams.__init__ = original
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **(defaults | kwargs))
+
+        return init
+
+    return _replaced(RayParams, "__init__", replace)
 
 
-@contextlib.contextmanager
-def minimal_agent() -> Iterator[None]:
+def minimal_agent() -> contextlib.AbstractContextManager[None]:
     """Within: a raylet started in this process starts its dashboard agent `--minimal`, as Ray
     does where the dashboard's packages are missing, and this process does not import them to
     find out."""
     try:
         from ray._private import utils
     except ImportError:
-        yield
-        return
-    original = getattr(utils, "get_dashboard_dependency_error", None)
-    if original is None or inspect.signature(original).parameters:
-        yield
-        return
+        return contextlib.nullcontext()
 
-    @functools.wraps(original)
-    def get_dashboard_dependency_error() -> ImportError:
-        return ImportError("an embedded Ray runs no dashboard (distrain/ray_startup.py)")
+    def replace(_: Callable[[], ImportError | None]) -> Callable[[], ImportError]:
+        def get_dashboard_dependency_error() -> ImportError:
+            return ImportError("an embedded Ray runs no dashboard (distrain/ray_startup.py)")
 
-    utils.get_dashboard_dependency_error = get_dashboard_dependency_error
-    try:
-        yield
-    finally:
-        utils.get_dashboard_dependency_error = original
+        return get_dashboard_dependency_error
+
+    return _replaced(utils, "get_dashboard_dependency_error", replace, parameters=[])
 
 
-@contextlib.contextmanager
-def no_dashboard_process_unless_asked() -> Iterator[None]:
+def no_dashboard_process_unless_asked() -> contextlib.AbstractContextManager[None]:
     """Within: a Ray head started in this process with `include_dashboard=False` starts no
     dashboard process (with True, or None: Ray's default, it starts as ever)."""
     try:
         from ray._private.node import Node
     except ImportError:
-        yield
-        return
-    original = getattr(Node, "start_api_server", None)
-    if original is None or list(inspect.signature(original).parameters) != API_SERVER_PARAMETERS:
-        yield
-        return
+        return contextlib.nullcontext()
 
-    @functools.wraps(original)
-    def start_api_server(
-        self: Any, *, include_dashboard: bool | None, raise_on_failure: bool
-    ) -> None:
-        if include_dashboard is False:
-            return  # no process to start, none to wait for
-        original(self, include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
+    def replace(original: Callable[..., None]) -> Callable[..., None]:
+        def start_api_server(
+            self: Any, *, include_dashboard: bool | None, raise_on_failure: bool
+        ) -> None:
+            if include_dashboard is False:
+                return  # no process to start, none to wait for
+            original(self, include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
 
-    Node.start_api_server = start_api_server
-    try:
-        yield
-    finally:
-        Node.start_api_server = original
+        return start_api_server
+
+    return _replaced(Node, "start_api_server", replace, API_SERVER_PARAMETERS)
 
 
-@contextlib.contextmanager
-def node_awaited_closely() -> Iterator[None]:
+def node_awaited_closely() -> contextlib.AbstractContextManager[None]:
     """Within: `ray.init`, starting a node, waits for it to register by asking the GCS every
     NODE_POLL_S, then takes its record as Ray does (found at once)."""
     try:
@@ -247,28 +215,44 @@ def node_awaited_closely() -> Iterator[None]:
         from ray.core.generated.gcs_pb2 import GcsNodeInfo
         from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
     except ImportError:
+        return contextlib.nullcontext()
+
+    def replace(original: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
+        def get_node(gcs_address: str, node_id: str) -> Any:
+            with contextlib.suppress(Exception):  # any trouble: Ray's own wait, as ever
+                client = GcsClient(address=gcs_address)
+                node = NodeID.from_hex(node_id).binary()
+                ours = [GetAllNodeInfoRequest.NodeSelector(node_id=node)]
+                alive = GcsNodeInfo.GcsNodeState.ALIVE
+                deadline = time.monotonic() + NODE_WAIT_S
+                while time.monotonic() < deadline:
+                    if client.get_all_node_info(timeout=5, node_selectors=ours, state_filter=alive):
+                        break
+                    time.sleep(NODE_POLL_S)
+            return original(gcs_address, node_id)
+
+        return get_node
+
+    return _replaced(services, "get_node", replace, NODE_PARAMETERS)
+
+
+@contextlib.contextmanager
+def _replaced(
+    owner: Any,
+    name: str,
+    replace: Callable[[Callable[..., Any]], Callable[..., Any]],
+    parameters: list[str] | None = None,
+) -> Iterator[None]:
+    """Within: `owner.<name>` is `replace(original)`; left as it is where Ray has no such
+    function, or (`parameters` given) one that takes other parameters."""
+    original = getattr(owner, name, None)
+    if original is None or (
+        parameters is not None and list(inspect.signature(original).parameters) != parameters
+    ):
         yield
         return
-    original = getattr(services, "get_node", None)
-    if original is None or list(inspect.signature(original).parameters) != NODE_PARAMETERS:
-        yield
-        return
-
-    @functools.wraps(original)
-    def get_node(gcs_address: str, node_id: str) -> Any:
-        with contextlib.suppress(Exception):  # any trouble: Ray's own wait, as ever
-            client = GcsClient(address=gcs_address)
-            ours = [GetAllNodeInfoRequest.NodeSelector(node_id=NodeID.from_hex(node_id).binary())]
-            alive = GcsNodeInfo.GcsNodeState.ALIVE
-            deadline = time.monotonic() + NODE_WAIT_S
-            while time.monotonic() < deadline:
-                if client.get_all_node_info(timeout=5, node_selectors=ours, state_filter=alive):
-                    break
-                time.sleep(NODE_POLL_S)
-        return original(gcs_address, node_id)
-
-    services.get_node = get_node
+    setattr(owner, name, functools.wraps(original)(replace(original)))
     try:
         yield
     finally:
-        services.get_node = original
+        setattr(owner, name, original)
