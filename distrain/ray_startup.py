@@ -30,6 +30,17 @@
   Ray's C++ `GetNode`, which asks the GCS, then sleeps a whole second before it asks again: the
   start is rounded up to the next second after the node registered (1.60 / 2.58 s for `ray.init`
   here, never between). The GCS is asked every `NODE_POLL_S` instead (1.35 / 2.16 s).
+* **The driver's wait for prestarted workers.** A raylet prestarts one Python worker per CPU
+  for its first driver and answers that driver's registration only once they have all
+  registered; `ray.init` waits for the answer inside Ray's CoreWorker constructor, which holds
+  the GIL. Forked workers register only once the fork server's imports are done, so the
+  driver's check thread, importing torch beside `ray.init`, stood still until then (0.7 s with
+  no CPU used, on the CNN bench). With forked workers none are prestarted (the raylet's
+  argument: Ray's `prestart_worker_first_driver` setting would reach every raylet this process
+  starts): the job's first actors (early_start.py) start them as soon as its settings have
+  passed, and the fork server forks each at once, or as soon as its imports are done. Measured
+  from the command to the first step, alternating with and without, 8 pairs: CNN 3.37 -> 3.01 s
+  (medians).
 
 Written by hand because no Ray API reaches any of these; a Ray whose internals differ from what
 these patches expect (a parameter or function missing, another signature) is left as it is.
@@ -60,13 +71,13 @@ EMBEDDED_PARAMETERS = {
 }
 API_SERVER_PARAMETERS = ["self", "include_dashboard", "raise_on_failure"]
 NODE_PARAMETERS = ["gcs_address", "node_id"]
-# A raylet prestarts one Python worker per CPU for its first driver and starts at most one per
-# CPU at a time, as each imports Ray (seconds of CPU). A job's first actors are its workers and
-# its metrics sink: one more than that where the workers fill the machine, so the sink's process
-# started only once a worker's had registered, and the group's start waited for it (~0.25 s on
-# the way to the first step on the CNN bench). A forked worker imports nothing: one more is
-# prestarted, and may start beside the others.
-FORKED_WORKER_COUNTS = ("--num_prestart_python_workers", "--maximum_startup_concurrency")
+# Forked workers prestarted by the raylet: none (the module docstring says why).
+FORKED_PRESTARTED_WORKERS = 0
+# A raylet starts at most one Python worker per CPU at a time, as each imports Ray (seconds of
+# CPU). A job's first actors are its workers and its metrics sink: one more than that where the
+# workers fill the machine, so the sink's process started only once a worker's had registered,
+# and the group's start waited for it (~0.25 s on the CNN bench). A forked worker imports
+# nothing: one more may start beside the others.
 FORKED_EXTRA_WORKERS = 1  # the metrics sink
 IDLE_AGENT = Path(__file__).with_name("idle_agent.py")
 AGENT_SCRIPT = os.path.join("dashboard", "agent.py")  # Ray's, in its agent's command
@@ -95,7 +106,8 @@ def embedded_start(fork_server: str | None = None) -> Iterator[None]:
 def workers_forked_by(address: str) -> contextlib.AbstractContextManager[None]:
     """Within: a raylet started in this process starts its Python workers through the fork
     server at `address` (distrain/forked_workers.py): Ray's worker command, behind its client;
-    and one more of them ahead, and at a time (`FORKED_EXTRA_WORKERS`)."""
+    none ahead of its first actors (`FORKED_PRESTARTED_WORKERS`), one more at a time
+    (`FORKED_EXTRA_WORKERS`)."""
     return raylet_arguments(functools.partial(_forked_raylet_argument, address=address))
 
 
@@ -119,11 +131,13 @@ def raylet_arguments(rewrite: Callable[[str], str]) -> contextlib.AbstractContex
 
 def _forked_raylet_argument(part: str, address: str) -> str:
     """A raylet argument: the Python worker command's with the fork server's client in front,
-    the workers prestarted and started at a time FORKED_EXTRA_WORKERS more, the rest as is."""
+    no worker prestarted, FORKED_EXTRA_WORKERS more started at a time, the rest as is."""
     flag, _, value = part.partition("=")
     if flag == "--python_worker_command":
         return f"{flag}={subprocess.list2cmdline(client_command(address, shlex.split(value)))}"
-    if flag in FORKED_WORKER_COUNTS and value.isdigit():
+    if flag == "--num_prestart_python_workers" and value.isdigit():
+        return f"{flag}={FORKED_PRESTARTED_WORKERS}"
+    if flag == "--maximum_startup_concurrency" and value.isdigit():
         return f"{flag}={int(value) + FORKED_EXTRA_WORKERS}"
     return part
 

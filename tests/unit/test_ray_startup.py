@@ -6,8 +6,15 @@ started the same way."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,6 +34,7 @@ from distrain.ray_startup import (
     no_dashboard_process_unless_asked,
     workers_forked_by,
 )
+from tests.conftest import REPO, reap_processes_mentioning
 
 
 def test_ray_start_parameters_take_any_free_agent_port_and_no_monitor_only_within() -> None:
@@ -108,7 +116,7 @@ def test_the_idle_agent_replaces_only_an_agent_command_it_can_stand_in_for() -> 
     assert _idle_agent_argument("--node_ip_address=10.0.0.1") == "--node_ip_address=10.0.0.1"
 
 
-def test_a_raylet_with_forked_workers_starts_them_behind_the_client_and_one_more_ahead(
+def test_a_raylet_with_forked_workers_starts_them_behind_the_client_none_ahead_one_more_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The raylet's command as Ray's `start_raylet` makes it, through the patch; Ray's process
@@ -137,5 +145,73 @@ def test_a_raylet_with_forked_workers_starts_them_behind_the_client_and_one_more
         f"--python_worker_command=/py/python -S {CLIENT} distrain-fork-test "
         "/ray/setup_worker.py /ray/default_worker.py --a=1"
     )
-    assert forked[2:4] == ["--num_prestart_python_workers=3", "--maximum_startup_concurrency=3"]
+    assert forked[2:4] == ["--num_prestart_python_workers=0", "--maximum_startup_concurrency=3"]
     assert gcs == ["/x/gcs_server", "--a=2"] and after == raylet
+
+
+STARTED_RAY = """
+import os, sys
+import ray
+from distrain.ray_startup import embedded_start
+with embedded_start(fork_server=sys.argv[1]):
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+def argv(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline") as cmdline:
+            return cmdline.read().split("\\0")
+    except OSError:  # ended meanwhile
+        return []
+clients = [  # the fork server's clients: Ray's worker processes, started
+    pid for pid in filter(str.isdigit, os.listdir("/proc"))
+    if any(arg.endswith("fork_client.py") for arg in argv(pid)) and sys.argv[1] in argv(pid)
+]
+print("up", len(clients))
+ray.shutdown()
+"""
+
+
+def _stuck_fork_server(address: str) -> socket.socket:
+    """A fork server that takes each request (answers "forked") but never forks: its clients
+    wait, as they do for one still importing. In this process: the driver's own threads are
+    what `ray.init` would stop."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind("\0" + address)
+    server.listen(64)
+
+    def take_requests() -> None:
+        held = []
+        with contextlib.suppress(OSError):  # closed: the test is over
+            while True:
+                client, _ = server.accept()
+                held.append(client)
+                client.sendall(b"F")
+
+    threading.Thread(target=take_requests, daemon=True).start()
+    return server
+
+
+def test_ray_init_with_forked_workers_waits_for_no_worker_to_start() -> None:
+    """A real Ray in another process, its workers forked by a server whose workers never come:
+    `ray.init` returns, no worker started (Ray's prestarted workers would never register, and
+    `ray.init` would wait for them inside Ray's CoreWorker constructor, holding the GIL)."""
+    address = f"distrain-fork-test-stuck-{uuid.uuid4().hex[:8]}"
+    server = _stuck_fork_server(address)
+    # The suite turns Ray's first-driver prestart off for its own Rays (conftest.py); this Ray
+    # runs as the command's does, and waits for a worker that does not register longer than
+    # this test's bound.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_prestart_worker_first_driver"}
+    env["RAY_worker_register_timeout_seconds"] = "600"
+    command = [sys.executable, "-c", STARTED_RAY, address]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("ray.init waited for workers the fork server never started")
+    finally:
+        server.close()
+        assert reap_processes_mentioning(address, timeout_s=10) == []
+    assert process.returncode == 0 and out.split() == ["up", "0"]  # no worker started
