@@ -190,6 +190,7 @@ def _stuck_fork_server(address: str) -> socket.socket:
     return server
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux-only")
 def test_ray_init_with_forked_workers_waits_for_no_worker_to_start() -> None:
     """A real Ray in another process, its workers forked by a server whose workers never come:
     `ray.init` returns, no worker started (Ray's prestarted workers would never register, and
