@@ -42,8 +42,9 @@
   from the command to the first step, alternating with and without, 8 pairs: CNN 3.37 -> 3.01 s
   (medians).
 
-Written by hand because no Ray API reaches any of these; a Ray whose internals differ from what
-these patches expect (a parameter or function missing, another signature) is left as it is.
+Written by hand because no Ray API reaches any of these (but the prestart, above: a setting of
+Ray's, too wide here); a Ray whose internals differ from what these patches expect (a parameter
+or function missing, another signature) is left as it is.
 All apply only within `embedded_start()`, around the `ray.init` that starts a node in this
 process (with `include_dashboard=False`, as cluster.py starts it).
 """

@@ -159,6 +159,15 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a zombie (ended, not yet reaped) does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # gone, before or while it was read
+        return False
+
+
 def stop_ray_started_here(
     started: Sequence[subprocess.Popen], ray_tmp: Path, signal_: int = signal.SIGTERM
 ) -> list[int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from distrain import fork_client, forked_workers
+from tests.conftest import process_alive
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server is Linux-only")
 
@@ -113,9 +114,9 @@ def test_a_killed_client_takes_its_worker_and_a_killed_worker_ends_its_client_so
     sleeper.kill()
     sleeper.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _alive(worker_pid) and time.monotonic() < deadline:
+    while process_alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(worker_pid)  # reaped by the server, not left running
+    assert not process_alive(worker_pid)  # reaped by the server, not left running
 
     killed = subprocess.run(
         client(server, ray_like, str(ray_like / "b.json"), "sigkill"), timeout=120
@@ -170,7 +171,7 @@ def _children(pid: int) -> list[int]:
     """`pid`'s child processes that have not ended."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _alive(int(entry.name)):
+        if entry.name.isdigit() and process_alive(int(entry.name)):
             try:
                 fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
             except (FileNotFoundError, ProcessLookupError):
@@ -178,11 +179,3 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended
-    except (FileNotFoundError, ProcessLookupError):  # gone, before or while it was read
-        return False

@@ -14,6 +14,7 @@ import pytest
 
 from distrain.idle_agent import PORT_NAMES
 from distrain.ray_startup import IDLE_AGENT
+from tests.conftest import process_alive
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 NODE_ID = "ab" * 28
@@ -63,17 +64,9 @@ def test_it_ends_with_its_raylet(tmp_path: Path) -> None:
     raylet.kill()
     raylet.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _alive(agent_pid) and time.monotonic() < deadline:
+    while process_alive(agent_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    alive = _alive(agent_pid)
+    alive = process_alive(agent_pid)
     if alive:
         os.kill(agent_pid, signal.SIGKILL)
     assert not alive, "the agent outlived its raylet"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
